@@ -1,0 +1,237 @@
+"""The config schema: one TOML file per rig, loaded into frozen, validated objects.
+
+Every process loads the same file and takes the parts it needs, so the three can run
+on different hosts. Unknown keys, wrong types and out-of-range values are refused
+with the key path, the value and what is allowed (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fesloop.schema import ConfigError, bounded, build
+from stimulator.limits import DEVICES, LimitError, check_channel
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where each process binds. Streams are PUB sockets, control is REP."""
+
+    emg: str = "tcp://127.0.0.1:5601"
+    command: str = "tcp://127.0.0.1:5602"
+    pulses: str = "tcp://127.0.0.1:5603"
+    acquisition_control: str = "tcp://127.0.0.1:5611"
+    controller_control: str = "tcp://127.0.0.1:5612"
+    stimulator_control: str = "tcp://127.0.0.1:5613"
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """One scripted voluntary contraction of the simulated patient."""
+
+    muscle: str
+    start_s: float = bounded(lo=0.0, unit="s")
+    duration_s: float = bounded(lo=0.01, unit="s")
+    level: float = bounded(lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class SimulatedPatientConfig:
+    """A virtual muscle per configured muscle, answering delivered pulses."""
+
+    sampling_rate_hz: float = bounded(2000.0, 500.0, 20000.0, "Hz")
+    seed: int = 0
+    rest_noise_uv: float = bounded(3.0, 0.0, 1000.0, "uV")
+    full_drive_uv: float = bounded(300.0, 1.0, 10000.0, "uV rms")
+    mains_uv: float = bounded(5.0, 0.0, 10000.0, "uV")
+    mains_hz: float = bounded(50.0, 40.0, 70.0, "Hz")
+    dc_offset_uv: float = bounded(0.0, -1e6, 1e6, "uV")
+    transport_delay_ms: float = bounded(5.0, 0.0, 100.0, "ms")
+    artifact_uv_per_ma: float = bounded(60.0, 0.0, 1e4, "uV/mA")
+    artifact_decay_ms: float = bounded(0.8, 0.05, 10.0, "ms")
+    mwave_max_uv: float = bounded(1500.0, 0.0, 1e5, "uV")
+    mwave_latency_ms: float = bounded(6.0, 4.0, 10.0, "ms")
+    recruitment_mid_ma: float = bounded(30.0, 0.0, 130.0, "mA")
+    recruitment_slope_ma: float = bounded(5.0, 0.1, 100.0, "mA")
+    schedule_period_s: float = bounded(10.0, 0.1, 86400.0, "s")
+    contractions: tuple[Contraction, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrainflowConfig:
+    """A BrainFlow board and its BrainFlowInputParams."""
+
+    board: str = "SYNTHETIC_BOARD"
+    emg_channels: tuple[int, ...] = ()
+    scale_uv: float = bounded(1.0, 1e-9, 1e9, "uV per board unit")
+    serial_port: str = ""
+    ip_address: str = ""
+    ip_port: int = bounded(0, 0, 65535)
+    mac_address: str = ""
+    serial_number: str = ""
+    other_info: str = ""
+    file: str = ""
+    master_board: str = ""
+    timeout: int = bounded(0, 0, 3600, "s")
+
+
+@dataclass(frozen=True)
+class AcquisitionConfig:
+    source: Literal["simulated", "brainflow"] = "simulated"
+    chunk_ms: float = bounded(2.0, 0.5, 50.0, "ms")
+    stale_ms: float = bounded(100.0, 10.0, 5000.0, "ms")
+    lsl: bool = True
+    simulated: SimulatedPatientConfig = field(default_factory=SimulatedPatientConfig)
+    brainflow: BrainflowConfig = field(default_factory=BrainflowConfig)
+
+
+@dataclass(frozen=True)
+class Muscle:
+    """An EMG channel and its calibration (envelope at rest and at MVC, uV)."""
+
+    name: str
+    emg_channel: int = bounded(lo=0, hi=1023)
+    rest_uv: float = bounded(lo=0.0, unit="uV")
+    mvc_uv: float = bounded(lo=0.0, unit="uV")
+
+    def check(self) -> None:
+        if self.mvc_uv <= self.rest_uv:
+            raise ConfigError("mvc_uv", self.mvc_uv, f"must be above rest_uv ({self.rest_uv:g} uV)")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Causal filter chain; cutoffs above 0.45 * fs are clipped at design time."""
+
+    highpass_hz: float = bounded(10.0, 0.1, 200.0, "Hz")
+    notch_hz: float = bounded(50.0, 0.0, 70.0, "Hz (0 = off)")
+    notch_harmonics: int = bounded(3, 1, 10)
+    notch_q: float = bounded(30.0, 1.0, 200.0)
+    bandpass_hz: tuple[float, float] = bounded((20.0, 450.0), 1.0, 5000.0, "Hz")
+    order: int = bounded(4, 1, 8)
+    envelope_lowpass_hz: float = bounded(6.0, 0.5, 50.0, "Hz")
+
+    def check(self) -> None:
+        low, high = self.bandpass_hz
+        if low >= high:
+            raise ConfigError("bandpass_hz", list(self.bandpass_hz), "low edge must be below high edge")
+
+
+@dataclass(frozen=True)
+class BlankingConfig:
+    """Samples in [pulse - pre, pulse + post] never reach the estimate."""
+
+    pre_ms: float = bounded(1.0, 0.0, 20.0, "ms")
+    post_ms: float = bounded(20.0, 0.0, 100.0, "ms")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    control_rate_hz: float = bounded(200.0, 10.0, 2000.0, "Hz")
+    stale_ms: float = bounded(100.0, 10.0, 5000.0, "ms")
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    blanking: BlankingConfig = field(default_factory=BlankingConfig)
+
+
+@dataclass(frozen=True)
+class ProportionalLaw:
+    """intensity = clip(gain * (activation - offset), 0, max_intensity); 0 below offset."""
+
+    kind: Literal["proportional"] = "proportional"
+    gain: float = bounded(1.0, 0.0, 100.0)
+    offset: float = bounded(0.1, 0.0, 1.0)
+    max_intensity: float = bounded(1.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StimulationChannel:
+    """One stimulator output: electrode, device settings and the law driving it."""
+
+    name: str
+    muscle: str
+    device_channel: int = bounded(lo=0, hi=255)
+    electrode_area_cm2: float = bounded(lo=0.0, unit="cm^2")
+    threshold_ma: float = bounded(lo=0.0, unit="mA")
+    max_ma: float = bounded(lo=0.0, unit="mA")
+    pulse_width_us: float = bounded(lo=0.0, unit="us")
+    frequency_hz: float = bounded(lo=0.0, unit="Hz")
+    law: ProportionalLaw = field(default_factory=ProportionalLaw)
+
+
+@dataclass(frozen=True)
+class StimulatorConfig:
+    driver: Literal["simulated"] = "simulated"
+    deadline_ms: float = bounded(100.0, 10.0, 1000.0, "ms")
+    ramp_s: float = bounded(0.5, 0.1, 60.0, "s (0 to max_ma)")
+    max_emg_age_ms: float = bounded(250.0, 10.0, 5000.0, "ms")
+    arm_at_start: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "fesloop"
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    stimulator: StimulatorConfig = field(default_factory=StimulatorConfig)
+    muscles: tuple[Muscle, ...] = ()
+    stimulation: tuple[StimulationChannel, ...] = ()
+
+    def check(self) -> None:
+        if not self.muscles:
+            raise ConfigError("muscles", [], "at least one [[muscles]] entry is required")
+        names = [m.name for m in self.muscles]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise ConfigError(f"muscles[{i}].name", name, "muscle names must be unique")
+        for i, contraction in enumerate(self.acquisition.simulated.contractions):
+            if contraction.muscle not in names:
+                raise ConfigError(
+                    f"acquisition.simulated.contractions[{i}].muscle", contraction.muscle, f"must be one of {names}"
+                )
+        device = DEVICES[self.stimulator.driver]
+        seen: set[int] = set()
+        for i, channel in enumerate(self.stimulation):
+            key = f"stimulation[{i}]"
+            if channel.muscle not in names:
+                raise ConfigError(f"{key}.muscle", channel.muscle, f"must be one of {names}")
+            if channel.device_channel in seen:
+                raise ConfigError(f"{key}.device_channel", channel.device_channel, "each device channel once")
+            seen.add(channel.device_channel)
+            try:
+                check_channel(
+                    device,
+                    channel.device_channel,
+                    channel.max_ma,
+                    channel.threshold_ma,
+                    channel.pulse_width_us,
+                    channel.frequency_hz,
+                    channel.electrode_area_cm2,
+                )
+            except LimitError as exc:
+                raise ConfigError(f"{key}.{exc.key}", exc.value, exc.limit) from None
+        if self.stimulator.arm_at_start and self.stimulator.driver != "simulated":
+            raise ConfigError("stimulator.arm_at_start", True, "only the simulated driver may arm at start")
+
+    def muscle_index(self, name: str) -> int:
+        return [m.name for m in self.muscles].index(name)
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse TOML text into a validated Config."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "<file>", f"is not valid TOML: {exc}") from None
+    return build(Config, raw)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load a config file (the demo config when ``path`` is None)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    return parse_config(path.read_text(encoding="utf-8"), str(path))

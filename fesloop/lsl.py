@@ -1,0 +1,61 @@
+"""Lab Streaming Layer helpers: machine-scope config and stream descriptions.
+
+``configure_machine_scope`` must run before any other pylsl call in a process, so
+that nothing is ever multicast off this machine unless a config says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pylsl
+
+MACHINE_SCOPE_CONFIG = """\
+[ports]
+IPv6 = disable
+
+[multicast]
+ResolveScope = machine
+
+[lab]
+KnownPeers = {127.0.0.1}
+"""
+
+_configured = False
+
+
+def configure_machine_scope() -> None:
+    """Keep LSL on this machine (idempotent). ``LSLAPICFG`` set by the user wins."""
+    global _configured
+    if _configured:
+        return
+    if not os.environ.get("LSLAPICFG"):
+        pylsl.set_config_content(MACHINE_SCOPE_CONFIG)
+    _configured = True
+
+
+def make_outlet(
+    name: str,
+    stream_type: str,
+    labels: list[str],
+    rate_hz: float,
+    source_id: str,
+    channel_format: str = "float32",
+    unit: str = "",
+    extra_channel_fields: dict[str, list[str]] | None = None,
+    chunk_size: int = 0,
+) -> pylsl.StreamOutlet:
+    """Create an outlet whose description names every channel (label, unit, type)."""
+    configure_machine_scope()
+    info = pylsl.StreamInfo(name, stream_type, len(labels), rate_hz, channel_format, source_id)
+    channels = info.desc().append_child("channels")
+    for index, label in enumerate(labels):
+        child = channels.append_child("channel")
+        child.append_child_value("label", label)
+        if unit:
+            child.append_child_value("unit", unit)
+        child.append_child_value("type", stream_type)
+        for field, values in (extra_channel_fields or {}).items():
+            child.append_child_value(field, values[index])
+    info.desc().append_child("acquisition").append_child_value("manufacturer", "fesloop")
+    return pylsl.StreamOutlet(info, chunk_size=chunk_size, max_buffered=10)

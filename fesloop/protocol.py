@@ -1,0 +1,314 @@
+"""Wire protocol: versioned binary messages with numpy payloads, no pickle.
+
+Every message on the wire is two ZeroMQ frames: ``[topic, payload]``. The payload
+starts with a fixed header (magic, version, kind, reserved, sequence number, send
+time) followed by a kind-specific body. ``decode`` checks everything a receiver
+relies on (sizes, version, finiteness, value ranges) and raises
+:class:`MalformedMessage` otherwise, so a caller can count and drop it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"FESL"
+VERSION = 1
+
+_HEADER = struct.Struct("<4sBBHQd")
+HEADER_SIZE = _HEADER.size
+MAX_STATUS_BYTES = 64 * 1024
+
+
+class Kind(enum.IntEnum):
+    EMG = 1
+    COMMAND = 2
+    PULSES = 3
+    STATUS = 4
+    TRUTH = 5
+
+
+TOPICS: dict[Kind, bytes] = {
+    Kind.EMG: b"emg",
+    Kind.COMMAND: b"command",
+    Kind.PULSES: b"pulses",
+    Kind.STATUS: b"status",
+    Kind.TRUTH: b"truth",
+}
+_KIND_BY_TOPIC = {topic: kind for kind, topic in TOPICS.items()}
+
+
+class GateReason(enum.IntEnum):
+    """Why a stimulation channel's gate is closed (OPEN when it is not)."""
+
+    OPEN = 0
+    NO_EMG = 1
+    STALE_EMG = 2
+    GAP = 3
+    CONTAMINATED = 4
+    NOT_CALIBRATED = 5
+    SHUTDOWN = 6
+
+
+class MalformedMessage(ValueError):
+    """A received message failed validation; it must be counted and dropped."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: Kind
+    seq: int
+    send_time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class EmgChunk:
+    """A block of samples, (n_samples, n_channels) float32, on the shared clock.
+
+    Also used for the simulated patient's ground truth (kind TRUTH), where the
+    channels are muscles and the values are voluntary drive 0..1.
+    """
+
+    first_sample_index: int
+    first_sample_time_s: float
+    arrival_time_s: float
+    sampling_rate_hz: float
+    data: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Per stimulation channel: intensity 0..1 and gate (open flag plus reason)."""
+
+    newest_emg_time_s: float
+    intensity: np.ndarray  # float32 (n_channels,)
+    gate_open: np.ndarray  # bool (n_channels,)
+    gate_reason: np.ndarray  # uint8 (n_channels,), GateReason values
+
+
+@dataclass(frozen=True, slots=True)
+class Pulses:
+    """Delivered pulses or output updates: one entry each."""
+
+    channel: np.ndarray  # uint16 device channel index (0-based)
+    time_s: np.ndarray  # float64
+    amplitude_ma: np.ndarray  # float32
+    pulse_width_us: np.ndarray  # float32
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Heartbeat and counters: a JSON object (small, not on the hot path)."""
+
+    fields: dict[str, Any]
+
+
+Body = EmgChunk | Command | Pulses | Status
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    header: Header
+    body: Body
+
+
+_EMG_HEAD = struct.Struct("<QdddII")
+_COMMAND_HEAD = struct.Struct("<dI")
+_PULSES_HEAD = struct.Struct("<I")
+MAX_CHANNELS = 1024
+MAX_SAMPLES = 1 << 16
+MAX_PULSES = 1 << 12
+
+
+def _header(kind: Kind, seq: int, send_time_s: float) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, int(kind), 0, seq, send_time_s)
+
+
+def encode_emg(kind: Kind, seq: int, send_time_s: float, chunk: EmgChunk) -> bytes:
+    data = np.ascontiguousarray(chunk.data, dtype="<f4")
+    if data.ndim != 2:
+        raise ValueError(f"EMG data must be 2-D (n_samples, n_channels), got {data.shape}")
+    head = _EMG_HEAD.pack(
+        chunk.first_sample_index,
+        chunk.first_sample_time_s,
+        chunk.arrival_time_s,
+        chunk.sampling_rate_hz,
+        data.shape[0],
+        data.shape[1],
+    )
+    return _header(kind, seq, send_time_s) + head + data.tobytes()
+
+
+def encode_command(seq: int, send_time_s: float, command: Command) -> bytes:
+    n = len(command.intensity)
+    head = _COMMAND_HEAD.pack(command.newest_emg_time_s, n)
+    return (
+        _header(Kind.COMMAND, seq, send_time_s)
+        + head
+        + np.asarray(command.intensity, dtype="<f4").tobytes()
+        + np.asarray(command.gate_open, dtype=np.uint8).tobytes()
+        + np.asarray(command.gate_reason, dtype=np.uint8).tobytes()
+    )
+
+
+def encode_pulses(seq: int, send_time_s: float, pulses: Pulses) -> bytes:
+    n = len(pulses.channel)
+    return (
+        _header(Kind.PULSES, seq, send_time_s)
+        + _PULSES_HEAD.pack(n)
+        + np.asarray(pulses.channel, dtype="<u2").tobytes()
+        + np.asarray(pulses.time_s, dtype="<f8").tobytes()
+        + np.asarray(pulses.amplitude_ma, dtype="<f4").tobytes()
+        + np.asarray(pulses.pulse_width_us, dtype="<f4").tobytes()
+    )
+
+
+def encode_status(seq: int, send_time_s: float, fields: dict[str, Any]) -> bytes:
+    body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
+    return _header(Kind.STATUS, seq, send_time_s) + body
+
+
+def encode(seq: int, send_time_s: float, body: Body, kind: Kind | None = None) -> list[bytes]:
+    """Encode ``body`` into the two frames ``[topic, payload]``."""
+    if isinstance(body, EmgChunk):
+        kind = kind or Kind.EMG
+        payload = encode_emg(kind, seq, send_time_s, body)
+    elif isinstance(body, Command):
+        kind, payload = Kind.COMMAND, encode_command(seq, send_time_s, body)
+    elif isinstance(body, Pulses):
+        kind, payload = Kind.PULSES, encode_pulses(seq, send_time_s, body)
+    elif isinstance(body, Status):
+        kind, payload = Kind.STATUS, encode_status(seq, send_time_s, body.fields)
+    else:
+        raise TypeError(f"cannot encode {type(body).__name__}")
+    return [TOPICS[kind], payload]
+
+
+def _finite(name: str, values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise MalformedMessage(f"{name} contains NaN or infinity")
+
+
+def _decode_emg(body: memoryview) -> EmgChunk:
+    if len(body) < _EMG_HEAD.size:
+        raise MalformedMessage(f"EMG body truncated: {len(body)} bytes")
+    first, t_first, t_arrival, fs, n_samples, n_channels = _EMG_HEAD.unpack_from(body)
+    if not 0 < n_channels <= MAX_CHANNELS or not 0 < n_samples <= MAX_SAMPLES:
+        raise MalformedMessage(f"EMG shape out of range: ({n_samples}, {n_channels})")
+    expected = _EMG_HEAD.size + 4 * n_samples * n_channels
+    if len(body) != expected:
+        raise MalformedMessage(f"EMG body is {len(body)} bytes, expected {expected}")
+    for name, value in (("first sample time", t_first), ("arrival time", t_arrival)):
+        if not np.isfinite(value):
+            raise MalformedMessage(f"EMG {name} is not finite")
+    if not (np.isfinite(fs) and fs > 0):
+        raise MalformedMessage(f"EMG sampling rate {fs} is not a positive number")
+    data = np.frombuffer(body, dtype="<f4", offset=_EMG_HEAD.size).reshape(n_samples, n_channels)
+    _finite("EMG data", data)
+    return EmgChunk(first, t_first, t_arrival, fs, data)
+
+
+def _decode_command(body: memoryview) -> Command:
+    if len(body) < _COMMAND_HEAD.size:
+        raise MalformedMessage(f"command body truncated: {len(body)} bytes")
+    newest, n = _COMMAND_HEAD.unpack_from(body)
+    if not 0 < n <= MAX_CHANNELS:
+        raise MalformedMessage(f"command channel count {n} out of range")
+    expected = _COMMAND_HEAD.size + 6 * n
+    if len(body) != expected:
+        raise MalformedMessage(f"command body is {len(body)} bytes, expected {expected}")
+    if not np.isfinite(newest):
+        raise MalformedMessage("command EMG time is not finite")
+    offset = _COMMAND_HEAD.size
+    intensity = np.frombuffer(body, dtype="<f4", count=n, offset=offset)
+    gate = np.frombuffer(body, dtype=np.uint8, count=n, offset=offset + 4 * n)
+    reason = np.frombuffer(body, dtype=np.uint8, count=n, offset=offset + 5 * n)
+    _finite("command intensity", intensity)
+    if ((intensity < 0) | (intensity > 1)).any():
+        raise MalformedMessage("command intensity outside 0..1")
+    if (gate > 1).any():
+        raise MalformedMessage("command gate flag is not 0 or 1")
+    if (reason > max(GateReason)).any():
+        raise MalformedMessage("command gate reason unknown")
+    if ((gate == 1) != (reason == GateReason.OPEN)).any():
+        raise MalformedMessage("command gate flag and reason disagree")
+    return Command(newest, intensity, gate.astype(bool), reason)
+
+
+def _decode_pulses(body: memoryview) -> Pulses:
+    if len(body) < _PULSES_HEAD.size:
+        raise MalformedMessage(f"pulses body truncated: {len(body)} bytes")
+    (n,) = _PULSES_HEAD.unpack_from(body)
+    if n > MAX_PULSES:
+        raise MalformedMessage(f"pulse count {n} out of range")
+    expected = _PULSES_HEAD.size + 18 * n
+    if len(body) != expected:
+        raise MalformedMessage(f"pulses body is {len(body)} bytes, expected {expected}")
+    offset = _PULSES_HEAD.size
+    channel = np.frombuffer(body, dtype="<u2", count=n, offset=offset)
+    time_s = np.frombuffer(body, dtype="<f8", count=n, offset=offset + 2 * n)
+    amplitude = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 10 * n)
+    width = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 14 * n)
+    for name, values in (("pulse time", time_s), ("amplitude", amplitude), ("pulse width", width)):
+        _finite(name, values)
+    if (amplitude < 0).any() or (width < 0).any():
+        raise MalformedMessage("negative pulse amplitude or width")
+    return Pulses(channel, time_s, amplitude, width)
+
+
+def _decode_status(body: memoryview) -> Status:
+    if len(body) > MAX_STATUS_BYTES:
+        raise MalformedMessage(f"status body too large: {len(body)} bytes")
+    try:
+        fields = json.loads(bytes(body), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"status body is not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise MalformedMessage("status body is not a JSON object")
+    return Status(fields)
+
+
+def _reject_constant(name: str) -> None:
+    raise MalformedMessage(f"status body contains {name}")
+
+
+_DECODERS = {
+    Kind.EMG: _decode_emg,
+    Kind.TRUTH: _decode_emg,
+    Kind.COMMAND: _decode_command,
+    Kind.PULSES: _decode_pulses,
+    Kind.STATUS: _decode_status,
+}
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode ``[topic, payload]``; raise MalformedMessage on anything invalid."""
+    if len(frames) != 2:
+        raise MalformedMessage(f"expected 2 frames, got {len(frames)}")
+    topic, payload = frames
+    topic_kind = _KIND_BY_TOPIC.get(bytes(topic))
+    if topic_kind is None:
+        raise MalformedMessage(f"unknown topic {bytes(topic)[:32]!r}")
+    view = memoryview(payload)
+    if len(view) < HEADER_SIZE:
+        raise MalformedMessage(f"message truncated: {len(view)} bytes, header needs {HEADER_SIZE}")
+    magic, version, kind, reserved, seq, send_time = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise MalformedMessage(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise MalformedMessage(f"protocol version {version}, this build speaks {VERSION}")
+    if kind != topic_kind or reserved != 0:
+        raise MalformedMessage(f"kind {kind} does not match topic {bytes(topic)!r}")
+    if not np.isfinite(send_time):
+        raise MalformedMessage("send time is not finite")
+    body = _DECODERS[topic_kind](view[HEADER_SIZE:])
+    return Message(Header(topic_kind, seq, send_time), body)

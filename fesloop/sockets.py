@@ -1,0 +1,172 @@
+"""ZeroMQ socket helpers: LINGER=0, small high-water marks, poller-based receive.
+
+Stream sockets are PUB/SUB carrying ``[topic, payload]`` frames from
+:mod:`fesloop.protocol`. Control is REQ/REP with JSON objects: a request
+``{"cmd": "arm"}`` gets ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import zmq
+
+from fesloop import protocol
+
+STREAM_HWM = 100
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+CONTROL_MAX_BYTES = 64 * 1024
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class EndpointError(ValueError):
+    """An endpoint is malformed or would bind beyond loopback without authentication."""
+
+
+def check_bind_endpoint(endpoint: str) -> None:
+    """Refuse to bind anything but loopback or ipc:// (no CurveZMQ yet)."""
+    parsed = urlparse(endpoint)
+    if parsed.scheme == "ipc":
+        return
+    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
+        raise EndpointError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
+    if parsed.hostname not in LOOPBACK_HOSTS:
+        raise EndpointError(
+            f"endpoint {endpoint!r}: binding beyond loopback needs CurveZMQ keys, "
+            "which this build does not support yet; bind 127.0.0.1"
+        )
+
+
+def _base(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    return sock
+
+
+def publisher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    check_bind_endpoint(endpoint)
+    sock = _base(ctx, zmq.PUB)
+    sock.setsockopt(zmq.SNDHWM, STREAM_HWM)
+    sock.bind(endpoint)
+    return sock
+
+
+def subscriber(ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = STREAM_HWM) -> zmq.Socket:
+    sock = _base(ctx, zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    for topic in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+    sock.connect(endpoint)
+    return sock
+
+
+def control_server(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    check_bind_endpoint(endpoint)
+    sock = _base(ctx, zmq.REP)
+    sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
+    sock.bind(endpoint)
+    return sock
+
+
+@dataclass
+class StreamCounters:
+    received: int = 0
+    rejected: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class Sequencer:
+    """Sequence numbers for one publisher, starting at 1."""
+
+    seq: int = 0
+
+    def next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+def drain(sock: zmq.Socket, counters: StreamCounters) -> list[protocol.Message]:
+    """Read every message waiting on ``sock`` without blocking; drop malformed ones."""
+    messages: list[protocol.Message] = []
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return messages
+        counters.received += 1
+        try:
+            messages.append(protocol.decode(frames))
+        except protocol.MalformedMessage as exc:
+            counters.rejected += 1
+            counters.last_error = exc.reason
+
+
+@dataclass
+class ControlServer:
+    """Answers JSON control requests on a REP socket, one handler per command."""
+
+    sock: zmq.Socket
+    handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
+    rejected: int = 0
+
+    def serve_pending(self) -> None:
+        """Answer every request waiting, without blocking."""
+        while True:
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.sock.send(json.dumps(self._answer(raw)).encode())
+
+    def _answer(self, raw: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(raw)
+            cmd = request["cmd"]
+            handler = self.handlers[cmd]
+        except (ValueError, TypeError, KeyError):
+            self.rejected += 1
+            return {"ok": False, "error": f"bad request; commands: {sorted(self.handlers)}"}
+        try:
+            return {"ok": True, **handler(request)}
+        except ControlRefused as exc:
+            return {"ok": False, "error": str(exc)}
+
+
+class ControlRefused(RuntimeError):
+    """A control request was understood but refused (the reason is sent back)."""
+
+
+class ControlTimeout(TimeoutError):
+    """A control request got no reply in time."""
+
+
+class ControlClient:
+    """REQ client that survives a dead server: on timeout the socket is rebuilt."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self._ctx = ctx
+        self.endpoint = endpoint
+        self._sock = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = _base(self._ctx, zmq.REQ)
+        sock.connect(self.endpoint)
+        return sock
+
+    def request(self, cmd: str, timeout_s: float = 1.0, **args: Any) -> dict[str, Any]:
+        self._sock.send(json.dumps({"cmd": cmd, **args}).encode())
+        if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return json.loads(self._sock.recv())
+        self._sock.close(linger=0)
+        self._sock = self._connect()
+        raise ControlTimeout(f"no reply to {cmd!r} from {self.endpoint} within {timeout_s} s")
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
