@@ -54,10 +54,17 @@ class SimulatedPatientConfig:
     transport_delay_ms: float = bounded(5.0, 0.0, 100.0, "ms")
     artifact_uv_per_ma: float = bounded(60.0, 0.0, 1e4, "uV/mA")
     artifact_decay_ms: float = bounded(0.8, 0.05, 10.0, "ms")
+    # Share of a pulse's artifact seen on the other muscles' channels (1 = as large as on its own).
+    artifact_crosstalk: float = bounded(0.3, 0.0, 1.0)
     mwave_max_uv: float = bounded(1500.0, 0.0, 1e5, "uV")
     mwave_latency_ms: float = bounded(6.0, 4.0, 10.0, "ms")
+    mwave_duration_ms: float = bounded(6.0, 1.0, 20.0, "ms (one biphasic cycle)")
     recruitment_mid_ma: float = bounded(30.0, 0.0, 130.0, "mA")
     recruitment_slope_ma: float = bounded(5.0, 0.1, 100.0, "mA")
+    # Fatigue: the M-wave scales by exp(-Q / fatigue_charge_uc), Q = charge delivered to that
+    # muscle so far (sum of amplitude x pulse width). 60 mC: 1/e after ~170 s at 40 mA, 300 us, 30 Hz.
+    fatigue_charge_uc: float = bounded(60000.0, 1.0, 1e12, "uC")
+    drive_ramp_ms: float = bounded(50.0, 0.0, 1000.0, "ms (raised-cosine onset/offset of a contraction)")
     schedule_period_s: float = bounded(10.0, 0.1, 86400.0, "s")
     contractions: tuple[Contraction, ...] = ()
 

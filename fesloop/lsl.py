@@ -19,6 +19,9 @@ ResolveScope = machine
 
 [lab]
 KnownPeers = {127.0.0.1}
+
+[log]
+level = -2
 """
 
 _configured = False

@@ -269,9 +269,13 @@ def _decode_status(body: memoryview) -> Status:
     if len(body) > MAX_STATUS_BYTES:
         raise MalformedMessage(f"status body too large: {len(body)} bytes")
     try:
-        fields = json.loads(bytes(body), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessage(f"status body is not JSON: {exc}") from None
+        fields = json.loads(bytes(body), parse_constant=_reject_constant, parse_float=_finite_float)
+    except MalformedMessage:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and over-long integer
+        # literals; RecursionError comes from deeply nested arrays or objects.
+        raise MalformedMessage(f"status body is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(fields, dict):
         raise MalformedMessage("status body is not a JSON object")
     return Status(fields)
@@ -279,6 +283,13 @@ def _decode_status(body: memoryview) -> Status:
 
 def _reject_constant(name: str) -> None:
     raise MalformedMessage(f"status body contains {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise MalformedMessage(f"status body contains a non-finite number {text[:32]}")
+    return value
 
 
 _DECODERS = {

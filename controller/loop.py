@@ -1,0 +1,160 @@
+"""The controller process: EMG in, activation estimate, ``command`` out at a fixed rate.
+
+Each EMG chunk is blanked around delivered pulses, filtered and turned into an
+activation per muscle as it arrives. Commands go out on absolute deadlines at
+``control_rate_hz`` whether or not EMG arrives; without fresh, gap-free EMG the
+gate of every channel that depends on it is closed, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zmq
+
+from controller.blanking import Blanker
+from controller.dsp import EnvelopeEstimator, normalize
+from controller.laws import proportional
+from fesloop import protocol
+from fesloop.config import Config
+from fesloop.protocol import GateReason
+from fesloop.runtime import Pacer, ProcessRuntime
+from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
+
+
+class EmgEstimator:
+    """Everything between an EMG chunk and an activation per muscle (no I/O)."""
+
+    def __init__(self, config: Config, fs_hz: float, n_channels: int) -> None:
+        self.fs_hz = fs_hz
+        self.n_channels = n_channels
+        self._channels = np.array([m.emg_channel for m in config.muscles])
+        self._rest_uv = np.array([m.rest_uv for m in config.muscles])
+        self._mvc_uv = np.array([m.mvc_uv for m in config.muscles])
+        blanking = config.controller.blanking
+        self.blanker = Blanker(blanking.pre_ms * 1e-3, blanking.post_ms * 1e-3)
+        self.envelope = EnvelopeEstimator(fs_hz, len(self._channels), config.controller.filters)
+        self.activation = np.zeros(len(self._channels))
+        self.next_index: int | None = None
+        self.gap_samples = 0
+
+    def process(self, chunk: protocol.EmgChunk) -> bool:
+        """Update the activation; False when the chunk follows a gap (samples lost)."""
+        contiguous = self.next_index is None or chunk.first_sample_index == self.next_index
+        if not contiguous:
+            self.gap_samples += max(chunk.first_sample_index - (self.next_index or 0), 0)
+        n = chunk.data.shape[0]
+        self.next_index = chunk.first_sample_index + n
+        valid = self.blanker.valid_mask(chunk.first_sample_time_s, self.fs_hz, n)
+        emg_uv = chunk.data[:, self._channels]
+        envelope_uv = self.envelope.process(emg_uv, np.broadcast_to(valid[:, np.newaxis], emg_uv.shape))
+        self.activation = normalize(envelope_uv[-1], self._rest_uv, self._mvc_uv)
+        return contiguous
+
+
+class Controller:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rt = ProcessRuntime("controller", config.endpoints.controller_control)
+        ctx = self.rt.ctx
+        self.pub = publisher(ctx, config.endpoints.command)
+        self.emg_sub = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]])
+        self.pulses_sub = subscriber(ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]])
+        self.emg_counters = StreamCounters()
+        self.pulse_counters = StreamCounters()
+        self.command_seq = Sequencer()
+        self.estimator: EmgEstimator | None = None
+        self.last_emg_rx_s: float | None = None
+        self.newest_emg_time_s = 0.0
+        self.gap_until_s = 0.0
+        self.commands_sent = 0
+        self.n_stim = len(config.stimulation)
+        self._muscle_of_channel = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
+        self.intensity = np.zeros(self.n_stim, dtype=np.float32)
+        self.gate_reason = np.full(self.n_stim, GateReason.NO_EMG, dtype=np.uint8)
+        self.rt.status_fields = self._status
+
+    def _status(self) -> dict[str, Any]:
+        activation = self.estimator.activation if self.estimator else np.zeros(len(self.config.muscles))
+        return {
+            "ready": True,
+            "state": "RUNNING",
+            "activation": {m.name: round(float(a), 4) for m, a in zip(self.config.muscles, activation)},
+            "intensity": [round(float(x), 4) for x in self.intensity],
+            "gate": [GateReason(int(r)).name for r in self.gate_reason],
+            "commands_sent": self.commands_sent,
+            "emg_received": self.emg_counters.received,
+            "pulses_received": self.pulse_counters.received,
+            "rejected": self.emg_counters.rejected + self.pulse_counters.rejected,
+            "gap_samples": self.estimator.gap_samples if self.estimator else 0,
+            "blanked_samples": self.estimator.blanker.blanked_samples if self.estimator else 0,
+        }
+
+    def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
+        needed = max(m.emg_channel for m in self.config.muscles) + 1
+        if chunk.data.shape[1] < needed:
+            self.emg_counters.rejected += 1
+            self.emg_counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles need {needed}"
+            return
+        if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
+            self.estimator = EmgEstimator(self.config, chunk.sampling_rate_hz, chunk.data.shape[1])
+        if not self.estimator.process(chunk):
+            self.gap_until_s = now_s + self.config.controller.stale_ms * 1e-3
+        self.last_emg_rx_s = now_s
+        self.newest_emg_time_s = chunk.arrival_time_s
+
+    def compute(self, now_s: float) -> protocol.Command:
+        """Intensities and gates from the newest activation and EMG freshness."""
+        if self.last_emg_rx_s is None or self.estimator is None:
+            reason = GateReason.NO_EMG
+        elif now_s - self.last_emg_rx_s > self.config.controller.stale_ms * 1e-3:
+            reason = GateReason.STALE_EMG
+        elif now_s < self.gap_until_s:
+            reason = GateReason.GAP
+        else:
+            reason = GateReason.OPEN
+        self.gate_reason[:] = reason
+        if reason == GateReason.OPEN:
+            activation = self.estimator.activation
+            for i, channel in enumerate(self.config.stimulation):
+                self.intensity[i] = proportional(float(activation[self._muscle_of_channel[i]]), channel.law)
+        else:
+            self.intensity[:] = 0.0
+        return protocol.Command(
+            self.newest_emg_time_s, self.intensity, self.gate_reason == GateReason.OPEN, self.gate_reason
+        )
+
+    def run(self) -> int:
+        rt = self.rt
+        pacer = Pacer(1.0 / self.config.controller.control_rate_hz, rt.clock.now())
+        poller = zmq.Poller()
+        for sock in (rt.control.sock, self.emg_sub, self.pulses_sub):
+            poller.register(sock, zmq.POLLIN)
+        rt.log.info("running: %d muscles, %d stimulation channels", len(self.config.muscles), self.n_stim)
+        try:
+            while rt.running:
+                ready = dict(poller.poll(pacer.timeout_ms(rt.clock.now())))
+                if self.pulses_sub in ready:
+                    for message in drain(self.pulses_sub, self.pulse_counters):
+                        if self.estimator is not None:
+                            self.estimator.blanker.add_pulses(message.body.time_s)
+                if self.emg_sub in ready:
+                    for message in drain(self.emg_sub, self.emg_counters):
+                        self.on_emg(message.body, rt.clock.now())
+                if rt.control.sock in ready:
+                    rt.control.serve_pending()
+                now_s = rt.clock.now()
+                if pacer.due(now_s):
+                    command = self.compute(now_s)
+                    self.pub.send_multipart(protocol.encode(self.command_seq.next(), now_s, command))
+                    self.commands_sent += 1
+                rt.publish_status_if_due(self.pub, now_s)
+        finally:
+            rt.log.info("stopped: %d commands sent, %d overruns", self.commands_sent, pacer.overruns)
+            rt.close()
+        return rt.exit_code
+
+
+def main(config: Config) -> int:
+    return Controller(config).run()

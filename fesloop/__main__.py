@@ -1,0 +1,3 @@
+from fesloop.cli import main
+
+raise SystemExit(main())

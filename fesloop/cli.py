@@ -1,0 +1,78 @@
+"""The ``fesloop`` command: run the loop, run one process, talk to a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fesloop.config import DEFAULT_CONFIG, Config, load_config
+from fesloop.schema import ConfigError
+
+PROCESSES = ("acquisition", "controller", "stimulator")
+CONTROL_COMMANDS = ("status", "arm", "disarm", "stop", "reset", "shutdown")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fesloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start all three processes with a live status line")
+    run.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="TOML config (default: the demo)")
+    run.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    for name in PROCESSES:
+        one = sub.add_parser(name, help=f"run the {name} process alone")
+        one.add_argument("config", type=Path)
+    control = sub.add_parser("control", help="send a control request to a running process")
+    control.add_argument("config", type=Path)
+    control.add_argument("process", choices=PROCESSES)
+    control.add_argument("request", choices=CONTROL_COMMANDS)
+    return parser
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except FileNotFoundError:
+        sys.exit(f"fesloop: config file not found: {path}")
+    except ConfigError as exc:
+        sys.exit(f"fesloop: {path}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = _load(args.config)
+    if args.command == "run":
+        from fesloop.supervisor import Supervisor
+
+        if args.duration is not None and args.duration <= 0:
+            sys.exit(f"fesloop: --duration = {args.duration}: must be a positive number of seconds")
+        return Supervisor(config, args.config).run(args.duration)
+    if args.command == "control":
+        import zmq
+
+        from fesloop.sockets import ControlClient, ControlTimeout
+
+        client = ControlClient(zmq.Context.instance(), getattr(config.endpoints, f"{args.process}_control"))
+        try:
+            reply = client.request(args.request, timeout_s=2.0)
+        except ControlTimeout as exc:
+            sys.exit(f"fesloop: {exc}")
+        finally:
+            client.close()
+        print(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
+    if args.command == "acquisition":
+        from acquisition.loop import main as run_process
+    elif args.command == "controller":
+        from controller.loop import main as run_process
+    else:
+        from stimulator.loop import main as run_process
+    import zmq
+
+    from fesloop.sockets import EndpointError
+
+    try:
+        return run_process(config)
+    except (EndpointError, zmq.ZMQError) as exc:
+        sys.exit(f"fesloop {args.command}: {exc}")

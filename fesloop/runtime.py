@@ -1,0 +1,125 @@
+"""What every fesloop process shares: control socket, signals, parent watch, pacing.
+
+A process built on :class:`ProcessRuntime` answers ``status`` and ``shutdown`` on
+its REP socket, stops cleanly on SIGTERM (and on SIGINT unless supervised: the
+supervisor owns Ctrl+C so it can stop the stimulator first), and exits when the
+supervisor that started it is gone, so no process is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+
+from fesloop import protocol
+from fesloop.clock import Clock, LslClock
+from fesloop.sockets import ControlServer, Sequencer, control_server
+
+PARENT_PID_ENV = "FESLOOP_PARENT_PID"
+STATUS_PERIOD_S = 0.2
+
+log = logging.getLogger("fesloop")
+
+
+def setup_logging(name: str) -> logging.Logger:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {name} %(levelname)s %(message)s"
+    )
+    return logging.getLogger(name)
+
+
+class LatencyWindow:
+    """The last ``capacity`` latencies (s) in a ring buffer, for p50/p99/max."""
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self._values = np.zeros(capacity)
+        self._count = 0
+
+    def add(self, value_s: float) -> None:
+        self._values[self._count % len(self._values)] = value_s
+        self._count += 1
+
+    def summary_ms(self) -> dict[str, float | None]:
+        n = min(self._count, len(self._values))
+        if n == 0:
+            return {"p50": None, "p99": None, "max": None, "n": 0}
+        values = self._values[:n] * 1e3
+        p50, p99 = np.percentile(values, [50, 99])
+        return {"p50": round(float(p50), 3), "p99": round(float(p99), 3), "max": round(float(values.max()), 3), "n": n}
+
+
+class Pacer:
+    """Absolute deadlines at a fixed period: ticks never drift, overruns are counted."""
+
+    def __init__(self, period_s: float, start_s: float) -> None:
+        self.period_s = period_s
+        self.next_s = start_s + period_s
+        self.overruns = 0
+
+    def due(self, now_s: float) -> bool:
+        if now_s < self.next_s:
+            return False
+        behind = int((now_s - self.next_s) // self.period_s)
+        if behind:
+            self.overruns += behind
+        self.next_s += (behind + 1) * self.period_s
+        return True
+
+    def timeout_ms(self, now_s: float) -> float:
+        return max(0.0, (self.next_s - now_s) * 1e3)
+
+
+class ProcessRuntime:
+    """Control socket, stop flag, status cadence and parent watch of one process."""
+
+    def __init__(self, name: str, control_endpoint: str, clock: Clock | None = None) -> None:
+        self.name = name
+        self.clock = clock or LslClock()
+        self.ctx = zmq.Context()
+        self.log = setup_logging(name)
+        self.running = True
+        self.exit_code = 0
+        self.control = ControlServer(control_server(self.ctx, control_endpoint))
+        self.control.handlers["status"] = lambda _request: self.status()
+        self.control.handlers["shutdown"] = self._shutdown
+        self.status_fields: Callable[[], dict[str, Any]] = dict
+        self.status_seq = Sequencer()
+        self._parent_pid = int(os.environ.get(PARENT_PID_ENV, "0"))
+        self._status_pacer = Pacer(STATUS_PERIOD_S, self.clock.now())
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self._parent_pid else self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.log.info("signal %s: stopping", signal.Signals(signum).name)
+        self.running = False
+
+    def _shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
+        self.running = False
+        return {}
+
+    def status(self) -> dict[str, Any]:
+        return {"process": self.name, "pid": os.getpid(), "time_s": self.clock.now(), **self.status_fields()}
+
+    def parent_alive(self) -> bool:
+        return not self._parent_pid or os.getppid() == self._parent_pid
+
+    def publish_status_if_due(self, pub: zmq.Socket, now_s: float) -> bool:
+        """Publish a status heartbeat at 5 Hz; also checks the supervisor is alive."""
+        if not self._status_pacer.due(now_s):
+            return False
+        if not self.parent_alive():
+            self.log.error("supervisor %d is gone: stopping", self._parent_pid)
+            self.running = False
+            self.exit_code = 1
+        pub.send_multipart(protocol.encode(self.status_seq.next(), now_s, protocol.Status(self.status())))
+        return True
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)

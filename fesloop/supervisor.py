@@ -1,0 +1,172 @@
+"""``fesloop run``: start the three processes, show live status, stop them in order.
+
+A convenience, never a requirement: each process runs alone just as well. The
+supervisor waits until every process reports ready, prints a status line at ~5 Hz,
+and on Ctrl+C, SIGTERM, ``--duration`` or any child dying stops the stimulator
+first (output to zero), then the controller, then acquisition. Children exit by
+themselves if the supervisor disappears, so none is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import zmq
+
+from fesloop.config import Config
+from fesloop.runtime import PARENT_PID_ENV
+from fesloop.sockets import ControlClient, ControlTimeout
+
+ROLES = ("stimulator", "controller", "acquisition")  # start order; shutdown order too
+READY_TIMEOUT_S = 30.0
+STATUS_PERIOD_S = 0.2
+STOP_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Child:
+    role: str
+    process: subprocess.Popen
+    client: ControlClient
+    last_status: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: Path, out: TextIO = sys.stdout) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.out = out
+        self.ctx = zmq.Context()
+        self.children: list[Child] = []
+        self.failures: list[str] = []
+        self.stop_requested = False
+        self._faults_seen: set[str] = set()
+
+    def _endpoint(self, role: str) -> str:
+        return getattr(self.config.endpoints, f"{role}_control")
+
+    def start(self) -> None:
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        for role in ROLES:
+            process = subprocess.Popen([sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env)
+            self.children.append(Child(role, process, ControlClient(self.ctx, self._endpoint(role))))
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requested = True
+
+    def _check_alive(self) -> bool:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                self.failures.append(f"{child.role} exited unexpectedly with code {code}")
+                return False
+        return True
+
+    def _poll_status(self, child: Child, timeout_s: float = 0.2) -> dict[str, Any]:
+        try:
+            reply = child.client.request("status", timeout_s=timeout_s)
+        except ControlTimeout:
+            return child.last_status
+        child.last_status = reply
+        return reply
+
+    def wait_ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = list(self.children)
+        while pending:
+            if self.stop_requested or not self._check_alive():
+                return False
+            if time.monotonic() > deadline:
+                self.failures.append("not ready in time: " + ", ".join(c.role for c in pending))
+                return False
+            pending = [c for c in pending if not self._poll_status(c, 0.5).get("ready")]
+        return True
+
+    def status_line(self, elapsed_s: float) -> str:
+        by_role = {c.role: c.last_status for c in self.children}
+        ctl, stim, acq = by_role["controller"], by_role["stimulator"], by_role["acquisition"]
+        activation = " ".join(f"{k} {v:.2f}" for k, v in ctl.get("activation", {}).items())
+        output = " ".join(
+            f"{name} {ma:.1f}" for name, ma in zip(stim.get("channels", []), stim.get("output_ma", []))
+        )
+        latency = stim.get("latency_ms", {})
+        p50, p99 = latency.get("p50"), latency.get("p99")
+        lat = f"{p50:.1f}/{p99:.1f} ms" if p50 is not None else "-"
+        state = stim.get("state", "?") + (f" ({stim['fault_reason']})" if stim.get("fault_reason") else "")
+        lost = acq.get("lost_samples", 0)
+        rejected = sum(s.get("rejected", 0) for s in by_role.values())
+        return (
+            f"{elapsed_s:6.1f}s | activation {activation} | mA {output} | stim {state} | "
+            f"e2e p50/p99 {lat} | lost {lost} rejected {rejected}"
+        )
+
+    def _note_faults(self) -> None:
+        stim = next(c for c in self.children if c.role == "stimulator").last_status
+        if stim.get("state") == "FAULT" and stim.get("fault_reason") not in self._faults_seen:
+            self._faults_seen.add(stim["fault_reason"])
+            self.failures.append(f"stimulator FAULT: {stim['fault_reason']}")
+
+    def monitor(self, duration_s: float | None) -> None:
+        start = time.monotonic()
+        tty = self.out.isatty()
+        last_print = 0.0
+        while not self.stop_requested and self._check_alive():
+            now = time.monotonic()
+            if duration_s is not None and now - start >= duration_s:
+                break
+            for child in self.children:
+                self._poll_status(child)
+            self._note_faults()
+            line = self.status_line(now - start)
+            if tty:
+                self.out.write("\r\033[K" + line)
+                self.out.flush()
+            elif now - last_print >= 1.0:
+                self.out.write(line + "\n")
+                self.out.flush()
+                last_print = now
+            time.sleep(max(0.0, STATUS_PERIOD_S - (time.monotonic() - now)))
+        if tty:
+            self.out.write("\n")
+
+    def shutdown(self) -> None:
+        """Stimulator first (output to zero), then the others; kill what will not stop."""
+        for child in self.children:
+            if child.process.poll() is None:
+                try:
+                    child.client.request("shutdown", timeout_s=1.0)
+                except ControlTimeout:
+                    child.process.terminate()
+                try:
+                    child.process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+                    self.failures.append(f"{child.role} did not stop in {STOP_TIMEOUT_S} s and was killed")
+            if child.process.returncode not in (0, None) and not any(child.role in f for f in self.failures):
+                self.failures.append(f"{child.role} exited with code {child.process.returncode}")
+            child.client.close()
+        self.ctx.destroy(linger=0)
+
+    def run(self, duration_s: float | None) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            if self.wait_ready():
+                self.out.write(f"fesloop: {self.config.name} running (Ctrl+C to stop)\n")
+                self.monitor(duration_s)
+        finally:
+            self.shutdown()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        for failure in self.failures:
+            self.out.write(f"fesloop: {failure}\n")
+        self.out.write("fesloop: stopped" + (" with failures\n" if self.failures else " cleanly\n"))
+        return 1 if self.failures else 0

@@ -1,0 +1,1 @@
+"""Stimulator drivers: the edge where output reaches (or would reach) hardware."""

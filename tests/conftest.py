@@ -1,0 +1,114 @@
+"""Shared test fixtures: machine-scope LSL, fresh loopback ports, real processes.
+
+Every LSL use in the tests stays on this machine: ``LSLAPICFG`` points at a
+machine-scope config (inherited by every process a test starts), set before any
+pylsl call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fesloop.lsl import MACHINE_SCOPE_CONFIG
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+_lsl_cfg = Path(tempfile.gettempdir()) / f"fesloop-tests-lsl-{os.getpid()}.cfg"
+_lsl_cfg.write_text(MACHINE_SCOPE_CONFIG)
+os.environ["LSLAPICFG"] = str(_lsl_cfg)
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports free on loopback right now (held open together so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def config_with_fresh_ports(text: str) -> str:
+    """Rewrite every tcp://127.0.0.1:PORT in a config to a distinct free port."""
+    ports = iter(free_ports(len(re.findall(r"127\.0\.0\.1:\d+", text))))
+    return re.sub(r"127\.0\.0\.1:\d+", lambda _m: f"127.0.0.1:{next(ports)}", text)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a config (a configs/ file, optionally edited) with fresh ports; returns its path."""
+
+    def write(base: str = "demo.toml", replace: dict[str, str] | None = None, name: str = "test.toml") -> Path:
+        text = (CONFIGS / base).read_text()
+        for old, new in (replace or {}).items():
+            assert old in text, f"{old!r} not in {base}"
+            text = text.replace(old, new)
+        path = tmp_path / name
+        path.write_text(config_with_fresh_ports(text))
+        return path
+
+    return write
+
+
+class Processes:
+    """Real fesloop processes started by a test; all killed at teardown, whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, *args: str, name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fesloop", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.started.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def cleanup(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGCONT)
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait(10)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    group = Processes(tmp_path)
+    try:
+        yield group
+    finally:
+        group.cleanup()
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until truthy; fail the test naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
