@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fesloop.config import DEFAULT_CONFIG, Config, load_config
+from fesloop.lsl import configure_machine_scope
 from fesloop.schema import ConfigError
 
 PROCESSES = ("acquisition", "controller", "stimulator")
@@ -40,6 +41,7 @@ def _load(path: Path) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_machine_scope()
     args = _parser().parse_args(argv)
     config = _load(args.config)
     if args.command == "run":

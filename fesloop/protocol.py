@@ -179,6 +179,8 @@ def encode_status(seq: int, send_time_s: float, fields: dict[str, Any]) -> bytes
 
 def encode(seq: int, send_time_s: float, body: Body, kind: Kind | None = None) -> list[bytes]:
     """Encode ``body`` into the two frames ``[topic, payload]``."""
+    if kind is not None and not (isinstance(body, EmgChunk) and kind in (Kind.EMG, Kind.TRUTH)):
+        raise ValueError(f"kind {kind!r} does not fit a {type(body).__name__} body")
     if isinstance(body, EmgChunk):
         kind = kind or Kind.EMG
         payload = encode_emg(kind, seq, send_time_s, body)
