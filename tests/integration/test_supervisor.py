@@ -1,0 +1,95 @@
+"""``fesloop run``: ordered shutdown, non-zero exit on failure, never an orphan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import zmq
+
+from fesloop.config import load_config
+from fesloop.sockets import ControlClient, ControlTimeout
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+ROLES = ("acquisition", "controller", "stimulator")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead for our purpose
+        return stat.read().split()[2] != "Z"
+
+
+def _child_pids(config) -> dict[str, int]:
+    """PIDs of the running children, from their own status replies."""
+    ctx = zmq.Context()
+    pids: dict[str, int] = {}
+    try:
+        for role in ROLES:
+            client = ControlClient(ctx, getattr(config.endpoints, f"{role}_control"))
+
+            def status() -> dict | None:
+                try:
+                    reply = client.request("status", timeout_s=0.5)
+                except ControlTimeout:
+                    return None
+                return reply if reply.get("ready") else None
+
+            pids[role] = wait_until(status, 30, what=f"{role} ready")["pid"]
+            client.close()
+    finally:
+        ctx.destroy(linger=0)
+    return pids
+
+
+@pytest.fixture
+def supervisor(write_config):
+    path = write_config("demo.toml")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fesloop", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield process, load_config(path)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def test_sigint_stops_everything_cleanly(supervisor) -> None:
+    process, config = supervisor
+    pids = _child_pids(config)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode()
+    assert b"stopped cleanly" in output
+    assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_a_dying_child_stops_the_rest_and_fails_the_run(supervisor) -> None:
+    process, config = supervisor
+    pids = _child_pids(config)
+    os.kill(pids["controller"], signal.SIGKILL)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert b"controller exited unexpectedly" in output
+    assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_children_exit_when_the_supervisor_is_killed(supervisor) -> None:
+    process, config = supervisor
+    pids = _child_pids(config)
+    process.kill()
+    process.wait(10)
+    wait_until(lambda: not any(_alive(pid) for pid in pids.values()), 10, what="orphaned children to exit")
