@@ -56,6 +56,8 @@ class StreamingSos:
         self._started = False
 
     def process(self, x: np.ndarray) -> np.ndarray:
+        if not len(x):
+            return np.zeros(x.shape)
         if not self._started:
             self._started = True
             if self._steady_start and len(x):
@@ -84,35 +86,52 @@ class EnvelopeEstimator:
     """Per-channel envelope of EMG: hold blanked samples, band filter, rectify, low-pass.
 
     Blanked samples never reach the envelope: the raw signal is held across them
-    before filtering, and their rectified values are replaced by the mean of the
-    block's valid rectified samples (or the last envelope value when none is valid).
+    before the band filter (so artifacts cannot make it ring), and the envelope
+    low-pass runs on valid samples only, holding its value across blanked ones. Under
+    heavy blanking the low-pass therefore sees fewer samples per second: its delay in
+    real time grows by 1 / (share of valid samples). ``valid`` is one mask per sample,
+    shared by all channels (an artifact reaches every electrode on the limb).
     """
 
     def __init__(self, fs_hz: float, n_channels: int, cfg: FilterConfig) -> None:
         self.fs_hz = fs_hz
         self._band = StreamingSos(design_emg_sos(fs_hz, cfg), n_channels, steady_start=True)
         self._lowpass = StreamingSos(design_envelope_sos(fs_hz, cfg.envelope_lowpass_hz), n_channels)
+        self._tkeo = cfg.tkeo
+        self._tkeo_history = np.zeros((2, n_channels))
         self._held_uv = np.zeros(n_channels)
         self._have_held = False
         self.last_envelope_uv = np.zeros(n_channels)
 
-    def process(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Envelope (uV) for a block; ``valid`` is (n_samples, n_channels) bool."""
+    def hold(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Raw EMG with blanked samples held at the last valid raw value."""
         x = np.asarray(emg_uv, dtype=np.float64)
         if not self._have_held and valid.any():
-            first = np.argmax(valid, axis=0)
-            self._held_uv[:] = x[first, np.arange(x.shape[1])]
+            self._held_uv[:] = x[int(np.argmax(valid))]
             self._have_held = True
-        filtered = self._band.process(forward_fill(x, valid, self._held_uv))
-        rectified = np.abs(filtered)
-        n_valid = valid.sum(axis=0)
-        fill = np.where(
-            n_valid > 0, (rectified * valid).sum(axis=0) / np.maximum(n_valid, 1), self.last_envelope_uv
-        )
-        rectified = np.where(valid, rectified, fill)
-        envelope = self._lowpass.process(rectified)
-        self.last_envelope_uv[:] = envelope[-1]
-        return envelope
+        return forward_fill(x, np.broadcast_to(valid[:, np.newaxis], x.shape), self._held_uv)
+
+    def band(self, held_uv: np.ndarray) -> np.ndarray:
+        """High-pass, notches and band-pass, state kept across blocks."""
+        return self._band.process(held_uv)
+
+    def envelope(self, filtered_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Rectified (or sqrt|TKEO|) and low-passed over valid samples; held across the others."""
+        rectified = self._teager(filtered_uv) if self._tkeo else np.abs(filtered_uv)
+        smoothed = self._lowpass.process(rectified[valid])
+        held = np.vstack((self.last_envelope_uv[np.newaxis], smoothed))
+        self.last_envelope_uv[:] = held[-1]
+        return held[np.cumsum(valid)]
+
+    def _teager(self, x: np.ndarray) -> np.ndarray:
+        """Causal sqrt|TKEO|: sqrt|x[n-1]^2 - x[n] x[n-2]| (one sample late), in uV."""
+        joined = np.concatenate((self._tkeo_history, x))
+        self._tkeo_history[:] = joined[-2:]
+        return np.sqrt(np.abs(joined[1:-1] ** 2 - joined[2:] * joined[:-2]))
+
+    def process(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Envelope (uV) for a block; ``valid`` is (n_samples,) bool."""
+        return self.envelope(self.band(self.hold(emg_uv, valid)), valid)
 
 
 def normalize(envelope_uv: np.ndarray, rest_uv: np.ndarray, mvc_uv: np.ndarray) -> np.ndarray:

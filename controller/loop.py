@@ -8,13 +8,15 @@ gate of every channel that depends on it is closed, with the reason.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
-from controller.blanking import Blanker
-from controller.dsp import EnvelopeEstimator, normalize
+from controller.calibration import Calibration, CalibrationError
+from controller.estimator import EmgEstimator
 from controller.laws import proportional
 from fesloop import protocol
 from fesloop.config import Config
@@ -23,34 +25,15 @@ from fesloop.runtime import Pacer, ProcessRuntime
 from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
 
 
-class EmgEstimator:
-    """Everything between an EMG chunk and an activation per muscle (no I/O)."""
-
-    def __init__(self, config: Config, fs_hz: float, n_channels: int) -> None:
-        self.fs_hz = fs_hz
-        self.n_channels = n_channels
-        self._channels = np.array([m.emg_channel for m in config.muscles])
-        self._rest_uv = np.array([m.rest_uv for m in config.muscles])
-        self._mvc_uv = np.array([m.mvc_uv for m in config.muscles])
-        blanking = config.controller.blanking
-        self.blanker = Blanker(blanking.pre_ms * 1e-3, blanking.post_ms * 1e-3)
-        self.envelope = EnvelopeEstimator(fs_hz, len(self._channels), config.controller.filters)
-        self.activation = np.zeros(len(self._channels))
-        self.next_index: int | None = None
-        self.gap_samples = 0
-
-    def process(self, chunk: protocol.EmgChunk) -> bool:
-        """Update the activation; False when the chunk follows a gap (samples lost)."""
-        contiguous = self.next_index is None or chunk.first_sample_index == self.next_index
-        if not contiguous:
-            self.gap_samples += max(chunk.first_sample_index - (self.next_index or 0), 0)
-        n = chunk.data.shape[0]
-        self.next_index = chunk.first_sample_index + n
-        valid = self.blanker.valid_mask(chunk.first_sample_time_s, self.fs_hz, n)
-        emg_uv = chunk.data[:, self._channels]
-        envelope_uv = self.envelope.process(emg_uv, np.broadcast_to(valid[:, np.newaxis], emg_uv.shape))
-        self.activation = normalize(envelope_uv[-1], self._rest_uv, self._mvc_uv)
-        return contiguous
+def load_calibration(config: Config) -> Calibration | None:
+    """The calibration file named by the config (None when it names none)."""
+    path = config.controller.calibration_file
+    if not path:
+        return None
+    try:
+        return Calibration.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"calibration file {path}: {exc}") from None
 
 
 class Controller:
@@ -73,6 +56,14 @@ class Controller:
         self._muscle_of_channel = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
         self.intensity = np.zeros(self.n_stim, dtype=np.float32)
         self.gate_reason = np.full(self.n_stim, GateReason.NO_EMG, dtype=np.uint8)
+        self.event_counts: dict[str, int] = {}
+        self.calibration: Calibration | None = None
+        self.calibration_error = ""
+        try:
+            self.calibration = load_calibration(config)
+        except CalibrationError as exc:
+            self.calibration_error = str(exc)
+            self.rt.log.error("%s; every gate stays closed (NOT_CALIBRATED)", exc)
         self.rt.status_fields = self._status
 
     def _status(self) -> dict[str, Any]:
@@ -88,7 +79,14 @@ class Controller:
             "pulses_received": self.pulse_counters.received,
             "rejected": self.emg_counters.rejected + self.pulse_counters.rejected,
             "gap_samples": self.estimator.gap_samples if self.estimator else 0,
-            "blanked_samples": self.estimator.blanker.blanked_samples if self.estimator else 0,
+            "blanked_samples": self.estimator.blanker.blanked_samples if self.estimator and self.estimator.blanker else 0,
+            "artifacts_detected": self.estimator.artifacts_detected if self.estimator else 0,
+            "contaminated": [self.config.muscles[i].name for i in np.flatnonzero(self.estimator.contaminated)]
+            if self.estimator
+            else [],
+            "events": dict(self.event_counts),
+            "calibration": self.config.controller.calibration_file or "config",
+            "calibration_error": self.calibration_error,
         }
 
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
@@ -98,15 +96,24 @@ class Controller:
             self.emg_counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles need {needed}"
             return
         if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
-            self.estimator = EmgEstimator(self.config, chunk.sampling_rate_hz, chunk.data.shape[1])
+            self.estimator = EmgEstimator(
+                self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration
+            )
         if not self.estimator.process(chunk):
             self.gap_until_s = now_s + self.config.controller.stale_ms * 1e-3
+        for event in self.estimator.events:
+            self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
+            if event.kind.startswith("contamination"):
+                self.rt.log.warning("%s %s at %.3f s", event.channel, event.kind, event.time_s)
+        self.estimator.events.clear()
         self.last_emg_rx_s = now_s
         self.newest_emg_time_s = chunk.arrival_time_s
 
     def compute(self, now_s: float) -> protocol.Command:
         """Intensities and gates from the newest activation and EMG freshness."""
-        if self.last_emg_rx_s is None or self.estimator is None:
+        if self.config.controller.calibration_file and self.calibration is None:
+            reason = GateReason.NOT_CALIBRATED
+        elif self.last_emg_rx_s is None or self.estimator is None:
             reason = GateReason.NO_EMG
         elif now_s - self.last_emg_rx_s > self.config.controller.stale_ms * 1e-3:
             reason = GateReason.STALE_EMG
@@ -116,11 +123,13 @@ class Controller:
             reason = GateReason.OPEN
         self.gate_reason[:] = reason
         if reason == GateReason.OPEN:
-            activation = self.estimator.activation
-            for i, channel in enumerate(self.config.stimulation):
+            self.estimator.gate_reasons(self.gate_reason)
+        activation = self.estimator.activation if self.estimator is not None else None
+        for i, channel in enumerate(self.config.stimulation):
+            if self.gate_reason[i] == GateReason.OPEN:
                 self.intensity[i] = proportional(float(activation[self._muscle_of_channel[i]]), channel.law)
-        else:
-            self.intensity[:] = 0.0
+            else:
+                self.intensity[i] = 0.0
         return protocol.Command(
             self.newest_emg_time_s, self.intensity, self.gate_reason == GateReason.OPEN, self.gate_reason
         )
@@ -138,7 +147,7 @@ class Controller:
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
                         if self.estimator is not None:
-                            self.estimator.blanker.add_pulses(message.body.time_s)
+                            self.estimator.add_pulses(message.body.time_s, message.body.channel)
                 if self.emg_sub in ready:
                     for message in drain(self.emg_sub, self.emg_counters):
                         self.on_emg(message.body, rt.clock.now())

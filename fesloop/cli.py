@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("config", type=Path)
     control.add_argument("process", choices=PROCESSES)
     control.add_argument("request", choices=CONTROL_COMMANDS)
+    from fesloop import calibrate_cli, replay_cli
+
+    replay = sub.add_parser("replay", help="run a recording through the controller's estimator offline")
+    replay.add_argument("config", type=Path)
+    replay_cli.add_arguments(replay)
+    calibrate = sub.add_parser("calibrate", help="guided rest and MVC trials; writes the calibration file")
+    calibrate.add_argument("config", type=Path)
+    calibrate_cli.add_arguments(calibrate)
     return parser
 
 
@@ -64,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
         print(json.dumps(reply, indent=2))
         return 0 if reply.get("ok") else 1
+    if args.command == "replay":
+        from fesloop.replay_cli import main as run_replay
+
+        return run_replay(config, args)
+    if args.command == "calibrate":
+        from fesloop.calibrate_cli import main as run_calibrate
+
+        return run_calibrate(config, args)
     if args.command == "acquisition":
         from acquisition.loop import main as run_process
     elif args.command == "controller":

@@ -105,6 +105,7 @@ class Muscle:
     emg_channel: int = bounded(lo=0, hi=1023)
     rest_uv: float = bounded(lo=0.0, unit="uV")
     mvc_uv: float = bounded(lo=0.0, unit="uV")
+    rest_sd_uv: float = bounded(0.0, 0.0, 1e6, "uV (envelope SD at rest; needed by onset mode rest_sd)")
 
     def check(self) -> None:
         if self.mvc_uv <= self.rest_uv:
@@ -122,6 +123,7 @@ class FilterConfig:
     bandpass_hz: tuple[float, float] = bounded((20.0, 450.0), 1.0, 5000.0, "Hz")
     order: int = bounded(4, 1, 8)
     envelope_lowpass_hz: float = bounded(6.0, 0.5, 50.0, "Hz")
+    tkeo: bool = False  # envelope of sqrt|TKEO| instead of |x|: sharper onsets, same units (uV)
 
     def check(self) -> None:
         low, high = self.bandpass_hz
@@ -135,6 +137,46 @@ class BlankingConfig:
 
     pre_ms: float = bounded(1.0, 0.0, 20.0, "ms")
     post_ms: float = bounded(20.0, 0.0, 100.0, "ms")
+    # Window sources, combinable: delivered pulses, a sync channel of the board, the signal itself.
+    from_pulses: bool = True
+    sync_channel: int = bounded(-1, -1, 1023, "EMG column of a sync/trigger channel (-1 = none)")
+    sync_threshold: float = bounded(0.5, -1e9, 1e9, "board units; a rising crossing is a pulse")
+    detect: bool = False
+    detect_slope_uv_per_ms: float = bounded(2500.0, 1.0, 1e9, "uV/ms between consecutive samples")
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """Removal of the stimulus-locked response (M-wave) that blanking leaves, per pulse window."""
+
+    method: Literal["none", "comb", "adaptive"] = "none"
+    window_ms: float = bounded(30.0, 1.0, 1000.0, "ms after each pulse")
+    taps: int = bounded(4, 1, 32, "previous responses (adaptive)")
+    step: float = bounded(0.2, 0.0, 1.0, "NLMS step size (adaptive)")
+
+
+@dataclass(frozen=True)
+class ContaminationConfig:
+    """Untrustworthy EMG closes the gates of dependent channels; 0 switches a test off."""
+
+    rail_uv: float = bounded(0.0, 0.0, 1e9, "uV (amplifier rail, 0 = off)")
+    rail_fraction: float = bounded(0.98, 0.5, 1.0)
+    flat_uv: float = bounded(0.0, 0.0, 1e6, "uV sample-to-sample change counted as flat (0 = off)")
+    flat_ms: float = bounded(50.0, 1.0, 10000.0, "ms")
+    motion_uv: float = bounded(0.0, 0.0, 1e9, "uV in the 1-20 Hz band (0 = off)")
+    holdoff_ms: float = bounded(500.0, 0.0, 60000.0, "ms")
+
+
+@dataclass(frozen=True)
+class OnsetConfig:
+    """Onset/offset of each muscle from its envelope, with hysteresis and minimum durations."""
+
+    mode: Literal["rest_sd", "mvc_fraction"] = "mvc_fraction"
+    k_sd: float = bounded(3.0, 0.0, 100.0, "SD of the envelope at rest above rest (rest_sd)")
+    mvc_fraction: float = bounded(0.1, 0.0, 1.0, "of MVC above rest (mvc_fraction)")
+    off_ratio: float = bounded(0.7, 0.0, 1.0, "offset threshold as a share of the onset threshold above rest")
+    min_on_ms: float = bounded(50.0, 0.0, 10000.0, "ms")
+    min_off_ms: float = bounded(100.0, 0.0, 10000.0, "ms")
 
 
 @dataclass(frozen=True)
@@ -143,6 +185,11 @@ class ControllerConfig:
     stale_ms: float = bounded(100.0, 10.0, 5000.0, "ms")
     filters: FilterConfig = field(default_factory=FilterConfig)
     blanking: BlankingConfig = field(default_factory=BlankingConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
+    onset: OnsetConfig = field(default_factory=OnsetConfig)
+    # Written by `fesloop calibrate`; when set, its rest/MVC levels replace the muscles' own.
+    calibration_file: str = ""
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,12 @@ def test_envelope_ignores_blanked_artifacts() -> None:
     pulse_idx = np.arange(100, n, 66)  # ~30 Hz
     for i in pulse_idx:
         with_artifacts[i : i + 6, 0] += 5000.0 * np.exp(-np.arange(6) / 2.0)
-    valid = np.ones((n, 1), dtype=bool)
+    valid = np.ones(n, dtype=bool)
     for i in pulse_idx:
         valid[i - 2 : i + 40] = False
     clean = EnvelopeEstimator(FS_HZ, 1, FilterConfig()).process(emg, valid)
     blanked = EnvelopeEstimator(FS_HZ, 1, FilterConfig()).process(with_artifacts, valid)
-    unblanked = EnvelopeEstimator(FS_HZ, 1, FilterConfig()).process(with_artifacts, np.ones_like(valid))
+    unblanked = EnvelopeEstimator(FS_HZ, 1, FilterConfig()).process(with_artifacts, np.ones(n, dtype=bool))
     steady = slice(1000, None)
     np.testing.assert_allclose(blanked[steady], clean[steady], rtol=1e-9)  # artifacts never reach it
     assert unblanked[steady].mean() > 5 * clean[steady].mean()  # ... and they would have
@@ -101,7 +101,7 @@ def test_envelope_tracks_amplitude_of_band_limited_noise() -> None:
     sos = signal.butter(4, [30, 300], "bandpass", fs=FS_HZ, output="sos")
     x = signal.sosfilt(sos, rng.normal(size=(8000, 1)), axis=0)
     x *= 100.0 / x.std()  # 100 uV rms
-    env = EnvelopeEstimator(FS_HZ, 1, FilterConfig()).process(x, np.ones_like(x, dtype=bool))
+    env = EnvelopeEstimator(FS_HZ, 1, FilterConfig()).process(x, np.ones(len(x), dtype=bool))
     # Rectified mean of Gaussian noise is rms * sqrt(2/pi); the band filter passes most of it.
     assert env[4000:].mean() == pytest.approx(100.0 * np.sqrt(2 / np.pi), rel=0.15)
 

@@ -1,0 +1,181 @@
+"""EMG chunk in, activation, gate reasons and events out: the one code path of live and replay.
+
+Pure (no I/O): the live controller and ``fesloop replay`` both feed chunks to
+:class:`EmgEstimator` and read what it leaves. Per chunk: artifact windows (delivered
+pulses, a sync channel, detection in the signal), hold across them, band filters,
+optional pulse-locked residual removal, envelope over valid samples, contamination,
+onset/offset, normalization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.artifacts import ArtifactFinder
+from controller.blanking import Blanker
+from controller.calibration import Calibration
+from controller.contamination import ContaminationDetector
+from controller.dsp import EnvelopeEstimator, normalize
+from controller.onset import OnsetDetector
+from controller.residual import ResponseCanceller
+from fesloop import protocol
+from fesloop.config import Config, ControllerConfig
+from fesloop.protocol import GateReason
+
+ONSET_TICK_S = 1e-3  # onset/offset are examined (and dated) to the millisecond
+ALL_CHANNELS = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something found in the EMG: ``kind`` is onset, offset, contamination_start/_end or artifact."""
+
+    time_s: float
+    channel: str  # a muscle name, or ALL_CHANNELS for artifacts
+    kind: str
+
+
+class EmgEstimator:
+    """Everything between an EMG chunk and an activation per muscle (no I/O)."""
+
+    def __init__(
+        self, config: Config, fs_hz: float, n_channels: int, calibration: Calibration | None = None
+    ) -> None:
+        cc = config.controller
+        self.fs_hz = fs_hz
+        self.n_channels = n_channels
+        self.names = [m.name for m in config.muscles]
+        self._channels = np.array([m.emg_channel for m in config.muscles])
+        levels = [calibration.muscle(m.name) if calibration else m for m in config.muscles]
+        self.rest_uv = np.array([m.rest_uv for m in levels])
+        self.mvc_uv = np.array([m.mvc_uv for m in levels])
+        rest_sd_uv = np.array([m.rest_sd_uv for m in levels])
+        n_muscles = len(self.names)
+        blanking = cc.blanking
+        pre_s, post_s = blanking.pre_ms * 1e-3, blanking.post_ms * 1e-3
+        self.blanker = Blanker(pre_s, post_s) if blanking.from_pulses else None
+        self._sync_channel = blanking.sync_channel if blanking.sync_channel >= 0 else None
+        self.finder = (
+            ArtifactFinder(
+                n_muscles, fs_hz, pre_s, post_s,
+                blanking.detect_slope_uv_per_ms if blanking.detect else None,
+                blanking.sync_threshold if self._sync_channel is not None else None,
+            )
+            if blanking.detect or self._sync_channel is not None
+            else None
+        )
+        self.envelope = EnvelopeEstimator(fs_hz, n_muscles, cc.filters)
+        residual = cc.residual
+        self.cancellers = (
+            [
+                ResponseCanceller(int(round(residual.window_ms * 1e-3 * fs_hz)), residual.method, residual.taps, residual.step)
+                for _ in range(n_muscles)
+            ]
+            if residual.method != "none"
+            else []
+        )
+        self._muscle_of_device = {s.device_channel: config.muscle_index(s.muscle) for s in config.stimulation}
+        self.stim_muscle = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
+        self.contamination = ContaminationDetector(fs_hz, n_muscles, cc.contamination)
+        self.onset = OnsetDetector(*self._onset_thresholds(cc, rest_sd_uv), *self._onset_timing(cc, fs_hz))
+        self._pending_pulses: list[tuple[np.ndarray, np.ndarray]] = []
+        self._was_contaminated = np.zeros(n_muscles, dtype=bool)
+        self.activation = np.zeros(n_muscles)
+        self.envelope_uv = np.zeros((0, n_muscles))  # the last block's envelope, aligned with its samples
+        self.delay = self.finder.delay if self.finder is not None else 0
+        self.events: list[Event] = []
+        self.artifacts_detected = 0
+        self.next_index: int | None = None
+        self.gap_samples = 0
+
+    def _onset_thresholds(self, cc: ControllerConfig, rest_sd_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        onset = cc.onset
+        if onset.mode == "rest_sd":  # without a rest SD (not calibrated yet) no onset is declared
+            on_uv = np.where(rest_sd_uv > 0, self.rest_uv + onset.k_sd * rest_sd_uv, np.inf)
+        else:
+            on_uv = self.rest_uv + onset.mvc_fraction * (self.mvc_uv - self.rest_uv)
+        off_uv = np.where(np.isfinite(on_uv), self.rest_uv + onset.off_ratio * (on_uv - self.rest_uv), np.inf)
+        return on_uv, off_uv
+
+    @staticmethod
+    def _onset_timing(cc: ControllerConfig, fs_hz: float) -> tuple[int, int, int]:
+        tick = max(int(round(ONSET_TICK_S * fs_hz)), 1)
+        return tick, int(round(cc.onset.min_on_ms * 1e-3 * fs_hz)), int(round(cc.onset.min_off_ms * 1e-3 * fs_hz))
+
+    @property
+    def contaminated(self) -> np.ndarray:
+        """Per muscle: is its EMG contaminated now (hold-off included)?"""
+        return self.contamination.contaminated
+
+    def add_pulses(self, time_s: np.ndarray, device_channel: np.ndarray) -> None:
+        """Delivered pulses: blank every channel around them; lock residual removal to them."""
+        if self.blanker is not None:
+            self.blanker.add_pulses(time_s)
+        if self.cancellers:
+            self._pending_pulses.append((np.asarray(time_s, dtype=np.float64), np.asarray(device_channel)))
+
+    def gate_reasons(self, out: np.ndarray) -> None:
+        """Per stimulation channel: CONTAMINATED where its muscle's EMG is, else OPEN."""
+        out[:] = np.where(self.contaminated[self.stim_muscle], GateReason.CONTAMINATED, GateReason.OPEN)
+
+    def process(self, chunk: protocol.EmgChunk) -> bool:
+        """Update the activation; False when the chunk follows a gap (samples lost)."""
+        contiguous = self.next_index is None or chunk.first_sample_index == self.next_index
+        if not contiguous:
+            self.gap_samples += max(chunk.first_sample_index - (self.next_index or 0), 0)
+        n = chunk.data.shape[0]
+        first = chunk.first_sample_index
+        self.next_index = first + n
+        raw_uv = chunk.data[:, self._channels].astype(np.float64)
+
+        def time_of(index: int) -> float:
+            return chunk.first_sample_time_s + (index - first) / self.fs_hz
+
+        self._lock_pending_pulses(chunk)
+        if self.finder is not None:
+            sync = chunk.data[:, self._sync_channel] if self._sync_channel is not None else None
+            raw_uv, valid, new_artifacts = self.finder.process(raw_uv, first, sync)
+            first -= self.finder.delay
+            self.artifacts_detected += len(new_artifacts)
+            for index in new_artifacts:
+                self.events.append(Event(time_of(int(index)), ALL_CHANNELS, "artifact"))
+                for canceller in self.cancellers:
+                    canceller.add_pulse(int(index))
+        else:
+            valid = np.ones(n, dtype=bool)
+        if self.blanker is not None:
+            valid &= self.blanker.valid_mask(time_of(first), self.fs_hz, n)
+        held_uv = self.envelope.hold(raw_uv, valid)
+        filtered_uv = self.envelope.band(held_uv)
+        for j, canceller in enumerate(self.cancellers):
+            filtered_uv[:, j] = canceller.process(filtered_uv[:, j], first)
+        envelope_uv = self.envelope.envelope(filtered_uv, valid)
+        self.envelope_uv = envelope_uv
+        if self.contamination.enabled:
+            self._contamination_events(self.contamination.process(raw_uv, held_uv, first), first, time_of)
+        for index, muscle, is_onset in self.onset.process(envelope_uv, first):
+            self.events.append(Event(time_of(index), self.names[muscle], "onset" if is_onset else "offset"))
+        if n:
+            self.activation = normalize(envelope_uv[-1], self.rest_uv, self.mvc_uv)
+        return contiguous
+
+    def _lock_pending_pulses(self, chunk: protocol.EmgChunk) -> None:
+        """Give the cancellers the pulses of their own muscle, as absolute sample indices."""
+        for time_s, device_channel in self._pending_pulses:
+            indices = chunk.first_sample_index + np.round((time_s - chunk.first_sample_time_s) * self.fs_hz)
+            for index, channel in zip(indices.astype(int), device_channel):
+                muscle = self._muscle_of_device.get(int(channel))
+                if muscle is not None:
+                    self.cancellers[muscle].add_pulse(int(index))
+        self._pending_pulses.clear()
+
+    def _contamination_events(self, flags: np.ndarray, first: int, time_of: Callable[[int], float]) -> None:
+        previous = np.vstack((self._was_contaminated[np.newaxis], flags[:-1]))
+        for local, muscle in zip(*np.nonzero(flags != previous)):
+            kind = "contamination_start" if flags[local, muscle] else "contamination_end"
+            self.events.append(Event(time_of(first + int(local)), self.names[muscle], kind))
+        if len(flags):
+            self._was_contaminated[:] = flags[-1]

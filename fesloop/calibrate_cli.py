@@ -1,0 +1,154 @@
+"""``fesloop calibrate``: guided rest and MVC trials on live EMG; writes the calibration file.
+
+Subscribes to a running acquisition's ``emg`` topic and runs the controller's own
+estimator on it, so the levels are measured exactly as the controller will see them.
+Phases are timed on the EMG's own sample clock from the first chunk received: a
+countdown, rest, then for each muscle ``--trials`` maximal contractions. A
+calibration whose MVC is not clearly above rest is refused and nothing is written;
+a good one replaces the file atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from controller.calibration import Calibration, CalibrationError, muscle_calibration
+from controller.estimator import EmgEstimator
+from fesloop import protocol
+from fesloop.config import Config
+from fesloop.sockets import StreamCounters, drain, subscriber
+
+DEFAULT_OUT = "calibration.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="calibration file (default: controller.calibration_file, else calibration.json)")
+    parser.add_argument("--rest-s", type=float, default=5.0, help="rest duration (s)")
+    parser.add_argument("--trials", type=int, default=3, help="MVC trials per muscle")
+    parser.add_argument("--trial-s", type=float, default=3.0, help="duration of each MVC trial (s)")
+    parser.add_argument("--pause-s", type=float, default=5.0, help="countdown before each phase (s)")
+    parser.add_argument("--timeout-s", type=float, default=10.0, help="give up when no EMG arrives for this long")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One recorded phase, [start_s, stop_s) on the EMG clock from the first sample."""
+
+    label: str
+    muscle: int | None  # None: rest (all muscles)
+    start_s: float
+    stop_s: float
+
+
+def schedule(n_muscles: int, rest_s: float, trials: int, trial_s: float, pause_s: float) -> list[Phase]:
+    phases = [Phase("REST: relax every muscle", None, pause_s, pause_s + rest_s)]
+    t = pause_s + rest_s
+    for muscle in range(n_muscles):
+        for trial in range(trials):
+            phases.append(Phase(f"MVC {trial + 1}/{trials}", muscle, t + pause_s, t + pause_s + trial_s))
+            t += pause_s + trial_s
+    return phases
+
+
+def record(config: Config, phases: list[Phase], timeout_s: float) -> tuple[list[list[np.ndarray]], float]:
+    """Envelope samples per phase (one (n, n_muscles) array per chunk) and the sampling rate."""
+    ctx = zmq.Context()
+    sock = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], hwm=10000)
+    counters = StreamCounters()
+    collected: list[list[np.ndarray]] = [[] for _ in phases]
+    estimator: EmgEstimator | None = None
+    t0_s: float | None = None
+    announced: set[tuple[int, int]] = set()
+    names = [m.name for m in config.muscles]
+    try:
+        while True:
+            if not sock.poll(int(timeout_s * 1000)):
+                raise CalibrationError(f"no EMG from {config.endpoints.emg} for {timeout_s:g} s (is acquisition running?)")
+            for message in drain(sock, counters):
+                chunk = message.body
+                if estimator is None:
+                    estimator = EmgEstimator(config, chunk.sampling_rate_hz, chunk.data.shape[1])
+                    t0_s = chunk.first_sample_time_s
+                    print(f"EMG: {chunk.data.shape[1]} channels at {chunk.sampling_rate_hz:g} Hz", flush=True)
+                if not estimator.process(chunk):
+                    raise CalibrationError("EMG samples were lost during calibration; repeat it")
+                n = len(estimator.envelope_uv)
+                times_s = chunk.first_sample_time_s - t0_s + (np.arange(n) - estimator.delay) / estimator.fs_hz
+                for i, phase in enumerate(phases):
+                    inside = (times_s >= phase.start_s) & (times_s < phase.stop_s)
+                    if inside.any():
+                        collected[i].append(estimator.envelope_uv[inside].copy())
+                now_s = times_s[-1] if n else 0.0
+                _announce(phases, names, now_s, announced)
+                if now_s >= phases[-1].stop_s:
+                    print("done", flush=True)
+                    return collected, estimator.fs_hz
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _announce(phases: list[Phase], names: list[str], now_s: float, announced: set[tuple[int, int]]) -> None:
+    """Countdown in whole seconds before each phase, then GO and STOP."""
+    for i, phase in enumerate(phases):
+        who = "" if phase.muscle is None else f" {names[phase.muscle]}: contract as hard as you can"
+        remaining = int(np.ceil(phase.start_s - now_s))
+        if 0 < remaining <= 3 and (i, remaining) not in announced:
+            announced.add((i, remaining))
+            print(f"{phase.label}{who} in {remaining}...", flush=True)
+        if phase.start_s <= now_s and (i, 0) not in announced:
+            announced.add((i, 0))
+            print(f"GO: {phase.label}{who} for {phase.stop_s - phase.start_s:g} s", flush=True)
+        if phase.stop_s <= now_s and (i, -1) not in announced:
+            announced.add((i, -1))
+            print("STOP, relax", flush=True)
+
+
+def compute(config: Config, config_path: str, phases: list[Phase], collected: list[list[np.ndarray]], fs_hz: float) -> Calibration:
+    joined = [np.vstack(c) if c else np.zeros((0, len(config.muscles))) for c in collected]
+    muscles = []
+    for m, muscle in enumerate(config.muscles):
+        rest = joined[0][:, m]
+        trials = [joined[i][:, m] for i, p in enumerate(phases) if p.muscle == m and len(joined[i])]
+        if not len(rest) or not trials:
+            raise CalibrationError(f"{muscle.name}: no EMG recorded in its rest or MVC phases")
+        muscles.append(muscle_calibration(muscle.name, rest, trials, fs_hz))
+    return Calibration(
+        config.name, config_path, datetime.now(timezone.utc).isoformat(timespec="seconds"), fs_hz, tuple(muscles)
+    )
+
+
+def write_atomically(path: Path, calibration: Calibration) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def main(config: Config, args: argparse.Namespace) -> int:
+    """Entry of ``fesloop calibrate``; returns the exit code (1 when refused)."""
+    out = args.out or Path(config.controller.calibration_file or DEFAULT_OUT)
+    if min(args.rest_s, args.trial_s) <= 0 or args.pause_s < 0 or args.trials < 1:
+        sys.exit("fesloop calibrate: --rest-s and --trial-s must be positive, --pause-s >= 0, --trials >= 1")
+    phases = schedule(len(config.muscles), args.rest_s, args.trials, args.trial_s, args.pause_s)
+    try:
+        collected, fs_hz = record(config, phases, args.timeout_s)
+        calibration = compute(config, str(args.config), phases, collected, fs_hz)
+    except CalibrationError as exc:
+        print(f"fesloop calibrate: refused, nothing written: {exc}", file=sys.stderr)
+        return 1
+    write_atomically(out, calibration)
+    for m in calibration.muscles:
+        print(
+            f"{m.name}: rest {m.rest_uv:.3g} uV (SD {m.rest_sd_uv:.3g}), MVC {m.mvc_uv:.3g} uV; "
+            f"suggested onset: {m.onset_rest_3sd_uv:.3g} uV (rest + 3 SD) or {m.onset_10pct_mvc_uv:.3g} uV (10 % MVC)"
+        )
+    print(f"wrote {out}")
+    return 0
