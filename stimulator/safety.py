@@ -176,8 +176,14 @@ class SafetyKernel:
             self._enter(StimState.FAULT, reason)
 
     def reset(self) -> None:
-        """Back to DISARMED with zero output; forgets the last command, so arming needs a fresh one."""
+        """Back to DISARMED with zero output; forgets the last command, so arming needs a fresh one.
+
+        The sequence number is forgotten too, so a restarted controller (counting from 1
+        again) can be armed after a reset. A backlog replayed after the reset cannot
+        stimulate: the state is DISARMED, and its EMG is too old to open a gate.
+        """
         self._latest = None
+        self.last_seq = -1
         self.fault_reason = ""
         if self.state is not StimState.DISARMED:
             self._enter(StimState.DISARMED, "reset")

@@ -217,6 +217,22 @@ def test_reset_after_fault_needs_a_fresh_command_to_arm() -> None:
     assert loop.kernel.update(loop.now_s).tolist() == [0.0, 0.0]
 
 
+def test_reset_accepts_a_restarted_controller_but_a_replayed_backlog_cannot_stimulate() -> None:
+    loop = Loop()
+    loop.armed_at_full()
+    stale_emg_s = loop.now_s
+    loop.tick(0.3)  # controller frozen for longer than max_emg_age_ms: FAULT
+    loop.kernel.reset()
+    # A backlog from before the freeze, replayed after reset: accepted (sequence forgotten),
+    # but its EMG is too old, so every gate is closed.
+    assert loop.kernel.accept(loop.seq, command([1.0, 1.0], emg_time_s=stale_emg_s), loop.now_s)
+    loop.kernel.arm(loop.now_s)
+    assert loop.tick(0.05).tolist() == [0.0, 0.0]
+    # A restarted controller counts from 1 again and is followed.
+    assert loop.kernel.accept(1, command([1.0, 1.0], now_s=loop.now_s), loop.now_s)
+    assert loop.tick(0.01).tolist() == pytest.approx([0.8, 0.6])
+
+
 def test_disarm_zeroes_at_once() -> None:
     loop = Loop()
     loop.armed_at_full()
@@ -470,7 +486,7 @@ def test_output_invariants_hold_for_any_command_stream(
             state = state if state == "STOPPED" else "FAULT"
         elif step.action == "reset":
             kernel.reset()
-            state, latest = "DISARMED", None
+            state, latest, last_seq = "DISARMED", None, -1
         assert kernel.state.value == state
         assert kernel.accepted + kernel.rejected == n_commands
         if state != "ARMED":
