@@ -217,20 +217,26 @@ def test_reset_after_fault_needs_a_fresh_command_to_arm() -> None:
     assert loop.kernel.update(loop.now_s).tolist() == [0.0, 0.0]
 
 
-def test_reset_accepts_a_restarted_controller_but_a_replayed_backlog_cannot_stimulate() -> None:
+def test_reset_accepts_a_restarted_controller_counting_from_one() -> None:
+    loop = Loop()
+    loop.armed_at_full()
+    loop.tick(0.2)  # controller gone: FAULT
+    loop.kernel.reset()
+    assert loop.kernel.accept(1, command([1.0, 1.0], now_s=loop.now_s), loop.now_s)
+    loop.kernel.arm(loop.now_s)
+    assert loop.tick(0.01, [1.0, 1.0]).tolist() == pytest.approx([0.8, 0.6])
+
+
+def test_a_backlog_replayed_after_reset_cannot_stimulate() -> None:
     loop = Loop()
     loop.armed_at_full()
     stale_emg_s = loop.now_s
     loop.tick(0.3)  # controller frozen for longer than max_emg_age_ms: FAULT
     loop.kernel.reset()
-    # A backlog from before the freeze, replayed after reset: accepted (sequence forgotten),
-    # but its EMG is too old, so every gate is closed.
+    # Accepted (the sequence was forgotten) but its EMG is too old: every gate closed.
     assert loop.kernel.accept(loop.seq, command([1.0, 1.0], emg_time_s=stale_emg_s), loop.now_s)
     loop.kernel.arm(loop.now_s)
     assert loop.tick(0.05).tolist() == [0.0, 0.0]
-    # A restarted controller counts from 1 again and is followed.
-    assert loop.kernel.accept(1, command([1.0, 1.0], now_s=loop.now_s), loop.now_s)
-    assert loop.tick(0.01).tolist() == pytest.approx([0.8, 0.6])
 
 
 def test_disarm_zeroes_at_once() -> None:
