@@ -49,10 +49,16 @@ class LatencyWindow:
     def summary_ms(self) -> dict[str, float | None]:
         n = min(self._count, len(self._values))
         if n == 0:
-            return {"p50": None, "p99": None, "max": None, "n": 0}
+            return {"p50": None, "p99": None, "p99.9": None, "max": None, "n": 0}
         values = self._values[:n] * 1e3
-        p50, p99 = np.percentile(values, [50, 99])
-        return {"p50": round(float(p50), 3), "p99": round(float(p99), 3), "max": round(float(values.max()), 3), "n": n}
+        p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
+        return {
+            "p50": round(float(p50), 3),
+            "p99": round(float(p99), 3),
+            "p99.9": round(float(p999), 3),
+            "max": round(float(values.max()), 3),
+            "n": n,
+        }
 
 
 class Pacer:
