@@ -1,13 +1,22 @@
 """The acquisition process: read the source on absolute deadlines, publish ``emg``.
 
-Publishes on ``endpoints.emg``: ``emg`` chunks (uV, shared clock, arrival time),
+Publishes on ``endpoints.emg``: ``emg`` chunks (uV, shared clock, arrival time;
+the first sample index jumps over lost samples, which are never filled),
 ``truth`` (simulated patient's voluntary drive), ``status`` (5 Hz heartbeat with
-FAULT "EMG stale" as soon as the source stalls). Listens to ``pulses`` so the
-simulated patient can answer them. Pushes raw EMG to an LSL outlet.
+gap counts and the recent gaps, and FAULT "EMG stale" published at once when the
+source stalls). Listens to ``pulses`` so the simulated patient can answer them.
+Pushes raw EMG to an LSL outlet.
+
+Recovery policy: once the source has been stale for ``recover_after_ms`` it is
+closed and opened again (BrainFlow: release and prepare the session; LSL: resolve
+the stream again), then again after 2x, 4x ... that interval, capped at
+``recover_backoff_max_s``, until samples flow. Every attempt and its outcome is
+logged and counted in status.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import zmq
@@ -16,13 +25,46 @@ from acquisition.sources import Block, Source, SourceError, open_source
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import configure_machine_scope, make_outlet
-from fesloop.runtime import Pacer, ProcessRuntime
+from fesloop.runtime import LatencyWindow, Pacer, ProcessRuntime
 from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
+
+RECENT_GAPS = 8
+GAP_LOG_PERIOD_S = 5.0
+
+
+class Recovery:
+    """When to reopen a stalled source: after ``first_s`` stale, then doubling up to ``max_s``."""
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.attempts = 0  # in the current stall
+        self.total_attempts = 0
+        self.next_s = float("inf")
+
+    def stalled(self, since_s: float) -> None:
+        self.attempts = 0
+        self.next_s = since_s + self.first_s
+
+    def due(self, now_s: float) -> bool:
+        return now_s >= self.next_s
+
+    def attempted(self, now_s: float) -> float:
+        """Count an attempt; returns the wait before the next one."""
+        self.attempts += 1
+        self.total_attempts += 1
+        wait_s = min(self.first_s * 2 ** self.attempts, self.max_s)
+        self.next_s = now_s + wait_s
+        return wait_s
+
+    def recovered(self) -> None:
+        self.next_s = float("inf")
 
 
 class Acquisition:
     def __init__(self, config: Config, source: Source | None = None) -> None:
         self.config = config
+        acq = config.acquisition
         self.rt = ProcessRuntime("acquisition", config.endpoints.acquisition_control)
         self.source = source or open_source(config)
         self.pub = publisher(self.rt.ctx, config.endpoints.emg)
@@ -32,10 +74,19 @@ class Acquisition:
         self.truth_seq = Sequencer()
         self.samples_sent = 0
         self.lost_samples = 0
+        self.gaps = 0
+        self.recent_gaps: deque[dict[str, Any]] = deque(maxlen=RECENT_GAPS)
+        self.chunk_age = LatencyWindow()
         self.state = "STARTING"
         self.fault_reason = ""
+        self.source_error = ""
+        self.stale_since_s = 0.0
         self.last_data_s = 0.0
+        self.recovery = Recovery(acq.recover_after_ms * 1e-3, acq.recover_backoff_max_s)
+        self.pacer: Pacer | None = None
         self.outlet = None
+        self._gaps_logged = (0, 0)
+        self._gap_log_s = 0.0
         self.rt.status_fields = self._status
 
     def _status(self) -> dict[str, Any]:
@@ -44,10 +95,17 @@ class Acquisition:
             "state": self.state,
             "fault_reason": self.fault_reason,
             "source": self.source.source_id,
+            "source_error": self.source_error,
             "sampling_rate_hz": self.source.sampling_rate_hz,
             "n_channels": self.source.n_channels,
             "samples_sent": self.samples_sent,
             "lost_samples": self.lost_samples,
+            "gaps": self.gaps,
+            "recent_gaps": list(self.recent_gaps),
+            "duplicate_samples": self.source.duplicate_samples,
+            "recovery_attempts": self.recovery.total_attempts,
+            "chunk_age_ms": self.chunk_age.summary_ms(),
+            "overruns": self.pacer.overruns if self.pacer else 0,
             "pulses_received": self.pulse_counters.received,
             "rejected": self.pulse_counters.rejected,
         }
@@ -70,30 +128,92 @@ class Acquisition:
         )
 
     def _publish(self, block: Block, now_s: float) -> None:
-        chunk = protocol.EmgChunk(
-            block.first_sample_index, block.first_sample_time_s, now_s, self.source.sampling_rate_hz, block.emg_uv
-        )
+        fs_hz = self.source.sampling_rate_hz
+        chunk = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, now_s, fs_hz, block.emg_uv)
         self.pub.send_multipart(protocol.encode(self.emg_seq.next(), now_s, chunk))
         if block.truth is not None:
-            truth = protocol.EmgChunk(
-                block.first_sample_index, block.first_sample_time_s, now_s, self.source.sampling_rate_hz, block.truth
-            )
+            truth = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, now_s, fs_hz, block.truth)
             self.pub.send_multipart(protocol.encode(self.truth_seq.next(), now_s, truth, protocol.Kind.TRUTH))
-        self.samples_sent += len(block.emg_uv)
-        self.lost_samples += block.lost_samples
+        n = len(block.emg_uv)
+        self.samples_sent += n
+        last_time_s = block.first_sample_time_s + (n - 1) / fs_hz
+        self.chunk_age.add(now_s - last_time_s)
+        if block.lost_samples:
+            self._count_gap(block)
         if self.outlet is not None:
-            last_time_s = block.first_sample_time_s + (len(block.emg_uv) - 1) / self.source.sampling_rate_hz
             self.outlet.push_chunk(block.emg_uv, last_time_s)
+
+    def _count_gap(self, block: Block) -> None:
+        self.gaps += 1
+        self.lost_samples += block.lost_samples
+        self.recent_gaps.append(
+            {
+                "first_missing_index": block.first_sample_index - block.lost_samples,
+                "size_samples": block.lost_samples,
+                "resumed_at_s": round(block.first_sample_time_s, 6),
+            }
+        )
+
+    def _log_gaps(self, now_s: float) -> None:
+        """Lost samples are logged as they come, at most one line per GAP_LOG_PERIOD_S."""
+        gaps, lost = self._gaps_logged
+        if self.gaps == gaps or now_s < self._gap_log_s + GAP_LOG_PERIOD_S:
+            return
+        last = self.recent_gaps[-1]
+        self.rt.log.warning(
+            "%d gaps, %d samples lost since the last report (latest: %d samples before sample %d)",
+            self.gaps - gaps, self.lost_samples - lost, last["size_samples"],
+            last["first_missing_index"] + last["size_samples"],
+        )
+        self._gaps_logged = (self.gaps, self.lost_samples)
+        self._gap_log_s = now_s
+
+    def _read(self, now_s: float) -> list[Block]:
+        try:
+            blocks = self.source.read(now_s)
+        except SourceError as exc:
+            if str(exc) != self.source_error:
+                self.rt.log.error("%s", exc)
+            self.source_error = str(exc)
+            return []
+        return blocks
+
+    def _publish_status_now(self, now_s: float) -> None:
+        self.pub.send_multipart(protocol.encode(self.rt.status_seq.next(), now_s, protocol.Status(self.rt.status())))
 
     def _check_stale(self, now_s: float) -> None:
         stale = now_s - self.last_data_s > self.config.acquisition.stale_ms * 1e-3
         if stale and self.state == "RUNNING":
             self.state, self.fault_reason = "FAULT", "EMG stale"
+            self.stale_since_s = self.last_data_s
+            self.recovery.stalled(self.last_data_s)
             self.rt.log.error("EMG stale: no samples for %.0f ms", (now_s - self.last_data_s) * 1e3)
-            self.pub.send_multipart(protocol.encode(self.rt.status_seq.next(), now_s, protocol.Status(self.rt.status())))
+            self._publish_status_now(now_s)
         elif not stale and self.state == "FAULT":
             self.state, self.fault_reason = "RUNNING", ""
-            self.rt.log.info("EMG flowing again")
+            self.rt.log.info(
+                "EMG flowing again after %.0f ms (%d reopen attempts)",
+                (now_s - self.stale_since_s) * 1e3, self.recovery.attempts,
+            )
+            self.recovery.recovered()
+            self.source_error = ""
+            self._publish_status_now(now_s)
+        if self.state == "FAULT" and self.recovery.due(now_s):
+            self._reopen(now_s)
+
+    def _reopen(self, now_s: float) -> None:
+        wait_s = self.recovery.attempted(now_s)
+        self.rt.log.warning(
+            "EMG stale for %.0f ms: reopening the source (attempt %d; next in %.1f s if still stale)",
+            (now_s - self.stale_since_s) * 1e3, self.recovery.attempts, wait_s,
+        )
+        try:
+            self.source.restart(now_s)
+        except SourceError as exc:
+            self.source_error = str(exc)
+            self.rt.log.error("reopening failed: %s", exc)
+            return
+        self.rt.log.info("source reopened: waiting for samples")
 
     def run(self) -> int:
         rt = self.rt
@@ -101,13 +221,14 @@ class Acquisition:
             self.source.start(rt.clock.now())
         except SourceError as exc:
             rt.log.error("%s", exc)
+            self.source.stop()
             return 2
         if self.config.acquisition.lsl:
             self._open_outlet()
         now_s = rt.clock.now()
         self.last_data_s = now_s
         self.state = "RUNNING"
-        pacer = Pacer(self.config.acquisition.chunk_ms * 1e-3, now_s)
+        self.pacer = pacer = Pacer(self.config.acquisition.chunk_ms * 1e-3, now_s)
         poller = zmq.Poller()
         poller.register(rt.control.sock, zmq.POLLIN)
         poller.register(self.pulses_sub, zmq.POLLIN)
@@ -123,15 +244,18 @@ class Acquisition:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()
                 if pacer.due(now_s):
-                    block = self.source.read(now_s)
-                    if block is not None:
-                        self.last_data_s = now_s
+                    blocks = self._read(now_s)
+                    for block in blocks:
                         self._publish(block, now_s)
+                    if blocks:
+                        self.last_data_s = now_s
                     self._check_stale(now_s)
+                    self._log_gaps(now_s)
                 rt.publish_status_if_due(self.pub, now_s)
         finally:
             self.source.stop()
-            rt.log.info("stopped: %d samples sent, %d lost", self.samples_sent, self.lost_samples)
+            rt.log.info("stopped: %d samples sent, %d lost in %d gaps, %d duplicates dropped",
+                        self.samples_sent, self.lost_samples, self.gaps, self.source.duplicate_samples)
             rt.close()
         return rt.exit_code
 

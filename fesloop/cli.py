@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="guided rest and MVC trials; writes the calibration file")
     calibrate.add_argument("config", type=Path)
     calibrate_cli.add_arguments(calibrate)
+    from acquisition import convert
+
+    convert.add_arguments(sub.add_parser("convert", help="a recording (CSV/TXT/.npy/.mat) to a BrainFlow playback file"))
     return parser
 
 
@@ -51,6 +54,10 @@ def _load(path: Path) -> Config:
 def main(argv: list[str] | None = None) -> int:
     configure_machine_scope()
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        from acquisition.convert import main as run_convert
+
+        return run_convert(args)
     config = _load(args.config)
     if args.command == "run":
         from fesloop.supervisor import Supervisor

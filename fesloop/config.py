@@ -41,6 +41,23 @@ class Contraction:
 
 
 @dataclass(frozen=True)
+class SimulatedFault:
+    """A fault of the simulated amplifier, once, from ``start_s`` after acquisition starts.
+
+    ``flat``: electrode lift-off, the channel holds its DC offset; ``railed``: lift-off
+    with the input at ``rail_uv``; ``motion``: a half-sine spike of ``amplitude_uv``
+    lasting ``duration_s`` added on top; ``drop``: samples never delivered (the index
+    jumps). ``muscle`` empty = every channel (``drop`` always takes every channel).
+    """
+
+    kind: Literal["flat", "railed", "motion", "drop"]
+    start_s: float = bounded(lo=0.0, unit="s")
+    duration_s: float = bounded(lo=0.0005, hi=3600.0, unit="s")
+    muscle: str = ""
+    amplitude_uv: float = bounded(2000.0, -1e7, 1e7, "uV (motion)")
+
+
+@dataclass(frozen=True)
 class SimulatedPatientConfig:
     """A virtual muscle per configured muscle, answering delivered pulses."""
 
@@ -67,6 +84,8 @@ class SimulatedPatientConfig:
     drive_ramp_ms: float = bounded(50.0, 0.0, 1000.0, "ms (raised-cosine onset/offset of a contraction)")
     schedule_period_s: float = bounded(10.0, 0.1, 86400.0, "s")
     contractions: tuple[Contraction, ...] = ()
+    rail_uv: float = bounded(6000.0, 1.0, 1e7, "uV (the amplifier's rail, for railed faults)")
+    faults: tuple[SimulatedFault, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,16 +104,42 @@ class BrainflowConfig:
     file: str = ""
     master_board: str = ""
     timeout: int = bounded(0, 0, 3600, "s")
+    # Wrap of the board's package counter (BrainFlow boards: 0..255 -> 256).
+    package_counter_modulo: int = bounded(256, 2, 2**32)
+    # Count whole counter periods lost from the timestamps too (needs arrival jitter < half a counter period).
+    dealias_with_timestamps: bool = True
+    # PLAYBACK_FILE_BOARD: start again at the end of the file (false: the stream stops, EMG goes stale).
+    playback_loop: bool = True
+    # Write every raw board row to this BrainFlow file (tab-separated, one sample per line) during the session.
+    record_file: str = ""
+
+
+@dataclass(frozen=True)
+class LslSourceConfig:
+    """An LSL stream carrying EMG, chosen by any of name, type and source_id."""
+
+    name: str = ""
+    type: str = "EMG"
+    source_id: str = ""
+    resolve_timeout_s: float = bounded(2.0, 0.0, 60.0, "s")
+    max_buflen_s: int = bounded(1, 1, 60, "s (older samples are dropped by liblsl, never delivered late)")
+    # A timestamp interval above (1 + gap_tolerance) sample periods is a gap.
+    gap_tolerance: float = bounded(0.5, 0.1, 100.0, "sample periods")
+    scale_uv: float = bounded(1.0, 1e-9, 1e9, "uV per stream unit")
 
 
 @dataclass(frozen=True)
 class AcquisitionConfig:
-    source: Literal["simulated", "brainflow"] = "simulated"
+    source: Literal["simulated", "brainflow", "lsl"] = "simulated"
     chunk_ms: float = bounded(2.0, 0.5, 50.0, "ms")
     stale_ms: float = bounded(100.0, 10.0, 5000.0, "ms")
+    # Stale this long -> the source is closed and opened again, then at growing intervals up to the max.
+    recover_after_ms: float = bounded(1000.0, 10.0, 600000.0, "ms")
+    recover_backoff_max_s: float = bounded(10.0, 0.01, 3600.0, "s")
     lsl: bool = True
     simulated: SimulatedPatientConfig = field(default_factory=SimulatedPatientConfig)
     brainflow: BrainflowConfig = field(default_factory=BrainflowConfig)
+    lsl_inlet: LslSourceConfig = field(default_factory=LslSourceConfig)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,129 @@
+"""EMG from an LSL stream (amplifiers that ship an LSL app), chosen by name, type, source_id.
+
+Pulled with ``pull_chunk(dest_obj=...)`` into a preallocated buffer; a short
+``max_buflen`` means liblsl drops what piles up during a stall instead of handing
+over seconds of stale data. Timestamps are clock-synced to this host (the shared
+clock) and gaps are found from them. A lost stream raises SourceError on read; the
+acquisition loop then reports it and calls ``restart``, which resolves the stream
+again (same query), and the gap across the outage is counted from the timestamps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pylsl
+
+from acquisition.gaps import scan_timestamps, segments
+from acquisition.sources import Block, SourceError, n_channels_needed
+from fesloop import protocol
+from fesloop.config import Config
+from fesloop.lsl import configure_machine_scope
+
+MAX_PULL_SAMPLES = 4096
+RESTART_RESOLVE_S = 0.5
+_DTYPES = {
+    pylsl.cf_float32: np.float32,
+    pylsl.cf_double64: np.float64,
+    pylsl.cf_int32: np.int32,
+    pylsl.cf_int16: np.int16,
+    pylsl.cf_int8: np.int8,
+}
+
+
+def stream_query(name: str, stream_type: str, source_id: str) -> str:
+    """The XPath predicate selecting streams by every non-empty field."""
+    parts = [f"{key}='{value}'" for key, value in (("name", name), ("type", stream_type), ("source_id", source_id)) if value]
+    if not parts:
+        raise SourceError("acquisition.lsl_inlet: set at least one of name, type, source_id")
+    for part in parts:
+        if part.count("'") != 2:
+            raise SourceError(f"acquisition.lsl_inlet: {part} must not contain quotes")
+    return " and ".join(parts)
+
+
+class LslSource:
+    """An LSL inlet on the first stream matching the query."""
+
+    def __init__(self, config: Config) -> None:
+        cfg = config.acquisition.lsl_inlet
+        self._cfg = cfg
+        self._query = stream_query(cfg.name, cfg.type, cfg.source_id)
+        self.n_channels = n_channels_needed(config)
+        self.sampling_rate_hz = 0.0  # known once the stream is resolved
+        self.source_id = f"lsl-{cfg.source_id or cfg.name or cfg.type}"
+        self.duplicate_samples = 0
+        self._inlet: pylsl.StreamInlet | None = None
+        self._raw = np.empty((0, 0))
+        self._emg_uv = np.empty((MAX_PULL_SAMPLES, self.n_channels), dtype=np.float32)
+        self._next_index = 0
+        self._last_stamp_s: float | None = None
+
+    def start(self, now_s: float) -> None:
+        self._open(self._cfg.resolve_timeout_s)
+
+    def _open(self, timeout_s: float) -> None:
+        configure_machine_scope()
+        found = pylsl.resolve_bypred(self._query, minimum=1, timeout=timeout_s)
+        if not found:
+            raise SourceError(f"no LSL stream matches {self._query} (waited {timeout_s:g} s)")
+        info = found[0]
+        rate_hz = info.nominal_srate()
+        if rate_hz <= 0:
+            raise SourceError(f"LSL stream {info.name()!r} has an irregular rate: EMG needs a nominal rate")
+        if self.sampling_rate_hz and rate_hz != self.sampling_rate_hz:
+            raise SourceError(f"LSL stream {info.name()!r} came back at {rate_hz:g} Hz, was {self.sampling_rate_hz:g} Hz")
+        if info.channel_count() < self.n_channels:
+            raise SourceError(
+                f"LSL stream {info.name()!r} has {info.channel_count()} channels, the muscles need {self.n_channels}"
+            )
+        dtype = _DTYPES.get(info.channel_format())
+        if dtype is None:
+            raise SourceError(f"LSL stream {info.name()!r}: channel format {info.channel_format()} is not numeric")
+        inlet = pylsl.StreamInlet(
+            info, max_buflen=self._cfg.max_buflen_s, recover=False, processing_flags=pylsl.proc_clocksync
+        )
+        try:
+            inlet.open_stream(timeout=max(timeout_s, 1.0))
+            inlet.time_correction(timeout=max(timeout_s, 1.0))
+        except (pylsl.TimeoutError, pylsl.LostError) as exc:
+            raise SourceError(f"LSL stream {info.name()!r}: could not open ({exc})") from None
+        self._inlet = inlet
+        self.sampling_rate_hz = rate_hz
+        self._raw = np.empty((MAX_PULL_SAMPLES, info.channel_count()), dtype=dtype)
+
+    def read(self, now_s: float) -> list[Block]:
+        if self._inlet is None:
+            raise SourceError(f"LSL stream {self._query}: not open")
+        try:
+            raw, stamps_s = self._inlet.pull_chunk(
+                timeout=0.0, max_samples=MAX_PULL_SAMPLES, dest_obj=self._raw, as_numpy=True
+            )
+        except pylsl.LostError:
+            self._inlet = None
+            raise SourceError(f"LSL stream {self._query}: lost (the outlet is gone)") from None
+        n = len(stamps_s)
+        if n == 0:
+            return []
+        emg_uv = self._emg_uv[:n]
+        np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
+        scan = scan_timestamps(stamps_s, self._last_stamp_s, self.sampling_rate_hz, self._cfg.gap_tolerance)
+        blocks = [
+            Block(index, float(stamps_s[start]), emg_uv[start:stop], lost)
+            for start, stop, index, lost in segments(n, scan, self._next_index)
+        ]
+        self._next_index = blocks[-1].first_sample_index + blocks[-1].emg_uv.shape[0]
+        self._last_stamp_s = float(stamps_s[-1])
+        return blocks
+
+    def restart(self, now_s: float) -> None:
+        """Resolve the stream again (briefly: the loop retries with backoff)."""
+        self.stop()
+        self._open(RESTART_RESOLVE_S)
+
+    def on_pulses(self, pulses: protocol.Pulses) -> None:
+        """An LSL amplifier does not need the pulses."""
+
+    def stop(self) -> None:
+        if self._inlet is not None:
+            self._inlet.close_stream()
+            self._inlet = None
