@@ -28,10 +28,11 @@ class Blanker:
         """True for samples outside every artifact window, shape (n_samples,)."""
         valid = np.ones(n_samples, dtype=bool)
         last_time_s = first_sample_time_s + (n_samples - 1) / fs_hz
-        while self._pulse_times_s and self._pulse_times_s[0] + self.post_s < first_sample_time_s:
+        # Half a sample of slack: float rounding must not drop a window's last sample.
+        while self._pulse_times_s and self._pulse_times_s[0] + self.post_s < first_sample_time_s - 0.5 / fs_hz:
             self._pulse_times_s.popleft()
         for pulse_s in self._pulse_times_s:
-            if pulse_s - self.pre_s > last_time_s:
+            if pulse_s - self.pre_s > last_time_s + 0.5 / fs_hz:
                 continue
             start = int(np.ceil((pulse_s - self.pre_s - first_sample_time_s) * fs_hz - 1e-9))
             stop = int(np.floor((pulse_s + self.post_s - first_sample_time_s) * fs_hz + 1e-9)) + 1

@@ -16,7 +16,7 @@ EMG level (and the calibration) unchanged. Samples outside response windows pass
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 
 import numpy as np
 
@@ -36,12 +36,20 @@ class ResponseCanceller:
         self._current = np.zeros(window)
         self._filled = 0  # responses recorded so far (prediction starts once all taps are)
         self._start: int | None = None  # absolute index of the current window's pulse
-        self._pulses: deque[int] = deque()
+        self._pulses: list[int] = []  # sorted, pending
+        self._merge = max(2, window // 10)
 
     def add_pulse(self, index: int) -> None:
-        """Register a pulse at absolute sample ``index`` (pulses must come in time order)."""
-        if (not self._pulses or index > self._pulses[-1]) and (self._start is None or index > self._start):
-            self._pulses.append(index)
+        """Register a pulse at absolute sample ``index``, in any order and from any source.
+
+        A pulse within ``merge`` samples of a known one is the same pulse seen twice (e.g.
+        from the ``pulses`` stream and from detection in the signal) and is dropped.
+        """
+        known = [self._start] if self._start is not None else []
+        position = bisect.bisect_left(self._pulses, index)
+        neighbours = known + self._pulses[max(position - 1, 0) : position + 1]
+        if all(abs(index - other) > self._merge for other in neighbours):
+            self._pulses.insert(position, index)
 
     def process(self, x: np.ndarray, first_index: int) -> np.ndarray:
         """Cancel predicted responses in a 1-D block starting at absolute ``first_index``."""
@@ -50,11 +58,11 @@ class ResponseCanceller:
         end = first_index + len(x)
         while position < end:
             while self._pulses and self._pulses[0] < position:  # arrived late: its window is gone
-                self._pulses.popleft()
+                self._pulses.pop(0)
             next_pulse = self._pulses[0] if self._pulses else end
             if next_pulse == position:
                 self._finish()
-                self._start = self._pulses.popleft()
+                self._start = self._pulses.pop(0)
                 continue
             stop = min(end, next_pulse)
             if self._start is not None:
