@@ -1,0 +1,130 @@
+"""The acquisition process on BrainFlow's playback board: gaps, stall, recovery, LSL out.
+
+Real processes, real BrainFlow, real ZeroMQ and LSL on loopback; assertions from
+what the process publishes (emg, status, the LSL stream) and, for the stated
+recovery policy, its log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pylsl
+import pytest
+
+from fesloop.config import load_config
+from fesloop.lsl import configure_machine_scope
+from tests.acquisition.conftest import Tap, emg_series, playback_config_text, ramp_playback
+from tests.conftest import config_with_fresh_ports, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def start(processes, tmp_path: Path, text: str) -> tuple:
+    path = tmp_path / "acq.toml"
+    path.write_text(config_with_fresh_ports(text))
+    config = load_config(path)
+    tap = Tap(config.endpoints.emg, [b"emg", b"status"])
+    processes.start("acquisition", str(path), name="acquisition")
+    return config, tap
+
+
+def test_injected_gaps_reach_the_emg_topic_and_status_exactly(processes, tmp_path: Path) -> None:
+    playback = tmp_path / "gaps.tsv"
+    deleted = [(600, 601), (900, 913), (1200, 1454)]  # 1, 13, 254 samples (the last across a wrap)
+    n_lines = len(ramp_playback(playback, 1800, delete=deleted, duplicate=[1500]))
+    config, tap = start(processes, tmp_path, playback_config_text(playback, loop=False))
+    try:
+        wait_until(lambda: any(s.get("samples_sent", 0) >= n_lines - 1 for s in tap.statuses()), 20,
+                   what="the whole file published")
+        status = wait_until(lambda: [s for s in tap.statuses() if s["samples_sent"] == n_lines - 1], 5,
+                            what="status after the last sample")[-1]
+        index, emg_uv = emg_series(tap.get(b"emg"))
+    finally:
+        tap.close()
+
+    assert status["lost_samples"] == 268 and status["gaps"] == 3 and status["duplicate_samples"] == 1
+    assert [(g["first_missing_index"], g["size_samples"]) for g in status["recent_gaps"]] == [
+        (start_, stop - start_) for start_, stop in deleted
+    ]
+    assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))  # every value at its own index: never filled
+    jumps = np.flatnonzero(np.diff(index) != 1)
+    assert [(int(index[j] + 1), int(index[j + 1] - index[j] - 1)) for j in jumps] == [
+        (start_, stop - start_) for start_, stop in deleted
+    ]
+    assert index[-1] == 1799
+
+
+def test_stalled_playback_faults_at_once_then_recovers_by_reopening(processes, tmp_path: Path) -> None:
+    """The file ends (loop off): FAULT "EMG stale" within stale_ms + a tick, then the session is
+    released and prepared again after recover_after_ms, and samples flow on with the gap counted."""
+    playback = tmp_path / "short.tsv"
+    ramp_playback(playback, 400)
+    text = playback_config_text(
+        playback, loop=False, acquisition="stale_ms = 100.0\nrecover_after_ms = 400.0\nrecover_backoff_max_s = 2.0"
+    )
+    config, tap = start(processes, tmp_path, text)
+    try:
+        def fault() -> dict | None:
+            return next((s for s in tap.statuses() if s["state"] == "FAULT"), None)
+
+        wait_until(fault, 15, what="FAULT after the file ended")
+        stall = tap.get(b"status")
+        fault_message = next(m for m in stall if m.body.fields["state"] == "FAULT")
+        before = [m for m in tap.get(b"emg") if m.body.arrival_time_s < fault_message.header.send_time_s]
+        last_chunk_s = before[-1].body.arrival_time_s
+        wait_until(lambda: any(s["state"] == "RUNNING" and s["recovery_attempts"] >= 1
+                               and s["samples_sent"] > 400 for s in tap.statuses()), 15, what="recovery")
+        wait_until(lambda: any(s["samples_sent"] >= 800 for s in tap.statuses()), 10, what="second pass")
+        statuses = tap.statuses()
+        index, emg_uv = emg_series(tap.get(b"emg"))
+    finally:
+        tap.close()
+
+    detect_ms = (fault_message.header.send_time_s - last_chunk_s) * 1e3
+    print(f"stall detected {detect_ms:.1f} ms after the last chunk")
+    assert fault_message.body.fields["fault_reason"] == "EMG stale"
+    assert 100.0 < detect_ms <= 100.0 + 2 * config.acquisition.chunk_ms + 15.0, detect_ms
+    recovered = next(s for s in statuses if s["state"] == "RUNNING" and s["recovery_attempts"] >= 1)
+    assert recovered["recovery_attempts"] == 1
+    # The second pass starts from the file's beginning; its index jumps by the time the stall lasted.
+    restart_gap = recovered["recent_gaps"][-1]
+    assert restart_gap["first_missing_index"] == 400
+    assert 400 <= restart_gap["size_samples"] <= 1400  # ~ recover_after_ms + reopen time, in samples at 1 kHz
+    second = index >= 400 + restart_gap["size_samples"]
+    assert np.array_equal(emg_uv[second, 0], (index[second] - index[second][0]).astype(np.float32))
+    log = processes.log("acquisition")
+    assert "EMG stale: no samples for" in log
+    assert "reopening the source (attempt 1; next in 0.8 s if still stale)" in log
+    assert "EMG flowing again after" in log
+
+
+def test_lsl_outlet_describes_the_stream(processes, tmp_path: Path) -> None:
+    playback = tmp_path / "meta.tsv"
+    ramp_playback(playback, 3000)
+    config, tap = start(processes, tmp_path, playback_config_text(playback, loop=True))
+    configure_machine_scope()
+    source_id = "fesloop-playbacktest-emg-brainflow-PLAYBACK_FILE_BOARD-meta.tsv"
+    try:
+        streams = pylsl.resolve_bypred(f"source_id='{source_id}'", minimum=1, timeout=15)
+        assert streams, "no LSL stream with the stable source_id"
+        inlet = pylsl.StreamInlet(streams[0], max_buflen=2)
+        info = inlet.info(timeout=5)
+        samples, stamps = inlet.pull_chunk(timeout=1.5, max_samples=500)
+        pulled_s = pylsl.local_clock()
+    finally:
+        tap.close()
+    channel = info.desc().child("channels").child("channel")
+    assert (info.type(), info.channel_count(), info.nominal_srate()) == ("EMG", 1, 1000.0)
+    assert info.channel_format() == pylsl.cf_float32
+    assert channel.child_value("label") == "forearm"
+    assert channel.child_value("unit") == "microvolts"
+    assert channel.child_value("muscle") == "forearm"
+    assert channel.child_value("type") == "EMG"
+    values = np.asarray(samples)[:, 0]
+    assert len(values) > 100 and np.all(np.diff(values) == 1.0)  # consecutive ramp samples (no loss here)
+    # Each chunk is stamped from BrainFlow's arrival stamp of its first sample (jitter of the
+    # playback thread included), then at the nominal rate; all on the shared clock.
+    assert np.median(np.diff(stamps)) == pytest.approx(1e-3, rel=0.01)
+    assert 0.0 < pulled_s - stamps[-1] < 1.0
