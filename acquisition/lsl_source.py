@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pylsl
+from pylsl.util import LostError, TimeoutError as LslTimeoutError
 
 from acquisition.gaps import scan_timestamps, segments
 from acquisition.sources import Block, SourceError, n_channels_needed
@@ -85,7 +86,7 @@ class LslSource:
         try:
             inlet.open_stream(timeout=max(timeout_s, 1.0))
             inlet.time_correction(timeout=max(timeout_s, 1.0))
-        except (pylsl.TimeoutError, pylsl.LostError) as exc:
+        except (LslTimeoutError, LostError) as exc:
             raise SourceError(f"LSL stream {info.name()!r}: could not open ({exc})") from None
         self._inlet = inlet
         self.sampling_rate_hz = rate_hz
@@ -98,7 +99,7 @@ class LslSource:
             raw, stamps_s = self._inlet.pull_chunk(
                 timeout=0.0, max_samples=MAX_PULL_SAMPLES, dest_obj=self._raw, as_numpy=True
             )
-        except pylsl.LostError:
+        except LostError:
             self._inlet = None
             raise SourceError(f"LSL stream {self._query}: lost (the outlet is gone)") from None
         n = len(stamps_s)

@@ -1,0 +1,92 @@
+"""LslSource fed by a real pylsl outlet on loopback (machine scope)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pylsl
+import pytest
+
+from acquisition.lsl_source import LslSource
+from acquisition.sources import Block, SourceError
+from fesloop.config import parse_config
+from fesloop.lsl import configure_machine_scope
+
+FS_HZ = 500.0
+N_CHANNELS = 3
+
+
+def make_outlet(source_id: str) -> pylsl.StreamOutlet:
+    configure_machine_scope()
+    info = pylsl.StreamInfo("test-amp", "EMG", N_CHANNELS, FS_HZ, pylsl.cf_float32, source_id)
+    return pylsl.StreamOutlet(info)
+
+
+def source_for(source_id: str) -> LslSource:
+    return LslSource(parse_config(
+        f'[acquisition]\nsource = "lsl"\n[acquisition.lsl_inlet]\nsource_id = "{source_id}"\nscale_uv = 2.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "b"\nemg_channel = 1\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+    ))
+
+
+def push(outlet: pylsl.StreamOutlet, indices: np.ndarray, t0_s: float) -> None:
+    """Sample k carries value k on every channel, stamped t0 + k / fs."""
+    values = np.repeat(indices[:, None], N_CHANNELS, axis=1).astype(np.float32)
+    outlet.push_chunk(values, (t0_s + indices / FS_HZ).tolist())
+
+
+def read_until(source: LslSource, n: int, timeout_s: float = 5.0) -> list[Block]:
+    blocks: list[Block] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(len(b.emg_uv) for b in blocks) < n and time.monotonic() < deadline:
+        time.sleep(0.002)
+        blocks += [Block(b.first_sample_index, b.first_sample_time_s, b.emg_uv.copy(), b.lost_samples)
+                   for b in source.read(pylsl.local_clock())]
+    return blocks
+
+
+@pytest.mark.timeout(60)
+def test_lsl_inlet_gaps_from_timestamps_and_recovery_after_the_outlet_is_lost() -> None:
+    source_id = f"fesloop-test-{uuid.uuid4().hex[:8]}"
+    outlet = make_outlet(source_id)
+    source = source_for(source_id)
+    try:
+        source.start(pylsl.local_clock())
+        assert source.sampling_rate_hz == FS_HZ and source.n_channels == 2
+        t0_s = pylsl.local_clock()
+        sent = np.concatenate((np.arange(0, 100), np.arange(103, 200), np.arange(250, 300)))  # 3 and 50 lost
+        push(outlet, sent, t0_s)
+        blocks = read_until(source, sent.size)
+        index = np.concatenate([b.first_sample_index + np.arange(len(b.emg_uv)) for b in blocks])
+        values = np.vstack([b.emg_uv for b in blocks])
+
+        assert np.array_equal(index, sent)  # the index jumps over each gap, exactly
+        assert np.array_equal(values, 2.0 * np.repeat(sent[:, None], 2, axis=1).astype(np.float32))
+        assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(103, 3), (250, 50)]
+        assert blocks[0].first_sample_time_s == pytest.approx(t0_s, abs=1e-3)
+
+        del outlet  # the amplifier app goes away
+        with pytest.raises(SourceError, match="lost"):
+            for _ in range(500):
+                source.read(pylsl.local_clock())
+                time.sleep(0.005)
+        outlet = make_outlet(source_id)  # and comes back on the same clock
+        source.restart(pylsl.local_clock())
+        push(outlet, np.arange(400, 450), t0_s)
+        after = read_until(source, 50)
+        assert after[0].first_sample_index == 400 and after[0].lost_samples == 100  # 300..399
+        assert sum(len(b.emg_uv) for b in after) == 50
+    finally:
+        source.stop()
+
+
+def test_no_matching_stream_is_a_source_error_naming_the_query() -> None:
+    source = LslSource(parse_config(
+        '[acquisition]\nsource = "lsl"\n[acquisition.lsl_inlet]\nname = "nobody-here"\nresolve_timeout_s = 0.2\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+    ))
+    with pytest.raises(SourceError, match="no LSL stream matches name='nobody-here' and type='EMG'"):
+        source.start(0.0)
