@@ -103,8 +103,9 @@ class SimulatedSource:
         sim = self._config.acquisition.simulated
         keep = self._faults.apply(first, emg_uv, sim.dc_offset_uv, sim.rail_uv)
         if keep is None:
+            lost = first - self._last_delivered - 1  # after a drop that ended with the previous read
             self._last_delivered = first + n - 1
-            return [Block(first, self._time_s(first), emg_uv, truth=truth)]
+            return [Block(first, self._time_s(first), emg_uv, lost, truth)]
         delivered = first + np.flatnonzero(keep)
         if delivered.size == 0:
             return []

@@ -128,3 +128,16 @@ def test_lsl_outlet_describes_the_stream(processes, tmp_path: Path) -> None:
     # playback thread included), then at the nominal rate; all on the shared clock.
     assert np.median(np.diff(stamps)) == pytest.approx(1e-3, rel=0.01)
     assert 0.0 < pulled_s - stamps[-1] < 1.0
+
+
+def test_playback_config_runs_the_whole_loop(write_config) -> None:
+    """configs/playback.toml: the three processes on the shipped recording, stopped cleanly."""
+    import subprocess
+    import sys
+
+    path = write_config("playback.toml")
+    run = subprocess.run([sys.executable, "-m", "fesloop", "run", str(path), "--duration", "4"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "running: brainflow-PLAYBACK_FILE_BOARD-biosppy_emg_1_callibri.tsv, 1 channels at 1000 Hz" in run.stderr
+    assert "fesloop: stopped cleanly" in run.stdout + run.stderr
