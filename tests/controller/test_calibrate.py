@@ -1,0 +1,79 @@
+"""`fesloop calibrate` against a real acquisition process on the simulated patient."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from controller.calibration import Calibration
+
+pytestmark = pytest.mark.timeout(90)
+
+# Phases on the EMG clock from the first chunk: rest 0.5-2.0 s, quadriceps MVC 3.0-4.0 s,
+# tibialis MVC 5.0-6.0 s. The patient contracts each muscle around its trial, with
+# >= 0.4 s margin for the start skew between the two processes.
+CONTRACTIONS = """schedule_period_s = 100.0
+
+[[acquisition.simulated.contractions]]
+muscle = "quadriceps_l"
+start_s = 2.6
+duration_s = 1.8
+level = 0.8
+
+[[acquisition.simulated.contractions]]
+muscle = "tibialis_l"
+start_s = 4.6
+duration_s = 1.8
+level = 0.8
+"""
+SHORT = ["--rest-s", "1.5", "--trials", "1", "--trial-s", "1.0", "--pause-s", "0.5"]
+
+
+def _write(write_config, contracting: bool):
+    """The demo config with the demo's contractions replaced by the calibration script's (or none)."""
+    path = write_config("demo.toml")
+    head, tail = path.read_text().split("# The schedule repeats")
+    schedule = CONTRACTIONS if contracting else "schedule_period_s = 100.0\n"
+    path.write_text(head.replace("schedule_period_s = 8.0\n", schedule) + tail[tail.index("[[muscles]]") :])
+    return path
+
+
+def _calibrate(path, out, processes) -> subprocess.CompletedProcess:
+    calibrate = subprocess.Popen(
+        [sys.executable, "-m", "fesloop", "calibrate", str(path), "--out", str(out), *SHORT],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        processes.start("acquisition", str(path), name="acquisition")
+        stdout, stderr = calibrate.communicate(timeout=40)
+    finally:
+        if calibrate.poll() is None:
+            calibrate.kill()
+            calibrate.wait(5)
+    return subprocess.CompletedProcess(calibrate.args, calibrate.returncode, stdout, stderr)
+
+
+def test_calibrate_measures_rest_and_mvc_from_live_emg(write_config, processes, tmp_path) -> None:
+    path = _write(write_config, contracting=True)
+    out = tmp_path / "calibration.json"
+    result = _calibrate(path, out, processes)
+    assert result.returncode == 0, result.stdout + result.stderr + processes.log("acquisition")
+    assert "GO: REST" in result.stdout and "MVC 1/1" in result.stdout
+    calibration = Calibration.from_dict(json.loads(out.read_text()))
+    for muscle in calibration.muscles:
+        # Rest noise 3 uV rms plus mains; MVC at drive 0.8 of 300 uV rms: envelope ~190 uV.
+        assert muscle.rest_uv < 10.0 and 100.0 < muscle.mvc_uv < 300.0, muscle
+    assert calibration.config_name == "demo" and calibration.sampling_rate_hz == 2000.0
+
+
+def test_calibrate_refuses_an_mvc_not_above_rest_and_overwrites_nothing(write_config, processes, tmp_path) -> None:
+    path = _write(write_config, contracting=False)
+    out = tmp_path / "calibration.json"
+    out.write_text("previous calibration\n")
+    result = _calibrate(path, out, processes)
+    assert result.returncode == 1
+    assert "not clearly above rest" in result.stderr and "nothing written" in result.stderr
+    assert out.read_text() == "previous calibration\n"
