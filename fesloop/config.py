@@ -263,12 +263,27 @@ class StimulationChannel:
 
 
 @dataclass(frozen=True)
+class DoseLimits:
+    """Per-session dose limits the stimulator enforces (0 = no limit).
+
+    Charge is per phase of the biphasic pulse: amplitude x pulse width (mA x us = nC).
+    Reaching a limit ramps that channel down and keeps it down for the session.
+    """
+
+    max_session_s: float = bounded(3600.0, 0.0, 86400.0, "s")
+    max_stimulation_s: float = bounded(1800.0, 0.0, 86400.0, "s per channel")
+    max_charge_mc: float = bounded(0.0, 0.0, 1e6, "mC per channel")
+    skin_check_after_s: float = bounded(300.0, 0.0, 86400.0, "s of stimulation (0 = no reminder)")
+
+
+@dataclass(frozen=True)
 class StimulatorConfig:
     driver: Literal["simulated"] = "simulated"
     deadline_ms: float = bounded(100.0, 10.0, 1000.0, "ms")
     ramp_s: float = bounded(0.5, 0.1, 60.0, "s (0 to max_ma)")
     max_emg_age_ms: float = bounded(250.0, 10.0, 5000.0, "ms")
     arm_at_start: bool = False
+    dose: DoseLimits = field(default_factory=DoseLimits)
 
 
 @dataclass(frozen=True)
