@@ -89,7 +89,8 @@ class BrainFlowSource:
             )
         if max(rows) >= descr["num_rows"]:
             raise SourceError(
-                f"acquisition.brainflow.emg_channels = {rows}: board {board_name(layout_id)} has rows 0..{descr['num_rows'] - 1}"
+                f"acquisition.brainflow.emg_channels = {rows}: board {board_name(layout_id)} "
+                f"has rows 0..{descr['num_rows'] - 1}"
             )
         self._rows = [int(r) for r in rows[:needed]]
         self.n_channels = needed

@@ -167,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     except (ConvertError, OSError) as exc:
         raise SystemExit(f"fesloop convert: {exc}") from None
     print(
-        f"{args.output}: {done.samples_written} samples of {samples.shape[1]} channel(s) at {done.sampling_rate_hz:g} Hz "
-        f"for {done.board}; {done.packets_dropped} repeated packets taken out"
+        f"{args.output}: {done.samples_written} samples of {samples.shape[1]} channel(s) "
+        f"at {done.sampling_rate_hz:g} Hz for {done.board}; {done.packets_dropped} repeated packets taken out"
     )
     return 0

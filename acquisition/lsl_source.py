@@ -32,13 +32,15 @@ _DTYPES = {
 
 
 def stream_query(name: str, stream_type: str, source_id: str) -> str:
-    """The XPath predicate selecting streams by every non-empty field."""
-    parts = [f"{key}='{value}'" for key, value in (("name", name), ("type", stream_type), ("source_id", source_id)) if value]
+    """The XPath predicate selecting streams by every non-empty field, fesloop's own excluded."""
+    fields = (("name", name), ("type", stream_type), ("source_id", source_id))
+    parts = [f"{key}='{value}'" for key, value in fields if value]
     if not parts:
         raise SourceError("acquisition.lsl_inlet: set at least one of name, type, source_id")
     for part in parts:
         if part.count("'") != 2:
             raise SourceError(f"acquisition.lsl_inlet: {part} must not contain quotes")
+    parts.append("not(starts-with(source_id, 'fesloop-'))")  # never our own outlets: no feedback loop
     return " and ".join(parts)
 
 
@@ -72,7 +74,9 @@ class LslSource:
         if rate_hz <= 0:
             raise SourceError(f"LSL stream {info.name()!r} has an irregular rate: EMG needs a nominal rate")
         if self.sampling_rate_hz and rate_hz != self.sampling_rate_hz:
-            raise SourceError(f"LSL stream {info.name()!r} came back at {rate_hz:g} Hz, was {self.sampling_rate_hz:g} Hz")
+            raise SourceError(
+                f"LSL stream {info.name()!r} came back at {rate_hz:g} Hz, was {self.sampling_rate_hz:g} Hz"
+            )
         if info.channel_count() < self.n_channels:
             raise SourceError(
                 f"LSL stream {info.name()!r} has {info.channel_count()} channels, the muscles need {self.n_channels}"

@@ -50,7 +50,7 @@ def read_until(source: LslSource, n: int, timeout_s: float = 5.0) -> list[Block]
 
 @pytest.mark.timeout(60)
 def test_lsl_inlet_gaps_from_timestamps_and_recovery_after_the_outlet_is_lost() -> None:
-    source_id = f"fesloop-test-{uuid.uuid4().hex[:8]}"
+    source_id = f"test-amp-{uuid.uuid4().hex[:8]}"
     outlet = make_outlet(source_id)
     source = source_for(source_id)
     try:
@@ -90,3 +90,14 @@ def test_no_matching_stream_is_a_source_error_naming_the_query() -> None:
     ))
     with pytest.raises(SourceError, match="no LSL stream matches name='nobody-here' and type='EMG'"):
         source.start(0.0)
+
+
+def test_fesloops_own_emg_outlet_is_never_picked_up() -> None:
+    own = make_outlet(f"fesloop-demo-emg-{uuid.uuid4().hex[:8]}")
+    source = LslSource(parse_config(
+        '[acquisition]\nsource = "lsl"\n[acquisition.lsl_inlet]\nname = "test-amp"\nresolve_timeout_s = 0.5\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+    ))
+    with pytest.raises(SourceError, match="no LSL stream matches"):
+        source.start(0.0)
+    del own
