@@ -65,10 +65,13 @@ class Acquisition:
     def __init__(self, config: Config, source: Source | None = None) -> None:
         self.config = config
         acq = config.acquisition
-        self.rt = ProcessRuntime("acquisition", config.endpoints.acquisition_control)
+        self.rt = ProcessRuntime("acquisition", config.endpoints.acquisition_control, security=config.security)
         self.source = source or open_source(config)
-        self.pub = publisher(self.rt.ctx, config.endpoints.emg)
-        self.pulses_sub = subscriber(self.rt.ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]])
+        self.pub = publisher(self.rt.ctx, config.endpoints.emg, self.rt.security)
+        self.pulses_sub = subscriber(
+            self.rt.ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]],
+            security=self.rt.security, server="stimulator",
+        )
         self.pulse_counters = StreamCounters()
         self.emg_seq = Sequencer()
         self.truth_seq = Sequencer()

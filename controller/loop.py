@@ -39,11 +39,15 @@ def load_calibration(config: Config) -> Calibration | None:
 class Controller:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.rt = ProcessRuntime("controller", config.endpoints.controller_control)
+        self.rt = ProcessRuntime("controller", config.endpoints.controller_control, security=config.security)
         ctx = self.rt.ctx
-        self.pub = publisher(ctx, config.endpoints.command)
-        self.emg_sub = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]])
-        self.pulses_sub = subscriber(ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]])
+        self.pub = publisher(ctx, config.endpoints.command, self.rt.security)
+        self.emg_sub = subscriber(
+            ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], security=self.rt.security, server="acquisition"
+        )
+        self.pulses_sub = subscriber(
+            ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]], security=self.rt.security, server="stimulator"
+        )
         self.emg_counters = StreamCounters()
         self.pulse_counters = StreamCounters()
         self.command_seq = Sequencer()

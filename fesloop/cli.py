@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     from acquisition import convert
 
     convert.add_arguments(sub.add_parser("convert", help="a recording (CSV/TXT/.npy/.mat) to a BrainFlow playback file"))
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs for [security]")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser("generate", help="a key pair per process and per client (secret files mode 0600)")
+    generate.add_argument("directory", type=Path)
+    generate.add_argument(
+        "--names", nargs="+", default=None, help="key names (default: the three processes, operator, monitor)"
+    )
+    control.add_argument("--key", default=None, help="client key to send with (default: [security] operator_key)")
     return parser
 
 
@@ -58,19 +66,33 @@ def main(argv: list[str] | None = None) -> int:
         from acquisition.convert import main as run_convert
 
         return run_convert(args)
+    if args.command == "keys":
+        return _generate_keys(args.directory, args.names)
     config = _load(args.config)
     if args.command == "run":
         from fesloop.supervisor import Supervisor
 
         if args.duration is not None and args.duration <= 0:
             sys.exit(f"fesloop: --duration = {args.duration}: must be a positive number of seconds")
-        return Supervisor(config, args.config).run(args.duration)
+        from fesloop.security import SecurityError
+
+        try:
+            return Supervisor(config, args.config).run(args.duration)
+        except SecurityError as exc:
+            sys.exit(f"fesloop run: {exc}")
     if args.command == "control":
         import zmq
 
         from fesloop.sockets import ControlClient, ControlTimeout
 
-        client = ControlClient(zmq.Context.instance(), getattr(config.endpoints, f"{args.process}_control"))
+        from fesloop.security import Security, SecurityError
+
+        try:
+            security = Security.for_role(config.security, args.key or config.security.operator_key)
+        except SecurityError as exc:
+            sys.exit(f"fesloop: {exc}")
+        endpoint = getattr(config.endpoints, f"{args.process}_control")
+        client = ControlClient(zmq.Context.instance(), endpoint, security, server=args.process)
         try:
             reply = client.request(args.request, timeout_s=2.0)
         except ControlTimeout as exc:
@@ -95,9 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         from stimulator.loop import main as run_process
     import zmq
 
+    from fesloop.security import SecurityError
     from fesloop.sockets import EndpointError
 
     try:
         return run_process(config)
-    except (EndpointError, zmq.ZMQError) as exc:
+    except (EndpointError, SecurityError, zmq.ZMQError) as exc:
         sys.exit(f"fesloop {args.command}: {exc}")
+
+
+def _generate_keys(directory: Path, names: list[str] | None) -> int:
+    from fesloop.security import SecurityError, generate_keys
+
+    try:
+        paths = generate_keys(directory, tuple(names)) if names else generate_keys(directory)
+    except (SecurityError, OSError) as exc:
+        sys.exit(f"fesloop keys: {exc}")
+    print("\n".join(str(p) for p in paths))
+    return 0

@@ -286,6 +286,37 @@ class StimulatorConfig:
     dose: DoseLimits = field(default_factory=DoseLimits)
 
 
+ControlRequest = Literal["status", "arm", "disarm", "stop", "reset", "shutdown"]
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """A key besides the three processes' (an operator console, a monitor) and what it may request."""
+
+    key: str
+    control: tuple[ControlRequest, ...] = ("status",)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """CurveZMQ: ``keys_dir`` from `fesloop keys generate` (empty: no keys, loopback only).
+
+    Every socket admits only the three process keys and the ``clients`` keys; control
+    requests are accepted only from a client key that lists them. A relative
+    ``keys_dir`` is taken from the working directory.
+    """
+
+    keys_dir: str = ""
+    operator_key: str = "operator"  # the client key `fesloop run` and `fesloop control` use
+    clients: tuple[ClientKey, ...] = ()
+
+    def check(self) -> None:
+        names = [c.key for c in self.clients]
+        for i, name in enumerate(names):
+            if name in ("acquisition", "controller", "stimulator") or names.index(name) != i:
+                raise ConfigError(f"clients[{i}].key", name, "client keys are unique and not a process's key")
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "fesloop"
@@ -295,6 +326,7 @@ class Config:
     stimulator: StimulatorConfig = field(default_factory=StimulatorConfig)
     muscles: tuple[Muscle, ...] = ()
     stimulation: tuple[StimulationChannel, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def check(self) -> None:
         if not self.muscles:

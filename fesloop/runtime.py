@@ -20,6 +20,8 @@ import zmq
 
 from fesloop import protocol
 from fesloop.clock import Clock, LslClock
+from fesloop.config import SecurityConfig
+from fesloop.security import Security
 from fesloop.sockets import ControlServer, Sequencer, control_server
 
 PARENT_PID_ENV = "FESLOOP_PARENT_PID"
@@ -85,14 +87,20 @@ class Pacer:
 class ProcessRuntime:
     """Control socket, stop flag, status cadence and parent watch of one process."""
 
-    def __init__(self, name: str, control_endpoint: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self, name: str, control_endpoint: str, clock: Clock | None = None, security: SecurityConfig | None = None
+    ) -> None:
         self.name = name
         self.clock = clock or LslClock()
         self.ctx = zmq.Context()
         self.log = setup_logging(name)
         self.running = True
         self.exit_code = 0
-        self.control = ControlServer(control_server(self.ctx, control_endpoint))
+        # CurveZMQ keys of this process (None: loopback only); pass to every socket it makes.
+        self.security = Security.for_role(security, name) if security is not None else None
+        if self.security is not None:
+            self.security.start(self.ctx)
+        self.control = ControlServer(control_server(self.ctx, control_endpoint, self.security), security=self.security)
         self.control.handlers["status"] = lambda _request: self.status()
         self.control.handlers["shutdown"] = self._shutdown
         self.status_fields: Callable[[], dict[str, Any]] = dict
@@ -111,7 +119,8 @@ class ProcessRuntime:
         return {}
 
     def status(self) -> dict[str, Any]:
-        return {"process": self.name, "pid": os.getpid(), "time_s": self.clock.now(), **self.status_fields()}
+        security = {"security": self.security.status()} if self.security is not None else {}
+        return {"process": self.name, "pid": os.getpid(), "time_s": self.clock.now(), **security, **self.status_fields()}
 
     def parent_alive(self) -> bool:
         return not self._parent_pid or os.getppid() == self._parent_pid
@@ -128,4 +137,6 @@ class ProcessRuntime:
         return True
 
     def close(self) -> None:
+        if self.security is not None:
+            self.security.stop()
         self.ctx.destroy(linger=0)

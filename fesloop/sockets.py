@@ -1,8 +1,13 @@
-"""ZeroMQ socket helpers: LINGER=0, small high-water marks, poller-based receive.
+"""ZeroMQ socket helpers: LINGER=0, small high-water marks, heartbeats, CurveZMQ, poller-based receive.
 
 Stream sockets are PUB/SUB carrying ``[topic, payload]`` frames from
 :mod:`fesloop.protocol`. Control is REQ/REP with JSON objects: a request
 ``{"cmd": "arm"}`` gets ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+
+With a :class:`~fesloop.security.Security`, servers (PUB, REP) are CURVE servers behind
+ZAP and clients (SUB, REQ) are CURVE clients of a named process; without one, every
+endpoint must be loopback or ipc://. ZMTP heartbeats on every socket close a
+connection whose peer stops answering within ``HEARTBEAT_IVL_MS + HEARTBEAT_TIMEOUT_MS``.
 """
 
 from __future__ import annotations
@@ -10,16 +15,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import zmq
 
 from fesloop import protocol
 
+if TYPE_CHECKING:
+    from fesloop.security import Security
+
 STREAM_HWM = 100
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CONTROL_MAX_BYTES = 64 * 1024
+HEARTBEAT_IVL_MS = 100
+HEARTBEAT_TIMEOUT_MS = 300  # a silent peer is dropped <= 400 ms after its last traffic
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -28,17 +38,20 @@ class EndpointError(ValueError):
     """An endpoint is malformed or would bind beyond loopback without authentication."""
 
 
-def check_bind_endpoint(endpoint: str) -> None:
-    """Refuse to bind anything but loopback or ipc:// (no CurveZMQ yet)."""
+def check_bind_endpoint(endpoint: str, authenticated: bool = False) -> None:
+    """Refuse a malformed endpoint, and anything but loopback or ipc:// without CurveZMQ keys.
+
+    Checked for connects too: without keys, a remote peer could be anyone.
+    """
     parsed = urlparse(endpoint)
     if parsed.scheme == "ipc":
         return
     if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
         raise EndpointError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
-    if parsed.hostname not in LOOPBACK_HOSTS:
+    if parsed.hostname not in LOOPBACK_HOSTS and not authenticated:
         raise EndpointError(
-            f"endpoint {endpoint!r}: binding beyond loopback needs CurveZMQ keys, "
-            "which this build does not support yet; bind 127.0.0.1"
+            f"endpoint {endpoint!r}: beyond loopback only with CurveZMQ keys "
+            "(set [security] keys_dir, see `fesloop keys generate`); or use 127.0.0.1"
         )
 
 
@@ -46,19 +59,41 @@ def _base(ctx: zmq.Context, kind: int) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     return sock
 
 
-def publisher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    check_bind_endpoint(endpoint)
-    sock = _base(ctx, zmq.PUB)
+def _server(ctx: zmq.Context, kind: int, endpoint: str, security: Security | None) -> zmq.Socket:
+    check_bind_endpoint(endpoint, security is not None)
+    sock = _base(ctx, kind)
+    if security is not None:
+        security.secure_server(sock, f"{security.role} {endpoint}")
+    return sock
+
+
+def publisher(ctx: zmq.Context, endpoint: str, security: Security | None = None) -> zmq.Socket:
+    """Bound PUB; with ``security`` a CURVE server admitting only listed keys."""
+    sock = _server(ctx, zmq.PUB, endpoint, security)
     sock.setsockopt(zmq.SNDHWM, STREAM_HWM)
     sock.bind(endpoint)
     return sock
 
 
-def subscriber(ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = STREAM_HWM) -> zmq.Socket:
+def subscriber(
+    ctx: zmq.Context,
+    endpoint: str,
+    topics: list[bytes],
+    hwm: int = STREAM_HWM,
+    security: Security | None = None,
+    server: str = "",
+) -> zmq.Socket:
+    """Connected SUB; with ``security`` it completes a handshake only with ``server``'s key."""
+    check_bind_endpoint(endpoint, security is not None)
     sock = _base(ctx, zmq.SUB)
+    if security is not None:
+        security.secure_client(sock, server)
     sock.setsockopt(zmq.RCVHWM, hwm)
     for topic in topics:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
@@ -66,9 +101,9 @@ def subscriber(ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = 
     return sock
 
 
-def control_server(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    check_bind_endpoint(endpoint)
-    sock = _base(ctx, zmq.REP)
+def control_server(ctx: zmq.Context, endpoint: str, security: Security | None = None) -> zmq.Socket:
+    """Bound REP for control requests; with ``security`` a CURVE server (see ControlServer)."""
+    sock = _server(ctx, zmq.REP, endpoint, security)
     sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
     sock.bind(endpoint)
     return sock
@@ -110,22 +145,28 @@ def drain(sock: zmq.Socket, counters: StreamCounters) -> list[protocol.Message]:
 
 @dataclass
 class ControlServer:
-    """Answers JSON control requests on a REP socket, one handler per command."""
+    """Answers JSON control requests on a REP socket, one handler per command.
+
+    With ``security``, each request is authorized by the key that sent it (the
+    per-message ``User-Id`` ZAP set); a refusal is counted and logged there.
+    """
 
     sock: zmq.Socket
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
     rejected: int = 0
+    security: Security | None = None
 
     def serve_pending(self) -> None:
         """Answer every request waiting, without blocking."""
         while True:
             try:
-                raw = self.sock.recv(zmq.NOBLOCK)
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.sock.send(json.dumps(self._answer(raw)).encode())
+            user_id = frame.get("User-Id") if self.security is not None else ""
+            self.sock.send(json.dumps(self._answer(frame.bytes, user_id)).encode())
 
-    def _answer(self, raw: bytes) -> dict[str, Any]:
+    def _answer(self, raw: bytes, user_id: str) -> dict[str, Any]:
         try:
             request = json.loads(raw)
             cmd = request["cmd"]
@@ -133,6 +174,8 @@ class ControlServer:
         except (ValueError, TypeError, KeyError):
             self.rejected += 1
             return {"ok": False, "error": f"bad request; commands: {sorted(self.handlers)}"}
+        if self.security is not None and not self.security.may(user_id, cmd):
+            return {"ok": False, "error": f"key {self.security.key_name(user_id)!r} may not send {cmd!r}"}
         try:
             return {"ok": True, **handler(request)}
         except ControlRefused as exc:
@@ -150,13 +193,20 @@ class ControlTimeout(TimeoutError):
 class ControlClient:
     """REQ client that survives a dead server: on timeout the socket is rebuilt."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(
+        self, ctx: zmq.Context, endpoint: str, security: Security | None = None, server: str = ""
+    ) -> None:
+        check_bind_endpoint(endpoint, security is not None)
         self._ctx = ctx
         self.endpoint = endpoint
+        self._security = security
+        self._server = server
         self._sock = self._connect()
 
     def _connect(self) -> zmq.Socket:
         sock = _base(self._ctx, zmq.REQ)
+        if self._security is not None:
+            self._security.secure_client(sock, self._server, watch=False)
         sock.connect(self.endpoint)
         return sock
 

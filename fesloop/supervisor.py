@@ -22,6 +22,7 @@ import zmq
 
 from fesloop.config import Config
 from fesloop.runtime import PARENT_PID_ENV
+from fesloop.security import Security
 from fesloop.sockets import ControlClient, ControlTimeout
 
 ROLES = ("stimulator", "controller", "acquisition")  # start order; shutdown order too
@@ -54,9 +55,10 @@ class Supervisor:
 
     def start(self) -> None:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        security = Security.for_role(self.config.security, self.config.security.operator_key)
         for role in ROLES:
             process = subprocess.Popen([sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env)
-            self.children.append(Child(role, process, ControlClient(self.ctx, self._endpoint(role))))
+            self.children.append(Child(role, process, ControlClient(self.ctx, self._endpoint(role), security, role)))
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_requested = True

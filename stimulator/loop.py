@@ -29,14 +29,15 @@ COMMAND_RCVHWM = 10
 class Stimulator:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.rt = ProcessRuntime("stimulator", config.endpoints.stimulator_control)
+        self.rt = ProcessRuntime("stimulator", config.endpoints.stimulator_control, security=config.security)
         ctx = self.rt.ctx
         channels = config.stimulation
         self.kernel = SafetyKernel(channels, DEVICES[config.stimulator.driver], config.stimulator)
         self.driver = SimulatedDriver(channels)
-        self.pub = publisher(ctx, config.endpoints.pulses)
+        self.pub = publisher(ctx, config.endpoints.pulses, self.rt.security)
         self.command_sub = subscriber(
-            ctx, config.endpoints.command, [protocol.TOPICS[protocol.Kind.COMMAND]], hwm=COMMAND_RCVHWM
+            ctx, config.endpoints.command, [protocol.TOPICS[protocol.Kind.COMMAND]], hwm=COMMAND_RCVHWM,
+            security=self.rt.security, server="controller",
         )
         self.command_counters = StreamCounters()
         self.pulse_seq = Sequencer()

@@ -36,3 +36,30 @@ def intensity_to_ma(
     linear_ma = threshold + u * (ceiling - threshold)
     quantized_ma = np.floor(linear_ma / step_ma + _GRID_TOLERANCE_STEPS) * step_ma
     return np.where(u > 0, np.minimum(quantized_ma, ceiling), 0.0)
+
+
+def modulate(
+    output_ma: np.ndarray,
+    ceiling_ma: np.ndarray,
+    pulse_width_us: np.ndarray,
+    pulse_width_modulated: np.ndarray,
+    device: DeviceLimits,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's output per channel (mA) to (amplitude mA, pulse width us) for the driver.
+
+    Amplitude channels: the output at the configured pulse width. Pulse-width channels:
+    the current is the ceiling (on the device step) whenever the output is above 0, and
+    the pulse width is scaled so the charge per pulse matches output x configured width,
+    floored to 1 us and raised to the device minimum; it never exceeds the configured
+    width, so peak current and rms density stay within the limits the config was
+    checked against.
+    """
+    output = np.asarray(output_ma, dtype=np.float64)
+    step = device.amplitude_step_ma
+    ceiling = np.floor(np.asarray(ceiling_ma, dtype=np.float64) / step + _GRID_TOLERANCE_STEPS) * step
+    width = np.asarray(pulse_width_us, dtype=np.float64)
+    scaled_us = np.floor(width * np.minimum(output / np.where(ceiling > 0, ceiling, 1.0), 1.0) + 1e-9)
+    scaled_us = np.minimum(np.maximum(scaled_us, device.pulse_width_us[0]), width)
+    on = output > 0
+    amplitude = np.where(pulse_width_modulated, np.where(on, ceiling, 0.0), output)
+    return amplitude, np.where(pulse_width_modulated & on, scaled_us, width)

@@ -3,12 +3,14 @@
 It stands where a device would: it is handed the amplitude per channel and emits a
 pulse on each channel with a non-zero amplitude every 1/frequency, on the shared
 clock. A channel going from zero to non-zero pulses at once; zero stops it at once.
+It implements :class:`stimulator.drivers.base.Driver`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +27,24 @@ class SimulatedDriver:
         self.next_pulse_s = np.full(len(channels), math.inf)
         self.pulses_delivered = 0
 
-    def set_output(self, amplitude_ma: np.ndarray, now_s: float) -> None:
+    def ready(self) -> bool:
+        return True
+
+    def set_output(self, amplitude_ma: np.ndarray, pulse_width_us: np.ndarray, now_s: float) -> None:
         starting = (self.amplitude_ma == 0) & (amplitude_ma > 0)
         self.next_pulse_s[starting] = now_s
         self.next_pulse_s[amplitude_ma == 0] = math.inf
         self.amplitude_ma[:] = amplitude_ma
+        self.pulse_width_us[:] = pulse_width_us
+
+    def keep_alive(self, now_s: float) -> None:
+        """Nothing to keep alive: the simulated device has no watchdog."""
+
+    def close(self) -> None:
+        self.zero()
+
+    def status(self) -> dict[str, Any]:
+        return {"driver": "simulated"}
 
     def zero(self) -> None:
         self.amplitude_ma[:] = 0.0

@@ -1,0 +1,370 @@
+"""Hasomed RehaStim2 over USB serial, ScienceMode2 continuous channel list mode.
+
+Runs inside the stimulator loop's single thread and never blocks: reads take what
+is waiting, writes are bounded (``WRITE_TIMEOUT_S``), and at most one command is
+in flight; its ack must come within 100 ms (MaxResponseTime) or the driver raises
+:class:`DriverFault`. It sends nothing on its own: commands go out when the output
+changes, ``Watchdog`` only from :meth:`keep_alive` (called after a fresh command),
+and ``InitAck`` in answer to the device's ``Init``. So when the loop dies, the
+device's 1200 ms watchdog stops stimulation.
+
+Session: the device sends Init (every 500 ms until answered) -> InitAck. Output
+above zero -> InitChannelListMode (the timing of :mod:`stimulator.channel_list`),
+then StartChannelListMode with every channel's current and pulse width; changes ->
+StartChannelListMode again (it also updates); all channels zero -> StopChannelListMode,
+after which the device's mode is asked (GetStimulationMode) before starting again.
+A StimulationError, a refused command, an ack timeout, an unexpected Init while
+stimulating or a link error -> DriverFault naming the cause and the channels. After
+an ack timeout the driver falls silent until the device, reset by its own watchdog,
+sends Init again.
+
+Published pulses follow the channel-list timing the device was given: list k starts
+at (first Start ack read) + k * t1, each channel in its 1.5 ms slot; parameters
+apply from when their ack was read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fesloop import protocol
+from fesloop.config import StimulationChannel
+from stimulator import sciencemode2 as sm2
+from stimulator.channel_list import plan_channel_list
+from stimulator.drivers.base import DriverFault
+
+BAUD_RATE = 460800
+ACK_TIMEOUT_S = 0.100  # MaxResponseTime
+KEEP_ALIVE_AFTER_S = 0.25  # a Watchdog goes out if nothing was sent for this long (device: 1.2 s)
+WRITE_TIMEOUT_S = 0.010  # a packet is < 130 bytes: under 3 ms at 460800 baud
+READ_CHUNK_BYTES = 4096
+MAX_LISTS_PER_CALL = 256  # pulses published per call at most, if the loop was late
+
+
+class Link(Protocol):
+    """A byte transport to the device (a serial port, or anything that behaves like one)."""
+
+    def read_available(self) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SerialLink:
+    """The RehaStim2 serial port: 460800 baud 8E1, no flow control, low latency if the OS offers it."""
+
+    def __init__(self, port: str) -> None:
+        import serial
+
+        self._serial_exception = serial.SerialException
+        try:
+            self.port = serial.Serial(
+                port,
+                BAUD_RATE,
+                bytesize=serial.EIGHTBITS,
+                parity=serial.PARITY_EVEN,
+                stopbits=serial.STOPBITS_ONE,
+                timeout=0,
+                write_timeout=WRITE_TIMEOUT_S,
+                exclusive=True,
+            )
+        except (OSError, ValueError, serial.SerialException) as exc:
+            raise DriverFault(f"cannot open serial port {port!r}: {exc}") from exc
+        try:  # Linux: ASYNC_LOW_LATENCY (the FTDI latency timer at 1 ms); a pty has none
+            self.port.set_low_latency_mode(True)
+            self.low_latency = True
+        except (AttributeError, NotImplementedError, OSError, ValueError):
+            self.low_latency = False
+
+    def read_available(self) -> bytes:
+        try:
+            return self.port.read(READ_CHUNK_BYTES)
+        except (OSError, self._serial_exception) as exc:
+            raise DriverFault(f"serial read failed: {exc}") from exc
+
+    def write(self, data: bytes) -> None:
+        try:
+            written = self.port.write(data)
+        except (OSError, self._serial_exception) as exc:
+            raise DriverFault(f"serial write failed: {exc}") from exc
+        if written != len(data):
+            raise DriverFault(f"serial write incomplete: {written} of {len(data)} bytes")
+
+    def close(self) -> None:
+        self.port.close()
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    number: int
+    command: sm2.Cmd
+    sent_s: float
+    settings: tuple[sm2.ChannelSetting, ...] = ()
+
+
+class RehaStim2Driver:
+    """The stimulator loop's view of one RehaStim2 (implements ``Driver``)."""
+
+    def __init__(
+        self,
+        channels: Sequence[StimulationChannel],
+        link: Link,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.link = link
+        self.clock = clock
+        self.plan = plan_channel_list(channels)
+        self.names = [c.name for c in channels]
+        self.device_channel = np.array([c.device_channel for c in channels], dtype=np.uint16)
+        self.decoder = sm2.Decoder()
+        self.connected = False
+        self.silent_reason = ""  # set after an ack timeout: say nothing until the device sends Init
+        self.mode: sm2.StimulationMode | None = None  # None: stopped, set-up unknown
+        self.protocol_version: int | None = None
+        self._in_flight: _InFlight | None = None
+        self._number = 0
+        self.last_sent_s = -math.inf
+        n = len(channels)
+        self._want_ma = np.zeros(n, dtype=np.int64)
+        self._want_pw_us = np.array([int(c.pulse_width_us) for c in channels], dtype=np.int64)
+        self._device_settings: tuple[sm2.ChannelSetting, ...] = ()
+        self._device_ma = np.zeros(n, dtype=np.float32)
+        self._device_pw_us = np.zeros(n, dtype=np.float32)
+        self._first_list_s = math.inf
+        self._next_list = 0
+        self.pulses_delivered = 0
+        self.pulses_unpublished = 0
+        self.acks = 0
+        self.stale_acks = 0
+        self.watchdogs_sent = 0
+        self.unexpected_packets = 0
+
+    # -- Driver interface -------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.connected and not self.silent_reason
+
+    def set_output(self, amplitude_ma: np.ndarray, pulse_width_us: np.ndarray, now_s: float) -> None:
+        amplitude = np.asarray(amplitude_ma, dtype=np.float64)
+        width = np.asarray(pulse_width_us, dtype=np.float64)
+        if not (np.isfinite(amplitude).all() and np.isfinite(width).all()):
+            raise DriverFault("output is not finite", self.names)
+        if ((amplitude < 0) | (amplitude > sm2.MAX_CURRENT_MA)).any() or ((width < 0) | (width > sm2.MAX_PULSE_WIDTH_US)).any():
+            raise DriverFault(f"output {amplitude.tolist()} mA, {width.tolist()} us outside the device range", self.names)
+        # Floor to the device's 1 mA and 1 us grid: never above what the kernel allowed.
+        want_ma = np.floor(amplitude + 1e-9).astype(np.int64)
+        if want_ma.any() and not self.ready():
+            raise DriverFault(f"device not ready: {self._link_text()}", self._on(want_ma))
+        self._want_ma = want_ma
+        self._want_pw_us = np.floor(width + 1e-9).astype(np.int64)
+        self._advance(now_s)
+
+    def keep_alive(self, now_s: float) -> None:
+        if self.ready() and self._in_flight is None and now_s - self.last_sent_s >= KEEP_ALIVE_AFTER_S:
+            self._send(sm2.Cmd.WATCHDOG, b"", now_s)
+            self.watchdogs_sent += 1
+
+    def deliver_due(self, now_s: float) -> protocol.Pulses | None:
+        for item in self.decoder.feed(self.link.read_available()):
+            if isinstance(item, sm2.Packet):
+                self._on_packet(item, now_s)
+        flight = self._in_flight
+        if flight is not None and now_s - flight.sent_s > ACK_TIMEOUT_S:
+            self._in_flight = None
+            self.silent_reason = f"no answer to {flight.command.name} within {ACK_TIMEOUT_S * 1e3:.0f} ms"
+            raise DriverFault(self.silent_reason, self._on(self._device_ma))
+        self._advance(now_s)
+        return self._pulses(now_s)
+
+    def next_event_s(self) -> float:
+        times = [self._first_list_s + self._next_list * self.plan.period_s]
+        if self._in_flight is not None:
+            times.append(self._in_flight.sent_s + ACK_TIMEOUT_S)
+        return min(times)
+
+    def zero(self) -> None:
+        """Want nothing; if the device may be stimulating, send Stop at once (pre-empting any ack)."""
+        self._want_ma[:] = 0
+        flight = self._in_flight
+        may_stimulate = self.mode is sm2.StimulationMode.STARTED or (
+            flight is not None and flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE
+        )
+        if not may_stimulate or not self.connected:
+            return
+        try:
+            self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", self.clock())
+        except DriverFault as exc:
+            self.silent_reason = str(exc)
+        self._stopped()
+
+    def close(self) -> None:
+        self.zero()
+        self.link.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "driver": "rehastim2",
+            "device": self._link_text(),
+            "mode": self.mode.name if self.mode is not None else None,
+            "protocol_version": self.protocol_version,
+            "main_interval_ms": round(self.plan.period_s * 1e3, 3),
+            "frequency_hz": [round(float(f), 3) for f in self.plan.frequency_hz()],
+            "acks": self.acks,
+            "stale_acks": self.stale_acks,
+            "watchdogs_sent": self.watchdogs_sent,
+            "frame_errors": self.decoder.frame_errors,
+            "garbage_bytes": self.decoder.garbage_bytes,
+            "unexpected_packets": self.unexpected_packets,
+            "pulses_unpublished": self.pulses_unpublished,
+        }
+
+    # -- protocol -----------------------------------------------------------------------
+
+    def _link_text(self) -> str:
+        if self.silent_reason:
+            return f"silent until the device sends Init ({self.silent_reason})"
+        return "connected" if self.connected else "waiting for the device's Init"
+
+    def _on(self, amplitude: np.ndarray) -> list[str]:
+        """Names (and 1-based device channels) of the channels with output above zero."""
+        return [f"{self.names[i]} (device channel {self.device_channel[i] + 1})" for i in np.flatnonzero(amplitude)]
+
+    def _send(self, command: sm2.Cmd, data: bytes, now_s: float) -> int:
+        number = self._number
+        self._number = (self._number + 1) % 256
+        self.link.write(sm2.encode(number, command, data))
+        self.last_sent_s = now_s
+        return number
+
+    def _command(self, command: sm2.Cmd, now_s: float, settings: tuple[sm2.ChannelSetting, ...] = ()) -> None:
+        data = self.plan.init.to_bytes() if command is sm2.Cmd.INIT_CHANNEL_LIST_MODE else sm2.start_data(list(settings))
+        number = self._send(command, data, now_s)
+        self._in_flight = _InFlight(number, command, now_s, settings)
+
+    def _settings(self) -> tuple[sm2.ChannelSetting, ...]:
+        """One setting per active channel, in increasing device channel order."""
+        return tuple(
+            sm2.ChannelSetting(0, int(max(self._want_pw_us[i], sm2.MIN_PULSE_WIDTH_US)), int(self._want_ma[i]))
+            for i in self.plan.order
+        )
+
+    def _advance(self, now_s: float) -> None:
+        """Send the next command towards the wanted output, if none is in flight."""
+        if not self.ready() or self._in_flight is not None:
+            return
+        mode = self.mode
+        if self._want_ma.any():
+            if mode is None:
+                self._command(sm2.Cmd.GET_STIMULATION_MODE, now_s)
+            elif mode is sm2.StimulationMode.START:
+                self._command(sm2.Cmd.INIT_CHANNEL_LIST_MODE, now_s)
+            elif mode is sm2.StimulationMode.INITIALIZED or self._settings() != self._device_settings:
+                self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
+        elif mode is sm2.StimulationMode.STARTED:
+            self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+
+    def _stopped(self) -> None:
+        """The device stops (or was told to): no pulses from here, set-up unknown."""
+        self.mode = None
+        self._device_settings = ()
+        self._device_ma[:] = 0
+        self._first_list_s = math.inf
+
+    def _on_packet(self, packet: sm2.Packet, now_s: float) -> None:
+        command = packet.command
+        if command == sm2.Cmd.INIT:
+            self._on_init(packet, now_s)
+        elif command == sm2.Cmd.STIMULATION_ERROR:
+            code = sm2.to_signed(packet.data[0]) if packet.data else 0
+            cause = sm2.STIMULATION_ERROR_TEXT.get(code, "unknown stimulation error")
+            stimulating = self._on(self._device_ma)
+            self._stopped()
+            self.mode = sm2.StimulationMode.START  # the device "resets its mode to start mode"
+            self._in_flight = None
+            raise DriverFault(f"RehaStim2 StimulationError {code}: {cause}; the device stopped", stimulating)
+        elif command == sm2.Cmd.UNKNOWN_COMMAND:
+            echoed = packet.data[0] if packet.data else -1
+            raise DriverFault(f"RehaStim2 does not know command {echoed}")
+        elif self._in_flight is not None and packet.number == self._in_flight.number and command == self._in_flight.command + 1:
+            self._on_ack(packet, now_s)
+        elif command in (sm2.Cmd.INIT_CHANNEL_LIST_MODE_ACK, sm2.Cmd.START_CHANNEL_LIST_MODE_ACK,
+                         sm2.Cmd.STOP_CHANNEL_LIST_MODE_ACK, sm2.Cmd.GET_STIMULATION_MODE_ACK):  # fmt: skip
+            self.stale_acks += 1  # the answer to a command pre-empted by zero()
+        else:
+            self.unexpected_packets += 1
+
+    def _on_init(self, packet: sm2.Packet, now_s: float) -> None:
+        """Answer the device's Init; if it was set up or stimulating, it has reset: fault."""
+        was = self._on(self._device_ma) if self.mode is sm2.StimulationMode.STARTED else []
+        was_wanted = self._on(self._want_ma)
+        self.protocol_version = packet.data[0] if packet.data else None
+        self.link.write(sm2.encode(packet.number, sm2.Cmd.INIT_ACK, bytes((0,))))
+        self.last_sent_s = now_s
+        self.connected = True
+        self.silent_reason = ""
+        self._in_flight = None
+        self._stopped()
+        self.mode = sm2.StimulationMode.START
+        if was or was_wanted:
+            raise DriverFault("RehaStim2 sent Init during stimulation: it reset (watchdog or power) and stopped", was or was_wanted)
+
+    def _on_ack(self, packet: sm2.Packet, now_s: float) -> None:
+        flight = self._in_flight
+        assert flight is not None
+        self._in_flight = None
+        self.acks += 1
+        result = sm2.to_signed(packet.data[0]) if packet.data else -1
+        if result != 0:
+            self._stopped()
+            raise DriverFault(
+                f"RehaStim2 refused {flight.command.name}: {result} ({sm2.RESULT_TEXT.get(result, 'unknown result')})",
+                self._on(self._want_ma),
+            )
+        if flight.command is sm2.Cmd.GET_STIMULATION_MODE:
+            self.mode = sm2.StimulationMode(packet.data[1]) if len(packet.data) > 1 and packet.data[1] <= 2 else None
+            if self.mode is sm2.StimulationMode.STARTED and not self._device_settings:
+                raise DriverFault("RehaStim2 reports stimulation running after Stop", self.names)
+        elif flight.command is sm2.Cmd.INIT_CHANNEL_LIST_MODE:
+            self.mode = sm2.StimulationMode.INITIALIZED
+        elif flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE:
+            self.mode = sm2.StimulationMode.STARTED
+            self._device_settings = flight.settings
+            by_order = {int(i): s for i, s in zip(self.plan.order, flight.settings)}
+            self._device_ma[:] = [by_order[i].current_ma for i in range(len(self.names))]
+            self._device_pw_us[:] = [by_order[i].pulse_width_us for i in range(len(self.names))]
+            if math.isinf(self._first_list_s):
+                self._first_list_s, self._next_list = now_s, 0
+        elif flight.command is sm2.Cmd.STOP_CHANNEL_LIST_MODE:
+            self._stopped()
+
+    def _pulses(self, now_s: float) -> protocol.Pulses | None:
+        """Pulses of every channel list that started by ``now_s`` (times from the device timing)."""
+        if math.isinf(self._first_list_s):
+            return None
+        period_s = self.plan.period_s
+        last = math.floor((now_s - self._first_list_s) / period_s)
+        if last < self._next_list:
+            return None
+        first = max(self._next_list, last - MAX_LISTS_PER_CALL + 1)
+        lists = np.arange(self._next_list, last + 1)
+        pulsing = (lists[:, None] % self.plan.every_n_lists[None, :] == 0) & (self._device_ma > 0)[None, :]
+        self.pulses_unpublished += int(pulsing[: first - self._next_list].sum())
+        pulsing[: first - self._next_list] = False
+        self._next_list = last + 1
+        k, ch = np.nonzero(pulsing)
+        if len(k) == 0:
+            return None
+        self.pulses_delivered += len(k)
+        return protocol.Pulses(
+            self.device_channel[ch],
+            self._first_list_s + lists[k] * period_s + self.plan.offset_s[ch],
+            self._device_ma[ch],
+            self._device_pw_us[ch],
+        )

@@ -1,0 +1,221 @@
+"""CurveZMQ in real processes on loopback: who may connect, who may command, who may control.
+
+Attackers here are real sockets: a NULL-security client, a CURVE client with an
+unknown key, raw bytes on the port, a listed key asking for what it may not, and
+publishers impersonating the controller. None may change the stimulator's output;
+each denial is counted in status and logged.
+"""
+
+from __future__ import annotations
+
+import socket
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from fesloop import protocol
+from fesloop.cli import main as cli_main
+from fesloop.clock import LslClock
+from fesloop.config import load_config
+from fesloop.protocol import GateReason
+from fesloop.security import Security, SecurityError
+from fesloop.sockets import ControlClient, ControlTimeout, EndpointError, check_bind_endpoint
+from tests.conftest import wait_until
+from tests.integration.test_loop import Recorder, pulses_array
+
+LONG_CONTRACTION = {
+    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
+    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
+}
+
+
+def test_keys_generate_makes_private_secrets_and_never_overwrites(tmp_path: Path, capsys) -> None:
+    assert cli_main(["keys", "generate", str(tmp_path / "k")]) == 0
+    for role in ("acquisition", "controller", "stimulator", "operator", "monitor"):
+        assert stat.S_IMODE((tmp_path / "k" / f"{role}.key_secret").stat().st_mode) == 0o600
+        assert "secret-key" not in (tmp_path / "k" / f"{role}.key").read_text()
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        cli_main(["keys", "generate", str(tmp_path / "k")])
+
+
+def test_secret_key_readable_by_others_is_refused(secured_config, keys_dir: Path) -> None:
+    config = load_config(secured_config())
+    (keys_dir / "stimulator.key_secret").chmod(0o644)
+    with pytest.raises(SecurityError, match="readable by others: chmod 600"):
+        Security(config.security, "stimulator")
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5602", "tcp://10.1.2.3:5602", "tcp://*:5602"])
+def test_beyond_loopback_needs_keys(endpoint: str) -> None:
+    with pytest.raises(EndpointError, match=r"beyond loopback only with CurveZMQ keys \(set \[security\] keys_dir"):
+        check_bind_endpoint(endpoint)
+    if "*" not in endpoint:
+        check_bind_endpoint(endpoint, authenticated=True)
+
+
+@pytest.mark.timeout(30)
+def test_process_refuses_to_bind_beyond_loopback_without_keys(write_config, processes) -> None:
+    path = write_config("demo.toml")
+    text = path.read_text()
+    path.write_text(text.replace(load_config(path).endpoints.command, "tcp://0.0.0.0:5602"))
+    controller = processes.start("controller", str(path), name="controller")
+    assert controller.wait(20) == 1
+    assert "tcp://0.0.0.0:5602" in processes.log("controller")
+    assert "beyond loopback only with CurveZMQ keys" in processes.log("controller")
+
+
+def _control(ctx: zmq.Context, endpoint: str, cmd: str, curve: tuple[bytes, bytes, bytes] | None) -> bytes | None:
+    """One raw REQ attempt (NULL security, or CURVE with (public, secret, server key)); the reply or None."""
+    sock = ctx.socket(zmq.REQ)
+    sock.linger = 0
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+    sock.connect(endpoint)
+    sock.send(b'{"cmd": "%s"}' % cmd.encode())
+    reply = sock.recv() if sock.poll(500) else None
+    sock.close()
+    return reply
+
+
+def _garbage(endpoint: str) -> None:
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=2) as raw:
+        raw.sendall(b'\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f{"cmd": "stop"}' + bytes(range(256)) * 8)
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(90)
+def test_attackers_cannot_change_the_output_and_are_counted(secured_config, keys_dir, processes) -> None:
+    path = secured_config("demo.toml", LONG_CONTRACTION)
+    config = load_config(path)
+    ctx = zmq.Context()
+    operator = ControlClient(ctx, config.endpoints.stimulator_control, Security(config.security, "operator"), "stimulator")
+    monitor = ControlClient(ctx, config.endpoints.stimulator_control, Security(config.security, "monitor"), "stimulator")
+    stim_key = (keys_dir / "stimulator.key").read_text().split('public-key = "')[1][:40].encode()
+    try:
+        for role in ("stimulator", "controller", "acquisition"):
+            processes.start(role, str(path), name=role)
+
+        def stimulating() -> dict | None:
+            try:
+                status = operator.request("status", timeout_s=1.0)
+            except ControlTimeout:
+                return None
+            return status if status["state"] == "ARMED" and max(status["output_ma"]) > 0 else None
+
+        before = wait_until(stimulating, 40, what="secured loop stimulating")
+        stim_control = config.endpoints.stimulator_control
+        unknown_public, unknown_secret = zmq.curve_keypair()
+        for cmd in ("stop", "disarm", "shutdown"):
+            assert _control(ctx, stim_control, cmd, None) is None  # NULL security: no handshake
+            assert _control(ctx, stim_control, cmd, (unknown_public, unknown_secret, stim_key)) is None
+        _garbage(stim_control)
+        _garbage(config.endpoints.pulses)
+        refused = {cmd: monitor.request(cmd, timeout_s=2.0) for cmd in ("arm", "disarm", "reset", "shutdown")}
+        after = wait_until(stimulating, 5, what="stimulation still going after the attacks")
+        security = after["security"]
+
+        stopped = monitor.request("stop", timeout_s=2.0)  # the monitor may stop...
+        reset_by_monitor = monitor.request("reset", timeout_s=2.0)  # ...but never reset or arm
+        reset_by_operator = operator.request("reset", timeout_s=2.0)
+    finally:
+        operator.close()
+        monitor.close()
+        ctx.destroy(linger=0)
+    assert after["pulses_delivered"] > before["pulses_delivered"]
+    for cmd, reply in refused.items():
+        assert reply == {"ok": False, "error": f"key 'monitor' may not send {cmd!r}"}
+    assert security["denied_keys"] >= 3  # one per unknown-key attempt
+    assert security["failed_handshakes"] >= 3 + 3 + 1  # NULL, unknown key, garbage on control
+    assert security["unauthorized_requests"] == 4
+    assert stopped["ok"] and stopped["state"] == "STOPPED" and stopped["output_ma"] == [0.0, 0.0]
+    assert not reset_by_monitor["ok"]
+    assert reset_by_operator["ok"] and reset_by_operator["state"] == "DISARMED"
+    log = processes.log("stimulator")
+    assert "DENIED" in log and "unknown CURVE key" in log and "key 'monitor' may not send 'arm'" in log
+
+
+def _commands(pub: zmq.Socket, seconds: float, clock: LslClock, seq0: int = 0) -> int:
+    """Publish valid, open-gate commands at 200 Hz for ``seconds``; the last sequence number."""
+    seq = seq0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        seq += 1
+        now = clock.now()
+        command = protocol.Command(now, np.full(2, 0.5, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8))
+        pub.send_multipart(protocol.encode(seq, now, command))
+        time.sleep(0.005)
+    return seq
+
+
+def _impostor(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes] | None) -> zmq.Socket:
+    """A PUB bound where the controller should be: NULL security, or CURVE server with ``keys``."""
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    if keys is not None:
+        pub.curve_publickey, pub.curve_secretkey = keys
+        pub.curve_server = True
+    pub.bind(endpoint)
+    return pub
+
+
+@pytest.mark.timeout(60)
+def test_only_the_controller_key_can_command_the_stimulator(secured_config, keys_dir, processes) -> None:
+    """Publishers in the controller's place (another key, or NULL security) are never heard."""
+    path = secured_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"})
+    config = load_config(path)
+    ctx = zmq.Context()
+    clock = LslClock()
+    operator = ControlClient(ctx, config.endpoints.stimulator_control, Security(config.security, "operator"), "stimulator")
+    try:
+        processes.start("stimulator", str(path), name="stimulator")
+        wait_until(lambda: _status_or_none(operator), 30, what="stimulator ready")
+        refused = {}
+        for who, keys in (
+            ("unknown key", zmq.curve_keypair()),
+            ("monitor key", zmq.auth.load_certificate(keys_dir / "monitor.key_secret")),
+        ):
+            pub = _impostor(ctx, config.endpoints.command, keys)
+            _commands(pub, 0.6, clock)
+            refused[who] = operator.request("arm", timeout_s=2.0)
+            pub.close()
+            time.sleep(0.1)
+        refused_status = operator.request("status", timeout_s=2.0)
+
+        real = _impostor(ctx, config.endpoints.command, zmq.auth.load_certificate(keys_dir / "controller.key_secret"))
+        seq, armed = 0, {}
+        for _ in range(25):  # reconnecting after the refused handshakes may take a few hundred ms
+            seq = _commands(real, 0.2, clock, seq)
+            armed = operator.request("arm", timeout_s=2.0)
+            if armed["ok"]:
+                break
+        real.close()
+        time.sleep(0.3)
+        heard_from_controller = operator.request("status", timeout_s=2.0)
+        null = _impostor(ctx, config.endpoints.command, None)
+        _commands(null, 0.6, clock)
+        null.close()
+        after_null = operator.request("status", timeout_s=2.0)
+    finally:
+        operator.close()
+        ctx.destroy(linger=0)
+    for who, reply in refused.items():
+        assert not reply["ok"] and "no fresh command" in reply["error"], who
+    assert refused_status["commands_received"] == 0 and refused_status["output_ma"] == [0.0, 0.0]
+    assert refused_status["security"]["failed_handshakes"] >= 2
+    assert armed["ok"] and armed["state"] == "ARMED", armed
+    assert heard_from_controller["state"] == "FAULT"  # the controller went away: deadline
+    assert after_null["commands_received"] == heard_from_controller["commands_received"]
+    assert after_null["state"] == "FAULT" and after_null["output_ma"] == [0.0, 0.0]
+    assert after_null["security"]["failed_handshakes"] > heard_from_controller["security"]["failed_handshakes"]
+
+
+def _status_or_none(client: ControlClient) -> dict | None:
+    try:
+        return client.request("status", timeout_s=1.0)
+    except ControlTimeout:
+        return None

@@ -1,0 +1,286 @@
+"""The RehaStim2 driver against the protocol emulator over a real pseudo-terminal (pyserial)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from fesloop.config import StimulationChannel
+from stimulator import sciencemode2 as sm2
+from stimulator.drivers.base import DriverFault
+from stimulator.drivers.rehastim2 import ACK_TIMEOUT_S, RehaStim2Driver, SerialLink
+from stimulator.rehastim2_emulator import WATCHDOG_TIMEOUT_S, EmulatedPulse, PtyEmulator
+
+pytestmark = pytest.mark.timeout(30)
+
+QUAD = StimulationChannel(
+    name="quad", muscle="quad", device_channel=0, electrode_area_cm2=25.0,
+    threshold_ma=12.0, max_ma=40.0, pulse_width_us=300.0, frequency_hz=30.0,
+)  # fmt: skip
+TIB = StimulationChannel(
+    name="tib", muscle="tib", device_channel=4, electrode_area_cm2=16.0,
+    threshold_ma=10.0, max_ma=30.0, pulse_width_us=250.0, frequency_hz=30.0,
+)  # fmt: skip
+WIDTHS_US = np.array([300.0, 250.0])
+PERIOD_S = 0.0335  # 30 Hz -> t1 code 65 -> 33.5 ms
+
+
+@pytest.fixture
+def emulator() -> Iterator[PtyEmulator]:
+    with PtyEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def driver(emulator: PtyEmulator) -> Iterator[RehaStim2Driver]:
+    drv = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
+    try:
+        yield drv
+    finally:
+        drv.close()
+
+
+class Loop:
+    """Drives the driver as the stimulator loop does: every 2 ms service it; optionally
+    set an output and feed the keep-alive (as after a fresh command)."""
+
+    def __init__(self, driver: RehaStim2Driver) -> None:
+        self.driver = driver
+        self.pulses: list[tuple[int, float, float, float]] = []
+
+    def run(self, seconds: float, output_ma: list[float] | None = None, fresh: bool = True) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            now = time.monotonic()
+            if output_ma is not None:
+                self.driver.set_output(np.array(output_ma), WIDTHS_US, now)
+            if fresh:
+                self.driver.keep_alive(now)
+            self.service(now)
+            time.sleep(0.002)
+
+    def service(self, now: float) -> None:
+        pulses = self.driver.deliver_due(now)
+        if pulses is not None:
+            for i in range(len(pulses.channel)):
+                self.pulses.append(
+                    (int(pulses.channel[i]), float(pulses.time_s[i]), float(pulses.amplitude_ma[i]), float(pulses.pulse_width_us[i]))
+                )
+
+    def until(self, predicate, timeout_s: float, what: str, output_ma: list[float] | None = None) -> None:
+        end = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > end:
+                pytest.fail(f"timed out waiting for {what}")
+            self.run(0.01, output_ma)
+
+
+def emulated(emulator: PtyEmulator) -> list[EmulatedPulse]:
+    with emulator.lock:
+        return list(emulator.device.pulses)
+
+
+def commands(emulator: PtyEmulator) -> list[int]:
+    with emulator.lock:
+        return [p.command for p in emulator.device.commands]
+
+
+def connected(loop: Loop) -> Loop:
+    loop.until(loop.driver.ready, 2.0, "the Init/InitAck handshake")
+    return loop
+
+
+def stimulating(loop: Loop, emulator: PtyEmulator, output_ma: list[float]) -> None:
+    loop.until(lambda: emulator.device.stimulating, 1.0, "stimulation to start", output_ma)
+    loop.run(0.3, output_ma)
+
+
+def test_handshake_answers_the_devices_init(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = Loop(driver)
+    assert not driver.ready()
+    with pytest.raises(DriverFault, match="device not ready.*quad"):
+        driver.set_output(np.array([10.0, 0.0]), WIDTHS_US, time.monotonic())
+    connected(loop)
+    with emulator.lock:
+        assert emulator.device.connected and not emulator.device.stimulating
+    assert driver.protocol_version == 1 and driver.status()["device"] == "connected"
+    assert commands(emulator)[0] == sm2.Cmd.INIT_ACK
+    assert sm2.Cmd.INIT_CHANNEL_LIST_MODE not in commands(emulator)  # nothing is set up before output
+
+
+def test_start_delivers_what_the_driver_publishes(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    loop.run(0.5, [20.0, 0.0])
+    device = emulated(emulator)
+    assert commands(emulator)[1:3] == [sm2.Cmd.INIT_CHANNEL_LIST_MODE, sm2.Cmd.START_CHANNEL_LIST_MODE]
+    with emulator.lock:
+        init = emulator.device.channel_list
+    assert init is not None and init.active_mask == 0b10001 and init.main_interval_ms == PERIOD_S * 1e3
+    assert {(p.channel, p.current_ma, p.pulse_width_us) for p in device} == {(0, 20, 300)}
+    published = [p for p in loop.pulses if p[1] <= device[-1].time_s]
+    assert {(c, a, w) for c, _, a, w in published} == {(0, 20.0, 300.0)}
+    assert abs(len(published) - len(device)) <= 1
+    # Published times follow the channel-list timing: the same period, offset by the ack's travel.
+    times = np.array([t for _, t, _, _ in published])
+    np.testing.assert_allclose(np.diff(times), PERIOD_S, atol=1e-9)
+    offsets = times[: len(device)] - np.array([p.time_s for p in device])[: len(times)]
+    assert np.all(np.abs(offsets) < 0.01), offsets
+
+
+def test_update_changes_parameters_without_a_new_init(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    loop.run(0.3, [25.7, 15.0])
+    device = emulated(emulator)
+    assert {(p.channel, p.current_ma) for p in device[-4:]} == {(0, 25), (4, 15)}  # floored to 1 mA
+    # Channel 5 (module B) pulses in the second 1.5 ms slot of the list.
+    last_list = [p for p in device if p.time_s >= device[-1].time_s - 0.002]
+    assert [round((p.time_s - last_list[0].time_s) * 1e3, 3) for p in last_list] == [0.0, 1.5]
+    sent = commands(emulator)
+    assert sent.count(sm2.Cmd.INIT_CHANNEL_LIST_MODE) == 1 and sent.count(sm2.Cmd.START_CHANNEL_LIST_MODE) == 2
+    assert {(c, a) for c, _, a, _ in loop.pulses[-4:]} == {(0, 25.0), (4, 15.0)}
+
+
+def test_all_zero_stops_and_output_starts_again(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    loop.until(lambda: not emulator.device.stimulating, 0.2, "stop", [0.0, 0.0])
+    n = len(emulated(emulator))
+    loop.run(0.3, [0.0, 0.0])
+    assert len(emulated(emulator)) == n
+    published = len(loop.pulses)
+    loop.run(0.1, [0.0, 0.0])
+    assert len(loop.pulses) == published
+    stimulating(loop, emulator, [20.0, 10.0])
+    assert [c for c in commands(emulator) if c != sm2.Cmd.WATCHDOG][-3:] == [
+        sm2.Cmd.GET_STIMULATION_MODE, sm2.Cmd.INIT_CHANNEL_LIST_MODE, sm2.Cmd.START_CHANNEL_LIST_MODE,
+    ]  # fmt: skip
+
+
+def test_zero_sends_stop_at_once(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    driver.zero()
+    loop.until(lambda: not emulator.device.stimulating, 0.1, "stop after zero()", None)
+    loop.run(0.2, [0.0, 0.0])
+    assert driver.stale_acks <= 1 and driver.mode is not sm2.StimulationMode.STARTED
+
+
+def test_keep_alive_only_after_fresh_commands_lets_the_device_watchdog_stop_output(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    loop.run(2.0, [20.0, 10.0])  # fresh commands for longer than the watchdog: stays on
+    with emulator.lock:
+        assert emulator.device.stimulating
+    assert driver.watchdogs_sent >= 5
+    # The loop still runs but no fresh command arrives: no keep-alive, no packet at all.
+    last_sent = driver.last_sent_s
+    with pytest.raises(DriverFault, match="sent Init during stimulation"):  # the device reset itself
+        loop.run(1.8, [20.0, 10.0], fresh=False)
+    with emulator.lock:
+        device = emulator.device
+        stopped = [t for t, what in device.events if "watchdog" in what]
+        last_pulse = device.pulses[-1].time_s
+        assert not device.stimulating
+    assert len(stopped) == 1
+    after_s = stopped[0] - last_sent
+    print(f"emulator watchdog stopped output {after_s * 1e3:.1f} ms after the driver's last packet")
+    assert WATCHDOG_TIMEOUT_S <= after_s <= WATCHDOG_TIMEOUT_S + 0.01
+    assert last_pulse <= stopped[0]
+
+
+def test_dead_loop_lets_the_watchdog_fire_and_the_devices_init_faults_it(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    last_sent = driver.last_sent_s
+    time.sleep(WATCHDOG_TIMEOUT_S + 0.2)  # the loop is dead: nothing is called at all
+    with emulator.lock:
+        assert not emulator.device.stimulating and not emulator.device.connected
+    with pytest.raises(DriverFault, match="sent Init during stimulation.*quad \\(device channel 1\\)"):
+        loop.service(time.monotonic())
+    assert driver.ready()  # the Init was answered: a fresh session after reset
+    assert emulator.device.events[-1][0] - last_sent >= WATCHDOG_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [(-1, "emergency switch activated or not connected"), (-2, "electrode error"), (-3, "stimulation module error")],
+)
+def test_stimulation_error_faults_naming_cause_and_channels(
+    emulator: PtyEmulator, driver: RehaStim2Driver, code: int, cause: str
+) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    with emulator.lock:
+        emulator.device.inject_stimulation_error(code, time.monotonic())
+    with pytest.raises(DriverFault) as error:
+        loop.until(lambda: False, 0.5, "the StimulationError", [20.0, 0.0])
+    message = str(error.value)
+    assert f"StimulationError {code}: {cause}" in message and "the device stopped" in message
+    assert error.value.channels == ("quad (device channel 1)",)
+    assert "tib" not in message  # at 0 mA: not concerned
+    assert driver.mode is sm2.StimulationMode.START
+    n_sent = len(commands(emulator))
+    driver.zero()  # the device already stopped: nothing to send
+    assert len(commands(emulator)) == n_sent
+
+
+def test_ack_timeout_faults_then_the_driver_stays_silent_until_the_device_resets(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    with emulator.lock:
+        emulator.device.drop_acks = True
+    sent_s = time.monotonic()
+    with pytest.raises(DriverFault, match="no answer to START_CHANNEL_LIST_MODE within 100 ms.*quad"):
+        loop.until(lambda: False, 1.0, "the ack timeout", [30.0, 0.0])
+    assert ACK_TIMEOUT_S <= time.monotonic() - sent_s <= ACK_TIMEOUT_S + 0.05
+    assert not driver.ready()
+    n_sent = len(commands(emulator))
+    driver.zero()  # the device may be stimulating: one Stop, then silence
+    loop.run(0.5, [0.0, 0.0])
+    assert commands(emulator)[n_sent:] == [sm2.Cmd.STOP_CHANNEL_LIST_MODE]
+    with emulator.lock:
+        emulator.device.drop_acks = False
+    loop.until(driver.ready, 2.0, "the device's Init after its watchdog", [0.0, 0.0])
+    with emulator.lock:
+        assert not emulator.device.stimulating
+
+
+def test_garbage_on_the_line_is_dropped_both_ways(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    broken = bytearray(sm2.encode(200, sm2.Cmd.START_CHANNEL_LIST_MODE_ACK, b"\x00"))
+    broken[2] ^= 0xFF
+    emulator.inject_line_bytes(b"\x00\x13\x0f\x55" + bytes(broken) + b"\xf0\x81" + b"\x01" * 200)
+    driver.link.write(b"\xff\x0f\xf0\x00" + sm2.encode(7, sm2.Cmd.STOP_CHANNEL_LIST_MODE)[:-1])  # no stop byte
+    loop.run(0.5, [21.0, 10.0])
+    with emulator.lock:
+        assert emulator.device.stimulating
+        assert emulator.device.decoder.frame_errors >= 1 and emulator.device.decoder.garbage_bytes >= 1
+        assert emulator.device.settings[0].current_ma == 21
+    status = driver.status()
+    assert status["garbage_bytes"] >= 4 and status["frame_errors"] >= 2
+
+
+def test_transfer_error_on_a_corrupted_command_faults(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    real_write = driver.link.write
+
+    def corrupting(data: bytes) -> None:
+        real_write(data[:2] + bytes([data[2] ^ 0x01]) + data[3:])  # wrong checksum
+
+    driver.link.write = corrupting  # type: ignore[method-assign]
+    with pytest.raises(DriverFault, match="refused START_CHANNEL_LIST_MODE: -1 \\(transfer error\\)"):
+        loop.until(lambda: False, 0.5, "the transfer error", [25.0, 0.0])
+    driver.link.write = real_write  # type: ignore[method-assign]
