@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from fesloop.schema import ConfigError, bounded, build
+from stimulator.channel_list import plan_channel_list
 from stimulator.limits import DEVICES, LimitError, check_channel
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
@@ -259,6 +260,9 @@ class StimulationChannel:
     max_ma: float = bounded(lo=0.0, unit="mA")
     pulse_width_us: float = bounded(lo=0.0, unit="us")
     frequency_hz: float = bounded(lo=0.0, unit="Hz")
+    # amplitude: intensity sets the current; pulse_width: the current stays at the ceiling and
+    # intensity sets the pulse width (the same charge per pulse, never above pulse_width_us).
+    modulation: Literal["amplitude", "pulse_width"] = "amplitude"
     law: ProportionalLaw = field(default_factory=ProportionalLaw)
 
 
@@ -278,12 +282,18 @@ class DoseLimits:
 
 @dataclass(frozen=True)
 class StimulatorConfig:
-    driver: Literal["simulated"] = "simulated"
+    driver: Literal["simulated", "rehastim2"] = "simulated"
+    # The RehaStim2's serial port (/dev/ttyUSB0, COM3, or an emulator's pty); rehastim2 only.
+    serial_port: str = ""
     deadline_ms: float = bounded(100.0, 10.0, 1000.0, "ms")
     ramp_s: float = bounded(0.5, 0.1, 60.0, "s (0 to max_ma)")
     max_emg_age_ms: float = bounded(250.0, 10.0, 5000.0, "ms")
     arm_at_start: bool = False
     dose: DoseLimits = field(default_factory=DoseLimits)
+
+    def check(self) -> None:
+        if self.driver == "rehastim2" and not self.serial_port:
+            raise ConfigError("serial_port", "", "the rehastim2 driver needs its serial port")
 
 
 ControlRequest = Literal["status", "arm", "disarm", "stop", "reset", "shutdown"]
@@ -363,6 +373,11 @@ class Config:
                 raise ConfigError(f"{key}.{exc.key}", exc.value, exc.limit) from None
         if self.stimulator.arm_at_start and self.stimulator.driver != "simulated":
             raise ConfigError("stimulator.arm_at_start", True, "only the simulated driver may arm at start")
+        if self.stimulator.driver == "rehastim2" and self.stimulation:
+            try:
+                plan_channel_list(self.stimulation)
+            except LimitError as exc:
+                raise ConfigError(exc.key, exc.value, exc.limit) from None
 
     def muscle_index(self, name: str) -> int:
         return [m.name for m in self.muscles].index(name)

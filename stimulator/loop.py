@@ -2,8 +2,9 @@
 
 Acts only on the newest fresh command; every output goes through the kernel
 (clamp, ramp, gate, deadline, state). Publishes delivered pulses on ``pulses``
-and to LSL, its state on ``status`` (at once on every state change). Any
-exception: output to zero first, FAULT latched, then the report.
+and to LSL, its state on ``status`` and as an LSL marker (type ``Markers``) at
+once on every state change. Any exception: output to zero first, FAULT latched,
+then the report. The device keep-alive goes out only right after a fresh command.
 """
 
 from __future__ import annotations
@@ -16,14 +17,25 @@ import zmq
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import configure_machine_scope, make_outlet
-from fesloop.runtime import LatencyWindow, ProcessRuntime
+from fesloop.runtime import LatencyWindow, ProcessRuntime, setup_logging
 from fesloop.sockets import ControlRefused, Sequencer, StreamCounters, drain, publisher, subscriber
+from stimulator.drivers.base import Driver, DriverFault
 from stimulator.drivers.simulated import SimulatedDriver
 from stimulator.limits import DEVICES
+from stimulator.mapping import modulate
 from stimulator.safety import SafetyKernel, SafetyRefused, StimState
 
 MAX_POLL_S = 0.005
 COMMAND_RCVHWM = 10
+
+
+def open_driver(config: Config, clock: Any) -> Driver:
+    """The configured output device (DriverFault if it cannot be opened)."""
+    if config.stimulator.driver == "rehastim2":
+        from stimulator.drivers.rehastim2 import RehaStim2Driver, SerialLink
+
+        return RehaStim2Driver(config.stimulation, SerialLink(config.stimulator.serial_port), clock)
+    return SimulatedDriver(config.stimulation)
 
 
 class Stimulator:
@@ -33,7 +45,10 @@ class Stimulator:
         ctx = self.rt.ctx
         channels = config.stimulation
         self.kernel = SafetyKernel(channels, DEVICES[config.stimulator.driver], config.stimulator)
-        self.driver = SimulatedDriver(channels)
+        self.device = DEVICES[config.stimulator.driver]
+        self._pulse_width_us = np.array([c.pulse_width_us for c in channels], dtype=np.float64)
+        self._pulse_width_modulated = np.array([c.modulation == "pulse_width" for c in channels], dtype=bool)
+        self.driver = open_driver(config, self.rt.clock.now)
         self.pub = publisher(ctx, config.endpoints.pulses, self.rt.security)
         self.command_sub = subscriber(
             ctx, config.endpoints.command, [protocol.TOPICS[protocol.Kind.COMMAND]], hwm=COMMAND_RCVHWM,
@@ -45,20 +60,40 @@ class Stimulator:
         self.commanded_intensity = np.zeros(len(channels), dtype=np.float32)
         self._auto_arm_pending = config.stimulator.arm_at_start
         self.outlet = None
+        self.markers = None
         handlers = self.rt.control.handlers
-        handlers["arm"] = lambda _r: self._control(lambda: self.kernel.arm(self.rt.clock.now()))
+        handlers["arm"] = lambda _r: self._control(self._arm)
         handlers["disarm"] = lambda _r: self._control(self.kernel.disarm)
         handlers["stop"] = lambda r: self._control(lambda: self.kernel.stop(str(r.get("reason", "stop requested"))))
         handlers["reset"] = lambda _r: self._control(self.kernel.reset)
         self.rt.status_fields = self._status
 
+    def _arm(self) -> None:
+        if not self.driver.ready():
+            raise SafetyRefused(f"device not ready: {self.driver.status()}")
+        self.kernel.arm(self.rt.clock.now())
+
     def _control(self, action: Any) -> dict[str, Any]:
         try:
             action()
+            self._apply(self.rt.clock.now())
         except SafetyRefused as exc:
             raise ControlRefused(str(exc)) from None
-        self._apply(self.rt.clock.now())
+        except Exception as exc:
+            self._fail(exc)
+            raise ControlRefused(f"FAULT: {self.kernel.fault_reason}") from None
         return self.kernel.snapshot()
+
+    def _fail(self, exc: Exception) -> None:
+        """Output to zero first, then FAULT naming the cause, then the report."""
+        reason = str(exc) if isinstance(exc, DriverFault) else f"internal error: {exc!r}"
+        try:
+            self.driver.zero()
+        except Exception as zero_exc:  # zero() must not raise; if it does, say so in the FAULT
+            reason += f"; zeroing the driver failed: {zero_exc!r}"
+        self.kernel.fault(reason)
+        self.rt.log.error("output set to zero, FAULT latched: %s", reason)
+        self._publish_events(self.rt.clock.now())
 
     def _status(self) -> dict[str, Any]:
         return {
@@ -68,6 +103,7 @@ class Stimulator:
             "commanded_intensity": [round(float(x), 4) for x in self.commanded_intensity],
             "latency_ms": self.latency.summary_ms(),
             "pulses_delivered": self.driver.pulses_delivered,
+            "device": self.driver.status(),
             "commands_received": self.command_counters.received,
             "rejected": self.command_counters.rejected + self.kernel.rejected,
         }
@@ -81,6 +117,14 @@ class Stimulator:
             0.0,
             f"fesloop-{self.config.name}-pulses",
         )
+        self.markers = make_outlet(
+            f"{self.config.name}-stimulator-markers",
+            "Markers",
+            ["event"],
+            0.0,
+            f"fesloop-{self.config.name}-stimulator-markers",
+            channel_format="string",
+        )
 
     def _on_commands(self, now_s: float) -> None:
         for message in drain(self.command_sub, self.command_counters):
@@ -90,12 +134,17 @@ class Stimulator:
                     self._auto_arm_pending = False
                     self.kernel.arm(now_s)
                 self._apply(now_s)
+                if self.kernel.state is StimState.ARMED or self.kernel.state is StimState.DISARMED:
+                    self.driver.keep_alive(now_s)
                 if message.body.gate_open.any():
                     self.latency.add(self.rt.clock.now() - message.body.newest_emg_time_s)
 
     def _apply(self, now_s: float) -> None:
         """Kernel output to the driver, then fire what is due."""
-        self.driver.set_output(self.kernel.update(now_s), now_s)
+        amplitude_ma, pulse_width_us = modulate(
+            self.kernel.update(now_s), self.kernel.clamp_ma, self._pulse_width_us, self._pulse_width_modulated, self.device
+        )
+        self.driver.set_output(amplitude_ma, pulse_width_us, now_s)
         pulses = self.driver.deliver_due(now_s)
         if pulses is not None:
             self.pub.send_multipart(protocol.encode(self.pulse_seq.next(), now_s, pulses))
@@ -103,9 +152,15 @@ class Stimulator:
                 for i in range(len(pulses.channel)):
                     sample = [float(pulses.channel[i]), float(pulses.amplitude_ma[i]), float(pulses.pulse_width_us[i])]
                     self.outlet.push_sample(sample, float(pulses.time_s[i]))
+        self._publish_events(now_s)
+
+    def _publish_events(self, now_s: float) -> None:
+        """Each state change: logged, as an LSL marker, and a status message at once."""
         events = self.kernel.pop_events()
         for event in events:
             self.rt.log.warning("%s", event)
+            if self.markers is not None:
+                self.markers.push_sample([event], now_s)
         if events:
             self.pub.send_multipart(protocol.encode(self.rt.status_seq.next(), now_s, protocol.Status(self.rt.status())))
 
@@ -135,11 +190,11 @@ class Stimulator:
                 try:
                     self._step(poller)
                 except Exception as exc:
-                    self.driver.zero()
-                    self.kernel.fault(f"internal error: {exc!r}")
-                    rt.log.exception("internal error: output set to zero, FAULT latched")
+                    self._fail(exc)
+                    if not isinstance(exc, DriverFault):
+                        rt.log.exception("internal error")
         finally:
-            self.driver.zero()
+            self.driver.close()
             if self.kernel.state is StimState.ARMED:
                 self.kernel.disarm()
             rt.log.info("stopped: output zero, %d pulses delivered", self.driver.pulses_delivered)
@@ -148,4 +203,9 @@ class Stimulator:
 
 
 def main(config: Config) -> int:
-    return Stimulator(config).run()
+    try:
+        stimulator = Stimulator(config)
+    except DriverFault as exc:
+        setup_logging("stimulator").error("cannot open the %s driver: %s", config.stimulator.driver, exc)
+        return 1
+    return stimulator.run()
