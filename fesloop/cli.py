@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     from acquisition import convert
 
     convert.add_arguments(sub.add_parser("convert", help="a recording (CSV/TXT/.npy/.mat) to a BrainFlow playback file"))
+    from stimulator import rehastim2_emulator
+
+    rehastim2_emulator.add_arguments(sub.add_parser("emulate", help="a stimulator emulator on a pseudo-terminal"))
     keys = sub.add_parser("keys", help="CurveZMQ key pairs for [security]")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_sub.add_parser("generate", help="a key pair per process and per client (secret files mode 0600)")
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from acquisition.convert import main as run_convert
 
         return run_convert(args)
+    if args.command == "emulate":
+        from stimulator.rehastim2_emulator import main as run_emulator
+
+        return run_emulator(args)
     if args.command == "keys":
         return _generate_keys(args.directory, args.names)
     config = _load(args.config)

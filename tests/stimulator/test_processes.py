@@ -1,0 +1,172 @@
+"""The stimulator in real processes: a frozen controller, the latched e-stop, state markers,
+and the RehaStim2 driver against the emulator. Assertions come from what the processes
+publish (pulses, status, LSL markers) and their control replies, never from logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pylsl
+import pytest
+import zmq
+
+from fesloop.config import load_config
+from fesloop.lsl import configure_machine_scope
+from fesloop.sockets import ControlClient, ControlTimeout
+from stimulator.rehastim2_emulator import PtyEmulator
+from tests.conftest import wait_until
+from tests.streams import Recorder, pulses_array
+
+pytestmark = pytest.mark.timeout(90)
+
+LONG_CONTRACTION = {
+    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
+    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
+}
+
+
+def start_loop(processes, path) -> None:
+    for role in ("stimulator", "controller", "acquisition"):
+        processes.start(role, str(path), name=role)
+
+
+def reply(client: ControlClient, request: str) -> dict:
+    """A control reply, or {} while the process is still starting."""
+    try:
+        return client.request(request, timeout_s=2.0)
+    except ControlTimeout:
+        return {}
+
+
+def wait_stimulating(recorder: Recorder, threshold_ma: float) -> None:
+    def stimulating() -> bool:
+        _, _, amplitudes = pulses_array(recorder.get(b"pulses"))
+        return bool((amplitudes > threshold_ma).sum() >= 10)
+
+    wait_until(stimulating, 30, what="stimulation during the scripted contraction")
+
+
+def test_frozen_controller_zeroes_output_latches_fault_and_never_replays(write_config, processes) -> None:
+    path = write_config("demo.toml", LONG_CONTRACTION)
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+    try:
+        start_loop(processes, path)
+        controller = processes.started[1]
+        wait_stimulating(recorder, config.stimulation[0].threshold_ma)
+        t_stop = pylsl.local_clock()
+        os.kill(controller.pid, signal.SIGSTOP)
+        time.sleep(1.0)
+        frozen = stim.request("status", timeout_s=2.0)
+        os.kill(controller.pid, signal.SIGCONT)
+        t_cont = pylsl.local_clock()
+        time.sleep(1.5)
+        resumed = stim.request("status", timeout_s=2.0)
+        _, times, _ = pulses_array(recorder.get(b"pulses"))
+    finally:
+        recorder.close()
+        stim.close()
+        ctx.destroy(linger=0)
+    deadline_s = config.stimulator.deadline_ms * 1e-3
+    last_after_stop_s = times[times <= t_cont].max() - t_stop
+    print(f"last pulse {last_after_stop_s * 1e3:.1f} ms after SIGSTOP (deadline {deadline_s * 1e3:.0f} ms)")
+    assert last_after_stop_s <= deadline_s + 0.030
+    assert frozen["state"] == "FAULT" and "no fresh command" in frozen["fault_reason"]
+    assert frozen["output_ma"] == [0.0, 0.0]
+    # After SIGCONT the backlog and the fresh commands are read (last_seq moves on), yet
+    # nothing is delivered: FAULT stays latched.
+    assert not (times > t_cont).any(), f"{(times > t_cont).sum()} pulses after SIGCONT"
+    assert resumed["state"] == "FAULT" and resumed["fault_reason"] == frozen["fault_reason"]
+    assert resumed["last_seq"] > frozen["last_seq"] and resumed["output_ma"] == [0.0, 0.0]
+
+
+def test_stop_latches_until_reset_and_reset_never_restarts_output(write_config, processes) -> None:
+    path = write_config("demo.toml", LONG_CONTRACTION)
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"]})
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+    configure_machine_scope()
+    try:
+        start_loop(processes, path)
+        streams = pylsl.resolve_bypred(f"type='Markers' and name='{config.name}-stimulator-markers'", 1, 20)
+        assert streams, "no stimulator marker stream"
+        markers = pylsl.StreamInlet(streams[0])
+        markers.open_stream(timeout=5)
+        wait_stimulating(recorder, config.stimulation[0].threshold_ma)
+        t_stop = pylsl.local_clock()
+        stopped = stim.request("stop", timeout_s=2.0)
+        time.sleep(0.5)
+        refused = stim.request("arm", timeout_s=2.0)
+        still = stim.request("status", timeout_s=2.0)
+        t_reset = pylsl.local_clock()
+        reset = stim.request("reset", timeout_s=2.0)
+        time.sleep(1.0)
+        after = stim.request("status", timeout_s=2.0)
+        _, times, _ = pulses_array(recorder.get(b"pulses"))
+        samples, _ = markers.pull_chunk(timeout=2.0)
+        states = [m.body.fields["state"] for m in recorder.get(b"status")]
+    finally:
+        recorder.close()
+        stim.close()
+        ctx.destroy(linger=0)
+    assert stopped["ok"] and stopped["state"] == "STOPPED" and stopped["output_ma"] == [0.0, 0.0]
+    assert not refused["ok"] and "STOPPED" in refused["error"] and "reset first" in refused["error"]
+    assert still["state"] == "STOPPED"
+    assert reset["ok"] and reset["state"] == "DISARMED"
+    assert after["state"] == "DISARMED" and after["output_ma"] == [0.0, 0.0]
+    late = times[times > t_stop]
+    assert len(late) == 0 or late.max() - t_stop < 0.005, late - t_stop  # a pulse already on its way
+    assert not (times > t_reset).any(), "reset restarted output"
+    events = [s[0] for s in samples]
+    assert "ARMED -> STOPPED: stop requested" in events and "STOPPED -> DISARMED: reset" in events
+    assert "STOPPED" in states and states[-1] == "DISARMED"  # every state change on status too
+
+
+def test_rehastim2_process_against_the_emulator(write_config, processes) -> None:
+    with PtyEmulator() as emulator:
+        replace = {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = false",
+                   'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'}  # fmt: skip
+        path = write_config("demo.toml", replace)
+        config = load_config(path)
+        recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
+        ctx = zmq.Context()
+        stim = ControlClient(ctx, config.endpoints.stimulator_control)
+        try:
+            start_loop(processes, path)
+            controller = processes.started[1]
+
+            def connected() -> bool:
+                return reply(stim, "status").get("device", {}).get("device") == "connected"
+
+            wait_until(connected, 20, what="the RehaStim2 handshake")
+            time.sleep(1.5)
+            with emulator.lock:
+                assert not emulator.device.stimulating  # never arms by itself
+            armed = wait_until(lambda: reply(stim, "arm").get("ok"), 10, what="arm")
+            assert armed
+            wait_until(lambda: emulator.device.stimulating, 20, what="the emulator to stimulate")
+            wait_stimulating(recorder, config.stimulation[0].threshold_ma)
+            t_stop = time.monotonic()
+            os.kill(controller.pid, signal.SIGSTOP)
+            time.sleep(0.6)
+            status = stim.request("status", timeout_s=2.0)
+            with emulator.lock:
+                device_pulses = [p.time_s for p in emulator.device.pulses]
+                stimulating = emulator.device.stimulating
+            os.kill(controller.pid, signal.SIGCONT)
+        finally:
+            recorder.close()
+            stim.close()
+            ctx.destroy(linger=0)
+    last_s = max(device_pulses) - t_stop
+    print(f"emulated device: last pulse {last_s * 1e3:.1f} ms after SIGSTOP of the controller")
+    assert not stimulating and last_s <= 0.100 + 0.050
+    assert status["state"] == "FAULT" and "no fresh command" in status["fault_reason"]
+    _, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+    assert np.all(amplitudes == np.floor(amplitudes))  # the device's 1 mA grid
