@@ -226,6 +226,23 @@ class OnsetConfig:
 
 
 @dataclass(frozen=True)
+class ErgometerConfig:
+    """The simulated ergometer cycling laws read crank angle and cadence from (inside the controller).
+
+    Each stimulation channel pushes the crank with max_torque_nm x recruitment of its
+    delivered pulses (simulated patient's curve, low-passed by ``force_tau_s``) x
+    cos(crank angle - its window centre). A motor holds at least ``motor_cadence_rpm``.
+    """
+
+    inertia_kg_m2: float = bounded(0.8, 0.01, 100.0, "kg m^2")
+    friction_nm_per_rpm: float = bounded(0.2, 0.0, 100.0, "N m per rpm")
+    max_torque_nm: float = bounded(15.0, 0.0, 500.0, "N m per channel")
+    force_tau_s: float = bounded(0.1, 0.001, 2.0, "s")
+    motor_cadence_rpm: float = bounded(0.0, 0.0, 200.0, "rpm (0 = no motor)")
+    motor_max_torque_nm: float = bounded(10.0, 0.0, 500.0, "N m")
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     control_rate_hz: float = bounded(200.0, 10.0, 2000.0, "Hz")
     stale_ms: float = bounded(100.0, 10.0, 5000.0, "ms")
@@ -236,16 +253,125 @@ class ControllerConfig:
     onset: OnsetConfig = field(default_factory=OnsetConfig)
     # Written by `fesloop calibrate`; when set, its rest/MVC levels replace the muscles' own.
     calibration_file: str = ""
+    ergometer: ErgometerConfig = field(default_factory=ErgometerConfig)
 
 
 @dataclass(frozen=True)
 class ProportionalLaw:
-    """intensity = clip(gain * (activation - offset), 0, max_intensity); 0 below offset."""
+    """intensity = clip(gain * (activation - offset), min_intensity, max_intensity); 0 below offset.
+
+    ``deadband``: once off, the output stays 0 until activation exceeds offset + deadband
+    (no chatter around the offset). ``smoothing_s`` (low-pass) and ``slew_per_s`` (rate
+    limit, both directions) smooth the output; 0 switches each off.
+    """
 
     kind: Literal["proportional"] = "proportional"
     gain: float = bounded(1.0, 0.0, 100.0)
     offset: float = bounded(0.1, 0.0, 1.0)
     max_intensity: float = bounded(1.0, 0.0, 1.0)
+    min_intensity: float = bounded(0.0, 0.0, 1.0)
+    deadband: float = bounded(0.0, 0.0, 1.0, "activation above offset")
+    smoothing_s: float = bounded(0.0, 0.0, 10.0, "s (time constant)")
+    slew_per_s: float = bounded(0.0, 0.0, 1000.0, "intensity per s (0 = off)")
+
+    def check(self) -> None:
+        if self.min_intensity > self.max_intensity:
+            raise ConfigError("min_intensity", self.min_intensity, f"must not exceed max_intensity ({self.max_intensity:g})")
+
+
+@dataclass(frozen=True)
+class TriggeredLaw:
+    """EMG-triggered train: activation above ``on_threshold`` for ``min_duration_s`` starts a
+    preset train (ramp up, plateau, ramp down), then ``rest_s`` of refractory; a new trigger
+    needs activation below ``off_threshold`` first. EMG during train and rest is ignored.
+    After ``reps_per_set`` trains a ``set_rest_s`` pause (0 = no sets); at most
+    ``max_repetitions`` trains per session (0 = no limit).
+    """
+
+    kind: Literal["triggered"]
+    on_threshold: float = bounded(0.2, 0.0, 1.0, "activation")
+    off_threshold: float = bounded(0.1, 0.0, 1.0, "activation")
+    min_duration_s: float = bounded(0.1, 0.0, 10.0, "s")
+    intensity: float = bounded(0.8, 0.0, 1.0, "plateau")
+    ramp_up_s: float = bounded(0.5, 0.0, 60.0, "s")
+    plateau_s: float = bounded(2.0, 0.0, 600.0, "s")
+    ramp_down_s: float = bounded(0.5, 0.0, 60.0, "s")
+    rest_s: float = bounded(2.0, 0.0, 3600.0, "s")
+    reps_per_set: int = bounded(0, 0, 10000, "(0 = no sets)")
+    set_rest_s: float = bounded(0.0, 0.0, 3600.0, "s")
+    max_repetitions: int = bounded(0, 0, 100000, "(0 = no limit)")
+
+    def check(self) -> None:
+        if self.off_threshold > self.on_threshold:
+            raise ConfigError("off_threshold", self.off_threshold, f"must not exceed on_threshold ({self.on_threshold:g})")
+
+
+@dataclass(frozen=True)
+class TrackingLaw:
+    """PI control of the channel's muscle activation toward a target trajectory.
+
+    ``target``: [time_s, activation] points, linear in between, from the first command;
+    after the last point it holds, or repeats every ``period_s`` (0 = hold). The integral
+    stops while the output is saturated (anti-windup).
+    """
+
+    kind: Literal["tracking"]
+    target: tuple[tuple[float, float], ...]
+    period_s: float = bounded(0.0, 0.0, 86400.0, "s (0 = hold the last value)")
+    kp: float = bounded(1.0, 0.0, 100.0, "intensity per unit error")
+    ki: float = bounded(1.0, 0.0, 1000.0, "intensity per unit error per s")
+    min_intensity: float = bounded(0.0, 0.0, 1.0)
+    max_intensity: float = bounded(1.0, 0.0, 1.0)
+
+    def check(self) -> None:
+        if not self.target:
+            raise ConfigError("target", [], "at least one [time_s, activation] point")
+        times = [t for t, _ in self.target]
+        if times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
+            raise ConfigError("target", [list(p) for p in self.target], "times must start at 0 and increase")
+        if any(not 0.0 <= v <= 1.0 for _, v in self.target):
+            raise ConfigError("target", [list(p) for p in self.target], "activations must be within 0..1")
+        if self.period_s and self.period_s < times[-1]:
+            raise ConfigError("period_s", self.period_s, f"must be 0 or at least the last target time ({times[-1]:g} s)")
+        if self.min_intensity > self.max_intensity:
+            raise ConfigError("min_intensity", self.min_intensity, f"must not exceed max_intensity ({self.max_intensity:g})")
+
+
+@dataclass(frozen=True)
+class CyclingLaw:
+    """FES cycling: stimulate while the crank is in ``window_deg`` (this muscle's frame).
+
+    The muscle's crank angle is the ergometer's minus ``offset_deg`` (180 for the right
+    side). The window is advanced by cadence x ``emd_s`` (electromechanical delay) and
+    ramped over ``ramp_deg`` at each edge; start > end wraps through 0. Intensity is
+    ``max_intensity``, or a PI on cadence toward ``target_cadence_rpm`` (> 0); scaled by
+    (1 - emg_weight) + emg_weight x activation.
+    """
+
+    kind: Literal["cycling"]
+    window_deg: tuple[float, float] = bounded(lo=0.0, hi=360.0, unit="deg")
+    offset_deg: float = bounded(0.0, 0.0, 360.0, "deg")
+    emd_s: float = bounded(0.1, 0.0, 1.0, "s")
+    ramp_deg: float = bounded(10.0, 0.0, 180.0, "deg")
+    max_intensity: float = bounded(0.8, 0.0, 1.0)
+    min_intensity: float = bounded(0.0, 0.0, 1.0)
+    target_cadence_rpm: float = bounded(0.0, 0.0, 200.0, "rpm (0 = fixed intensity)")
+    kp_per_rpm: float = bounded(0.02, 0.0, 10.0, "intensity per rpm")
+    ki_per_rpm_s: float = bounded(0.01, 0.0, 10.0, "intensity per rpm per s")
+    emg_weight: float = bounded(0.0, 0.0, 1.0)
+
+    def check(self) -> None:
+        start, end = self.window_deg
+        width = (end - start) % 360.0
+        if width == 0.0:
+            raise ConfigError("window_deg", list(self.window_deg), "start and end must differ")
+        if 2 * self.ramp_deg > width:
+            raise ConfigError("ramp_deg", self.ramp_deg, f"two ramps must fit in the {width:g} deg window")
+        if self.min_intensity > self.max_intensity:
+            raise ConfigError("min_intensity", self.min_intensity, f"must not exceed max_intensity ({self.max_intensity:g})")
+
+
+Law = ProportionalLaw | TriggeredLaw | TrackingLaw | CyclingLaw
 
 
 @dataclass(frozen=True)
@@ -263,7 +389,7 @@ class StimulationChannel:
     # amplitude: intensity sets the current; pulse_width: the current stays at the ceiling and
     # intensity sets the pulse width (the same charge per pulse, never above pulse_width_us).
     modulation: Literal["amplitude", "pulse_width"] = "amplitude"
-    law: ProportionalLaw = field(default_factory=ProportionalLaw)
+    law: Law = field(default_factory=ProportionalLaw)
 
 
 @dataclass(frozen=True)

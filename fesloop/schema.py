@@ -96,6 +96,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, value, f"must be {_describe(tp)}")
         return value
     if origin in (types.UnionType, typing.Union):
+        tagged = _tagged_options(typing.get_args(tp))
+        if tagged and isinstance(value, dict):
+            return _convert_tagged(tagged, value, key)
         for option in typing.get_args(tp):
             try:
                 return _convert(option, value, key)
@@ -130,6 +133,39 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, value, "must be a string")
         return value
     raise TypeError(f"schema type {tp!r} at {key} is not supported")
+
+
+def _tagged_options(options: tuple[Any, ...]) -> dict[Any, Any]:
+    """Union members that are dataclasses told apart by a one-value Literal ``kind`` ({} otherwise)."""
+    tags: dict[Any, Any] = {}
+    for option in options:
+        if not dataclasses.is_dataclass(option):
+            return {}
+        kind = typing.get_type_hints(option).get("kind")
+        if typing.get_origin(kind) is not Literal or len(typing.get_args(kind)) != 1:
+            return {}
+        tags[typing.get_args(kind)[0]] = option
+    return tags
+
+
+def _convert_tagged(tagged: dict[Any, Any], value: dict[str, Any], key: str) -> Any:
+    """Build the member named by ``value["kind"]`` so errors come from that member alone.
+
+    Without ``kind``, the member whose ``kind`` has a default is meant (if there is one).
+    """
+    if "kind" not in value:
+        defaults = [
+            cls for cls in tagged.values()
+            if next(f for f in dataclasses.fields(cls) if f.name == "kind").default is not dataclasses.MISSING
+        ]
+        if len(defaults) != 1:
+            raise ConfigError(f"{key}.kind", None, "required key is missing; one of " + ", ".join(map(repr, tagged)))
+        return build(defaults[0], value, key)
+    kind = value["kind"]
+    cls = next((c for tag, c in tagged.items() if type(tag) is type(kind) and tag == kind), None)
+    if cls is None:
+        raise ConfigError(f"{key}.kind", kind, "must be one of " + ", ".join(map(repr, tagged)))
+    return build(cls, value, key)
 
 
 def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:

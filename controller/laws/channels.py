@@ -1,0 +1,79 @@
+"""The law of every stimulation channel, and the crank source the cycling laws read.
+
+This is what the controller loop holds: it feeds delivered pulses (to the simulated
+ergometer) and steps every law once per control tick; a closed gate holds the law
+and gives 0. Law events are kept (most recent first out) for the status message.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from acquisition.patient import recruitment
+from controller.ergometer import SimulatedErgometer
+from controller.laws.base import Law, LawInputs
+from controller.laws.cycling import Cycling, window_centre_deg
+from controller.laws.proportional import Proportional
+from controller.laws.tracking import Tracking
+from controller.laws.triggered import Triggered
+from fesloop.config import Config, CyclingLaw, ProportionalLaw, TrackingLaw, TriggeredLaw
+
+RECENT_EVENTS = 32
+
+
+def build_law(law: ProportionalLaw | TriggeredLaw | TrackingLaw | CyclingLaw) -> Law:
+    """The stateful law object for a channel's ``law`` table."""
+    laws = {ProportionalLaw: Proportional, TriggeredLaw: Triggered, TrackingLaw: Tracking, CyclingLaw: Cycling}
+    return laws[type(law)](law)
+
+
+class ChannelLaws:
+    def __init__(self, config: Config) -> None:
+        self.names = [s.name for s in config.stimulation]
+        self.laws = [build_law(s.law) for s in config.stimulation]
+        self._muscle = [config.muscle_index(s.muscle) for s in config.stimulation]
+        cycling = [isinstance(s.law, CyclingLaw) for s in config.stimulation]
+        self.ergometer = (
+            SimulatedErgometer(
+                config.controller.ergometer,
+                np.array([s.device_channel for s in config.stimulation]),
+                np.array([window_centre_deg(s.law) if c else 0.0 for s, c in zip(config.stimulation, cycling)]),
+                np.array(cycling),
+                lambda amplitude_ma: recruitment(amplitude_ma, config.acquisition.simulated),
+            )
+            if any(cycling)
+            else None
+        )
+        self.crank = None
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.event_counts: dict[str, int] = {}
+
+    def add_pulses(self, time_s: np.ndarray, device_channel: np.ndarray, amplitude_ma: np.ndarray) -> None:
+        if self.ergometer is not None:
+            self.ergometer.add_pulses(time_s, device_channel, amplitude_ma)
+
+    def step(self, now_s: float, activation: np.ndarray | None, gate_open: np.ndarray, out: np.ndarray) -> None:
+        """Write each channel's intensity into ``out`` (0 where the gate is closed)."""
+        if self.ergometer is not None:
+            self.crank = self.ergometer.advance(now_s)
+        for i, law in enumerate(self.laws):
+            if gate_open[i] and activation is not None:
+                out[i] = law.step(now_s, LawInputs(float(activation[self._muscle[i]]), self.crank))
+            else:
+                law.hold(now_s)
+                out[i] = 0.0
+            for event in law.events:
+                self.recent_events.append({"time_s": event.time_s, "channel": self.names[i], "kind": event.kind})
+                self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
+            law.events.clear()
+
+    def status(self) -> dict[str, Any]:
+        crank = (
+            {"angle_deg": round(self.crank.angle_deg, 2), "cadence_rpm": round(self.crank.cadence_rpm, 3)}
+            if self.crank is not None
+            else None
+        )
+        return {"law_events": list(self.recent_events), "law_event_counts": dict(self.event_counts), "crank": crank}
