@@ -169,6 +169,9 @@ class Stimulator:
         now_s = rt.clock.now()
         timeout_s = min(MAX_POLL_S, max(0.0, self.driver.next_event_s() - now_s))
         ready = dict(poller.poll(timeout_s * 1e3))
+        # Judge the deadline on the time now, before reading what queued up: a stimulator
+        # that was itself frozen must latch FAULT, not take its backlog as fresh.
+        self._apply(rt.clock.now())
         now_s = rt.clock.now()
         if self.command_sub in ready:
             self._on_commands(now_s)

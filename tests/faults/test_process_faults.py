@@ -143,12 +143,6 @@ def test_frozen_or_killed_acquisition_closes_the_gates_within_bound(loop) -> Non
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent safety finding: a stimulator frozen longer than the deadline reads its queued commands on waking "
-    "as fresh (received now) and goes on stimulating, ARMED; the deadline must be judged before queued "
-    "commands are accepted (stimulator/loop.py _step)",
-)
 def test_stimulator_frozen_beyond_the_deadline_latches_fault_on_waking(loop) -> None:
     loop.arm_and_stimulate()
     os.kill(loop.pids["stimulator"], signal.SIGSTOP)
