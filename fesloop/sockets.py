@@ -164,7 +164,13 @@ class ControlServer:
             except zmq.Again:
                 return
             user_id = frame.get("User-Id") if self.security is not None else ""
-            self.sock.send(json.dumps(self._answer(frame.bytes, user_id)).encode())
+            try:
+                answer = self._answer(frame.bytes, user_id)
+            except Exception as exc:
+                # Reply first so the REP socket is not left waiting, then let the process handle it.
+                self.sock.send(json.dumps({"ok": False, "error": f"internal error: {exc!r}"}).encode())
+                raise
+            self.sock.send(json.dumps(answer).encode())
 
     def _answer(self, raw: bytes, user_id: str) -> dict[str, Any]:
         try:
