@@ -7,6 +7,8 @@ that nothing is ever multicast off this machine unless a config says otherwise.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pylsl
 
@@ -37,6 +39,16 @@ def configure_machine_scope() -> None:
     _configured = True
 
 
+def machine_scope_env() -> dict[str, str]:
+    """Environment for a child with its own liblsl (LabRecorderCLI): machine scope unless ``LSLAPICFG`` is set."""
+    env = dict(os.environ)
+    if not env.get("LSLAPICFG"):
+        path = Path(tempfile.gettempdir()) / f"fesloop-lsl-{os.getpid()}.cfg"
+        path.write_text(MACHINE_SCOPE_CONFIG)
+        env["LSLAPICFG"] = str(path)
+    return env
+
+
 def make_outlet(
     name: str,
     stream_type: str,
@@ -47,8 +59,13 @@ def make_outlet(
     unit: str = "",
     extra_channel_fields: dict[str, list[str]] | None = None,
     chunk_size: int = 0,
+    description: dict[str, str] | None = None,
 ) -> pylsl.StreamOutlet:
-    """Create an outlet whose description names every channel (label, unit, type)."""
+    """Create an outlet whose description names every channel (label, unit, type).
+
+    ``description`` goes under ``<fesloop>`` in the stream's description (e.g. the
+    resolved config as JSON), so a recording of the stream describes itself.
+    """
     configure_machine_scope()
     info = pylsl.StreamInfo(name, stream_type, len(labels), rate_hz, channel_format, source_id)
     channels = info.desc().append_child("channels")
@@ -61,4 +78,7 @@ def make_outlet(
         for field, values in (extra_channel_fields or {}).items():
             child.append_child_value(field, values[index])
     info.desc().append_child("acquisition").append_child_value("manufacturer", "fesloop")
+    fesloop = info.desc().append_child("fesloop")
+    for key, value in (description or {}).items():
+        fesloop.append_child_value(key, value)
     return pylsl.StreamOutlet(info, chunk_size=chunk_size, max_buffered=10)

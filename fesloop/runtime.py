@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -24,7 +24,12 @@ from fesloop.config import SecurityConfig
 from fesloop.security import Security
 from fesloop.sockets import ControlServer, Sequencer, control_server
 
+if TYPE_CHECKING:
+    from fesloop.telemetry import Telemetry
+
 PARENT_PID_ENV = "FESLOOP_PARENT_PID"
+# Set by `fesloop run --record`: the stimulator leaves arm_at_start to the supervisor, which arms once recording.
+HOLD_AUTO_ARM_ENV = "FESLOOP_HOLD_AUTO_ARM"
 STATUS_PERIOD_S = 0.2
 
 log = logging.getLogger("fesloop")
@@ -105,6 +110,7 @@ class ProcessRuntime:
         self.control.handlers["shutdown"] = self._shutdown
         self.status_fields: Callable[[], dict[str, Any]] = dict
         self.status_seq = Sequencer()
+        self.telemetry: Telemetry | None = None  # LSL outlets; closed (final status pushed) by close()
         self._parent_pid = int(os.environ.get(PARENT_PID_ENV, "0"))
         self._status_pacer = Pacer(STATUS_PERIOD_S, self.clock.now())
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -133,10 +139,15 @@ class ProcessRuntime:
             self.log.error("supervisor %d is gone: stopping", self._parent_pid)
             self.running = False
             self.exit_code = 1
-        pub.send_multipart(protocol.encode(self.status_seq.next(), now_s, protocol.Status(self.status())))
+        status = self.status()
+        pub.send_multipart(protocol.encode(self.status_seq.next(), now_s, protocol.Status(status)))
+        if self.telemetry is not None:
+            self.telemetry.status(status)
         return True
 
     def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close(self.status())
         if self.security is not None:
             self.security.stop()
         self.ctx.destroy(linger=0)

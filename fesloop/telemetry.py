@@ -1,0 +1,171 @@
+"""LSL publishing kept off the control path: loops queue numpy data, a thread pushes it.
+
+A loop never waits on LSL: :meth:`Telemetry.push`, :meth:`~Telemetry.marker` and
+:meth:`~Telemetry.status` copy into a bounded queue and return; a full queue drops
+the item and counts its samples as ``dropped``. A sample counts as ``pushed`` only
+when its outlet had a consumer at that moment (liblsl discards the others), so a
+recording of a stream holds exactly the ``pushed`` count that the process's last
+status sample reports for it (``status["lsl"][stream]``).
+
+Every process has a ``<process>-markers`` stream (type ``Markers``, strings) and a
+``<process>-status`` stream (type ``FesloopStatus``: the process's status as JSON at
+5 Hz and once more on exit, with the final counts). Stream names are
+``<config name>-<key>``, source ids ``fesloop-<config name>-<key>``; every stream
+carries the resolved config (and the controller's, its calibration) as JSON under
+``<desc><fesloop>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pylsl
+
+from fesloop.config import Config
+from fesloop.lsl import make_outlet
+
+STATUS_TYPE = "FesloopStatus"
+QUEUE_ITEMS = 2048
+LINGER_S = 0.2  # after the last push, before the outlets close: lets consumers receive it
+JOIN_TIMEOUT_S = 2.0
+
+# Every stream key each process publishes; the recorder waits for all of them.
+STREAMS: dict[str, tuple[str, ...]] = {
+    "acquisition": ("emg", "acquisition-markers", "acquisition-status"),
+    "controller": ("filtered-emg", "envelope", "activation", "gates", "controller-markers", "controller-status"),
+    "stimulator": ("stimulation", "pulses", "latency", "stimulator-markers", "stimulator-status"),
+}
+
+
+def stream_name(config_name: str, key: str) -> str:
+    return f"{config_name}-{key}"
+
+
+def config_json(config: Config) -> str:
+    """The resolved config (every default filled in) as JSON."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+@dataclasses.dataclass
+class Counts:
+    pushed: int = 0  # samples handed to liblsl while the outlet had a consumer
+    dropped: int = 0  # samples dropped because the queue was full
+
+
+class Telemetry:
+    """The LSL outlets of one process and the thread that feeds them (inert when LSL is off)."""
+
+    def __init__(self, config: Config, process: str, description: dict[str, str] | None = None) -> None:
+        self.enabled = config.acquisition.lsl
+        self.process = process
+        self.config_name = config.name
+        self.counts: dict[str, Counts] = {}
+        self._description = {"process": process, "config": config_json(config), **(description or {})}
+        self._outlets: dict[str, pylsl.StreamOutlet] = {}
+        self._queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue(QUEUE_ITEMS)
+        self._markers = f"{process}-markers"
+        self._status = f"{process}-status"
+        self._thread = threading.Thread(target=self._run, name=f"{process}-lsl", daemon=True)
+        if self.enabled:
+            self.add_stream(self._markers, "Markers", ["event"], 0.0, channel_format="string")
+            self.add_stream(self._status, STATUS_TYPE, ["status_json"], 0.0, channel_format="string")
+            self._thread.start()
+
+    def add_stream(
+        self,
+        key: str,
+        stream_type: str,
+        labels: list[str],
+        rate_hz: float,
+        unit: str = "",
+        channel_format: str = "float32",
+        extra_channel_fields: dict[str, list[str]] | None = None,
+        source_id: str = "",
+    ) -> None:
+        """Open the outlet of one of this process's STREAMS (before its first push)."""
+        if key not in STREAMS[self.process]:
+            raise ValueError(f"{key!r} is not one of the {self.process} streams {STREAMS[self.process]}")
+        if not self.enabled:
+            return
+        self.counts[key] = Counts()
+        self._outlets[key] = make_outlet(
+            stream_name(self.config_name, key),
+            stream_type,
+            labels,
+            rate_hz,
+            source_id or f"fesloop-{self.config_name}-{key}",
+            channel_format=channel_format,
+            unit=unit,
+            extra_channel_fields=extra_channel_fields,
+            description={**self._description, "stream": key},
+        )
+
+    def push(self, key: str, data: np.ndarray, time_s: float | np.ndarray) -> None:
+        """Queue samples (n_samples, n_channels) or one sample (n_channels,).
+
+        ``time_s``: the time of the last sample (regular streams: liblsl dates the
+        others back by the sampling period) or one time per sample.
+        """
+        if key in self._outlets:
+            times = np.array(time_s, dtype=np.float64) if np.ndim(time_s) else float(time_s)
+            self._put(key, np.array(data, dtype=np.float32, ndmin=2), times)
+
+    def marker(self, text: str, time_s: float) -> None:
+        """Queue one event string for this process's Markers stream."""
+        if self.enabled:
+            self._put(self._markers, text, time_s)
+
+    def status(self, status: dict[str, Any]) -> None:
+        """Queue a status sample (its ``time_s`` is the timestamp); the thread adds the counts."""
+        if self.enabled:
+            self._put(self._status, status, float(status.get("time_s", pylsl.local_clock())))
+
+    def close(self, final_status: dict[str, Any]) -> None:
+        """Push what is queued and the final status, let consumers receive it, close the outlets."""
+        if not self.enabled:
+            return
+        self.status(final_status)
+        try:
+            self._queue.put(None, timeout=JOIN_TIMEOUT_S)
+        except queue.Full:
+            pass
+        self._thread.join(JOIN_TIMEOUT_S)
+        if any(outlet.have_consumers() for outlet in self._outlets.values()):
+            time.sleep(LINGER_S)
+        self._outlets.clear()
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {key: dataclasses.asdict(counts) for key, counts in self.counts.items()}
+
+    def _put(self, key: str, data: Any, time_s: Any) -> None:
+        try:
+            self._queue.put_nowait((key, data, time_s))
+        except queue.Full:
+            self.counts[key].dropped += len(data) if isinstance(data, np.ndarray) else 1
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, data, time_s = item
+            outlet = self._outlets[key]
+            if not outlet.have_consumers():
+                continue
+            counts = self.counts[key]
+            if isinstance(data, np.ndarray):
+                counts.pushed += len(data)
+                if np.ndim(time_s):
+                    for sample, t in zip(data, time_s):
+                        outlet.push_sample(sample, float(t))
+                else:
+                    outlet.push_chunk(data, time_s)
+            elif key == self._status:
+                counts.pushed += 1
+                outlet.push_sample([json.dumps({**data, "lsl": self.summary()}, default=str)], time_s)
+            else:
+                counts.pushed += 1
+                outlet.push_sample([data], time_s)
