@@ -28,8 +28,7 @@ class DoseTracker:
         self.peak_ma = np.zeros(n)
         self.amplitude_sum_ma = np.zeros(n)
         self.exhausted_reason: list[str] = ["" for _ in range(n)]
-        self.skin_check_due = False
-        self._skin_check_reminded = False
+        self.skin_check_due = False  # becomes True once, after skin_check_after_s of stimulation
         self._last_update_s: float | None = None
 
     def start_session(self, now_s: float) -> None:
@@ -45,7 +44,7 @@ class DoseTracker:
             self.peak_ma[i] = max(self.peak_ma[i], float(amplitude))
 
     def update(self, now_s: float, output_ma: np.ndarray) -> list[str]:
-        """Account stimulated time up to ``now_s``; returns limits newly reached, as messages."""
+        """Account stimulated time up to ``now_s``; returns limits newly reached and reminders, as messages."""
         if self._last_update_s is not None:
             self.stimulated_s[output_ma > 0] += max(now_s - self._last_update_s, 0.0)
         self._last_update_s = now_s
@@ -58,8 +57,9 @@ class DoseTracker:
                 self.exhausted_reason[i] = reason
                 reached.append(f"{name}: {reason}")
         threshold_s = self.limits.skin_check_after_s
-        if threshold_s > 0 and not self._skin_check_reminded and self.stimulated_s.max() >= threshold_s:
-            self._skin_check_reminded = self.skin_check_due = True
+        if threshold_s > 0 and not self.skin_check_due and self.stimulated_s.max() >= threshold_s:
+            self.skin_check_due = True
+            reached.append(f"skin check due after {threshold_s:g} s of stimulation: check the skin under every electrode")
         return reached
 
     def _limit_reached(self, i: int, now_s: float) -> str:

@@ -80,6 +80,7 @@ class SafetyKernel:
         self._latest: _Accepted | None = None
         self._last_update_s = 0.0  # set on arm; the ramp is measured from here
         self._events: list[str] = []
+        self.dose_locked = np.zeros(self.n_channels, dtype=bool)  # set by the session's dose limits
 
     # -- commands ------------------------------------------------------------------
 
@@ -141,7 +142,10 @@ class SafetyKernel:
         level_ma = intensity_to_ma(latest.intensity, self._threshold_ma, self._max_ma, self._step_ma)
         target_ma = np.where(latest.gate_open, np.minimum(level_ma, self.clamp_ma), 0.0)
         rise_ma = self._rise_ma_per_s * max(now_s - self._last_update_s, 0.0)
-        self.output_ma = np.minimum(target_ma, self.output_ma + rise_ma)  # drops are immediate
+        following = np.minimum(target_ma, self.output_ma + rise_ma)  # drops are immediate
+        # A channel past its dose limit ramps down (no abrupt end of a contraction) and stays at 0.
+        ramping_down = np.maximum(self.output_ma - rise_ma, 0.0)
+        self.output_ma = np.where(self.dose_locked, np.minimum(following, ramping_down), following)
         self._last_update_s = now_s
         return self.output_ma.copy()
 

@@ -72,8 +72,11 @@ def test_skin_check_reminder_once_after_the_configured_stimulation_time() -> Non
     dose.update(0.0, np.array([10.0, 0.0]))
     dose.update(1.9, np.array([10.0, 0.0]))
     assert not dose.skin_check_due
-    dose.update(2.0, np.array([10.0, 0.0]))
+    assert dose.update(2.0, np.array([10.0, 0.0])) == [
+        "skin check due after 2 s of stimulation: check the skin under every electrode"
+    ]
     assert dose.skin_check_due
+    assert dose.update(3.0, np.array([10.0, 0.0])) == []  # reminded once
 
 
 def test_summary_matches_the_delivered_pulses() -> None:

@@ -523,3 +523,26 @@ def test_output_invariants_hold_for_any_command_stream(
             ramp_base_s = now_s
             event("ARMED update with output" if out.any() else "ARMED update, output zero")
         last_update_s = now_s
+
+
+def test_a_dose_locked_channel_ramps_down_and_stays_down_while_others_go_on() -> None:
+    loop = Loop()
+    loop.armed_at_full()
+    loop.kernel.dose_locked[0] = True
+    levels = [loop.tick(0.05, [1.0, 1.0])[0] for _ in range(12)]
+    assert levels[0] == pytest.approx(40.0 - 80.0 * 0.05)  # down at the ramp rate, not at once
+    assert all(b <= a for a, b in zip(levels, levels[1:])) and levels[-1] == 0.0
+    assert loop.tick(0.05, [1.0, 1.0]).tolist() == [0.0, 30.0]
+    loop.kernel.disarm()
+    loop.send([1.0, 1.0])
+    loop.kernel.arm(loop.now_s)
+    for _ in range(20):
+        out = loop.tick(0.05, [1.0, 1.0])
+    assert out.tolist() == [0.0, 30.0]  # re-arming does not lift the lock
+
+
+def test_a_dose_locked_channel_still_drops_at_once_when_its_gate_closes() -> None:
+    loop = Loop()
+    loop.armed_at_full()
+    loop.kernel.dose_locked[0] = True
+    assert loop.tick(0.01, [1.0, 1.0], gate_open=[False, True]).tolist() == [0.0, 30.0]
