@@ -1,4 +1,4 @@
-"""ZeroMQ socket helpers: LINGER=0, small high-water marks, heartbeats, CurveZMQ, poller-based receive.
+"""ZeroMQ socket helpers: LINGER=0, small high-water marks, CurveZMQ, poller-based receive.
 
 Stream sockets are PUB/SUB carrying ``[topic, payload]`` frames from
 :mod:`fesloop.protocol`. Control is REQ/REP with JSON objects: a request
@@ -6,8 +6,13 @@ Stream sockets are PUB/SUB carrying ``[topic, payload]`` frames from
 
 With a :class:`~fesloop.security.Security`, servers (PUB, REP) are CURVE servers behind
 ZAP and clients (SUB, REQ) are CURVE clients of a named process; without one, every
-endpoint must be loopback or ipc://. ZMTP heartbeats on every socket close a
-connection whose peer stops answering within ``HEARTBEAT_IVL_MS + HEARTBEAT_TIMEOUT_MS``.
+endpoint must be loopback or ipc://.
+
+No ZMTP heartbeats: with them (100/300 ms), a subscriber that dropped a frozen
+publisher sometimes never reconnected after the publisher resumed (libzmq 4.3.5,
+3 of 5 runs of the frozen-controller test), leaving the stimulator without commands
+for good. A dead peer is noticed by application freshness instead: the stimulator's
+command deadline, the controller's EMG staleness, and every process's 5 Hz status.
 """
 
 from __future__ import annotations
@@ -28,8 +33,6 @@ if TYPE_CHECKING:
 STREAM_HWM = 100
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CONTROL_MAX_BYTES = 64 * 1024
-HEARTBEAT_IVL_MS = 100
-HEARTBEAT_TIMEOUT_MS = 300  # a silent peer is dropped <= 400 ms after its last traffic
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -59,9 +62,6 @@ def _base(ctx: zmq.Context, kind: int) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     return sock
 
 

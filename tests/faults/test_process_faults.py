@@ -87,37 +87,23 @@ def loop(write_config, processes):
         running.close()
 
 
-def _disconnect_watch(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
-    """A SUB (sockets.py heartbeats) on ``endpoint`` and its DISCONNECTED monitor."""
-    sock = subscriber(ctx, endpoint, [b"status"])
-    return sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-
-
 @pytest.mark.timeout(90)
 def test_frozen_controller_zeroes_output_latches_fault_and_never_replays(loop) -> None:
     results = []
-    watch, monitor = _disconnect_watch(loop.ctx, loop.config.endpoints.command)
     for freeze_s in (0.15, 1.0):
         loop.arm_and_stimulate()
-        while monitor.poll(0):
-            monitor.recv_multipart()
         t_stop = pylsl.local_clock()
         os.kill(loop.pids["controller"], signal.SIGSTOP)
-        noticed_s = pylsl.local_clock() - t_stop if monitor.poll(int(freeze_s * 1e3)) else None
-        time.sleep(max(0.0, freeze_s - (pylsl.local_clock() - t_stop)))
+        time.sleep(freeze_s)
         os.kill(loop.pids["controller"], signal.SIGCONT)
         time.sleep(0.5)
         status = loop.status()
-        results.append((freeze_s, loop.last_pulse_after(t_stop), noticed_s, status))
-    watch.close()
-    monitor.close()
-    for freeze_s, last_pulse_s, noticed_s, status in results:
-        print(f"freeze {freeze_s}s: last pulse {last_pulse_s * 1e3:.0f} ms after SIGSTOP; heartbeat {noticed_s}")
+        results.append((freeze_s, loop.last_pulse_after(t_stop), status))
+    for freeze_s, last_pulse_s, status in results:
+        print(f"freeze {freeze_s}s: last pulse {last_pulse_s * 1e3:.0f} ms after SIGSTOP")
         assert last_pulse_s <= ZERO_WITHIN_S  # no pulse after the freeze, nor after SIGCONT (no replay)
         assert status["state"] == "FAULT" and "fresh command" in status["fault_reason"]
         assert status["output_ma"] == [0.0, 0.0]
-    # Heartbeat: a 1 s freeze is noticed by a connected peer within IVL + TIMEOUT (400 ms) + poll slack.
-    assert results[1][2] is not None and results[1][2] <= 0.5
 
 
 @pytest.mark.timeout(90)
