@@ -17,7 +17,7 @@ import zmq
 
 from controller.calibration import Calibration, CalibrationError
 from controller.estimator import EmgEstimator
-from controller.laws import proportional
+from controller.laws.channels import ChannelLaws
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.protocol import GateReason
@@ -57,7 +57,7 @@ class Controller:
         self.gap_until_s = 0.0
         self.commands_sent = 0
         self.n_stim = len(config.stimulation)
-        self._muscle_of_channel = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
+        self.laws = ChannelLaws(config)
         self.intensity = np.zeros(self.n_stim, dtype=np.float32)
         self.gate_reason = np.full(self.n_stim, GateReason.NO_EMG, dtype=np.uint8)
         self.event_counts: dict[str, int] = {}
@@ -89,6 +89,7 @@ class Controller:
             if self.estimator
             else [],
             "events": dict(self.event_counts),
+            **self.laws.status(),
             "calibration": self.config.controller.calibration_file or "config",
             "calibration_error": self.calibration_error,
         }
@@ -129,11 +130,7 @@ class Controller:
         if reason == GateReason.OPEN:
             self.estimator.gate_reasons(self.gate_reason)
         activation = self.estimator.activation if self.estimator is not None else None
-        for i, channel in enumerate(self.config.stimulation):
-            if self.gate_reason[i] == GateReason.OPEN:
-                self.intensity[i] = proportional(float(activation[self._muscle_of_channel[i]]), channel.law)
-            else:
-                self.intensity[i] = 0.0
+        self.laws.step(now_s, activation, self.gate_reason == GateReason.OPEN, self.intensity)
         return protocol.Command(
             self.newest_emg_time_s, self.intensity, self.gate_reason == GateReason.OPEN, self.gate_reason
         )
@@ -150,6 +147,7 @@ class Controller:
                 ready = dict(poller.poll(pacer.timeout_ms(rt.clock.now())))
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
+                        self.laws.add_pulses(message.body.time_s, message.body.channel, message.body.amplitude_ma)
                         if self.estimator is not None:
                             self.estimator.add_pulses(message.body.time_s, message.body.channel)
                 if self.emg_sub in ready:

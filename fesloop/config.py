@@ -234,7 +234,7 @@ class ErgometerConfig:
     cos(crank angle - its window centre). A motor holds at least ``motor_cadence_rpm``.
     """
 
-    inertia_kg_m2: float = bounded(0.8, 0.01, 100.0, "kg m^2")
+    inertia_kg_m2: float = bounded(2.0, 0.01, 100.0, "kg m^2")
     friction_nm_per_rpm: float = bounded(0.2, 0.0, 100.0, "N m per rpm")
     max_torque_nm: float = bounded(15.0, 0.0, 500.0, "N m per channel")
     force_tau_s: float = bounded(0.1, 0.001, 2.0, "s")
@@ -256,6 +256,12 @@ class ControllerConfig:
     ergometer: ErgometerConfig = field(default_factory=ErgometerConfig)
 
 
+def check_not_above(key: str, value: float, limit_key: str, limit: float) -> None:
+    """Refuse ``key`` when its value exceeds the value of ``limit_key`` in the same table."""
+    if value > limit:
+        raise ConfigError(key, value, f"must not exceed {limit_key} ({limit:g})")
+
+
 @dataclass(frozen=True)
 class ProportionalLaw:
     """intensity = clip(gain * (activation - offset), min_intensity, max_intensity); 0 below offset.
@@ -275,8 +281,7 @@ class ProportionalLaw:
     slew_per_s: float = bounded(0.0, 0.0, 1000.0, "intensity per s (0 = off)")
 
     def check(self) -> None:
-        if self.min_intensity > self.max_intensity:
-            raise ConfigError("min_intensity", self.min_intensity, f"must not exceed max_intensity ({self.max_intensity:g})")
+        check_not_above("min_intensity", self.min_intensity, "max_intensity", self.max_intensity)
 
 
 @dataclass(frozen=True)
@@ -302,8 +307,7 @@ class TriggeredLaw:
     max_repetitions: int = bounded(0, 0, 100000, "(0 = no limit)")
 
     def check(self) -> None:
-        if self.off_threshold > self.on_threshold:
-            raise ConfigError("off_threshold", self.off_threshold, f"must not exceed on_threshold ({self.on_threshold:g})")
+        check_not_above("off_threshold", self.off_threshold, "on_threshold", self.on_threshold)
 
 
 @dataclass(frozen=True)
@@ -333,8 +337,7 @@ class TrackingLaw:
             raise ConfigError("target", [list(p) for p in self.target], "activations must be within 0..1")
         if self.period_s and self.period_s < times[-1]:
             raise ConfigError("period_s", self.period_s, f"must be 0 or at least the last target time ({times[-1]:g} s)")
-        if self.min_intensity > self.max_intensity:
-            raise ConfigError("min_intensity", self.min_intensity, f"must not exceed max_intensity ({self.max_intensity:g})")
+        check_not_above("min_intensity", self.min_intensity, "max_intensity", self.max_intensity)
 
 
 @dataclass(frozen=True)
@@ -367,8 +370,7 @@ class CyclingLaw:
             raise ConfigError("window_deg", list(self.window_deg), "start and end must differ")
         if 2 * self.ramp_deg > width:
             raise ConfigError("ramp_deg", self.ramp_deg, f"two ramps must fit in the {width:g} deg window")
-        if self.min_intensity > self.max_intensity:
-            raise ConfigError("min_intensity", self.min_intensity, f"must not exceed max_intensity ({self.max_intensity:g})")
+        check_not_above("min_intensity", self.min_intensity, "max_intensity", self.max_intensity)
 
 
 Law = ProportionalLaw | TriggeredLaw | TrackingLaw | CyclingLaw
