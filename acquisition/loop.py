@@ -24,9 +24,9 @@ import zmq
 from acquisition.sources import Block, Source, SourceError, open_source
 from fesloop import protocol
 from fesloop.config import Config
-from fesloop.lsl import configure_machine_scope, make_outlet
 from fesloop.runtime import LatencyWindow, Pacer, ProcessRuntime
 from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
+from fesloop.telemetry import Telemetry
 
 RECENT_GAPS = 8
 GAP_LOG_PERIOD_S = 5.0
@@ -87,7 +87,7 @@ class Acquisition:
         self.last_data_s = 0.0
         self.recovery = Recovery(acq.recover_after_ms * 1e-3, acq.recover_backoff_max_s)
         self.pacer: Pacer | None = None
-        self.outlet = None
+        self.telemetry = self.rt.telemetry = Telemetry(config, "acquisition")
         self._gaps_logged = (0, 0)
         self._gap_log_s = 0.0
         self.rt.status_fields = self._status
@@ -114,20 +114,19 @@ class Acquisition:
         }
 
     def _open_outlet(self) -> None:
-        configure_machine_scope()
         labels = [f"ch{i}" for i in range(self.source.n_channels)]
         muscles = ["" for _ in labels]
         for muscle in self.config.muscles:
             labels[muscle.emg_channel] = muscle.name
             muscles[muscle.emg_channel] = muscle.name
-        self.outlet = make_outlet(
-            f"{self.config.name}-emg",
+        self.telemetry.add_stream(
+            "emg",
             "EMG",
             labels,
             self.source.sampling_rate_hz,
-            f"fesloop-{self.config.name}-emg-{self.source.source_id}",
             unit="microvolts",
             extra_channel_fields={"muscle": muscles},
+            source_id=f"fesloop-{self.config.name}-emg-{self.source.source_id}",
         )
 
     def _publish(self, block: Block, now_s: float) -> None:
@@ -143,12 +142,12 @@ class Acquisition:
         self.chunk_age.add(now_s - last_time_s)
         if block.lost_samples:
             self._count_gap(block)
-        if self.outlet is not None:
-            self.outlet.push_chunk(block.emg_uv, last_time_s)
+        self.telemetry.push("emg", block.emg_uv, last_time_s)
 
     def _count_gap(self, block: Block) -> None:
         self.gaps += 1
         self.lost_samples += block.lost_samples
+        self.telemetry.marker(f"gap {block.lost_samples} samples", block.first_sample_time_s)
         self.recent_gaps.append(
             {
                 "first_missing_index": block.first_sample_index - block.lost_samples,
@@ -188,12 +187,14 @@ class Acquisition:
         stale = now_s - self.last_data_s > self.config.acquisition.stale_ms * 1e-3
         if stale and self.state == "RUNNING":
             self.state, self.fault_reason = "FAULT", "EMG stale"
+            self.telemetry.marker("fault EMG stale", self.last_data_s)
             self.stale_since_s = self.last_data_s
             self.recovery.stalled(self.last_data_s)
             self.rt.log.error("EMG stale: no samples for %.0f ms", (now_s - self.last_data_s) * 1e3)
             self._publish_status_now(now_s)
         elif not stale and self.state == "FAULT":
             self.state, self.fault_reason = "RUNNING", ""
+            self.telemetry.marker("recovered EMG flowing", now_s)
             self.rt.log.info(
                 "EMG flowing again after %.0f ms (%d reopen attempts)",
                 (now_s - self.stale_since_s) * 1e3, self.recovery.attempts,

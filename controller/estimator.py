@@ -85,6 +85,7 @@ class EmgEstimator:
         self._was_contaminated = np.zeros(n_muscles, dtype=bool)
         self.activation = np.zeros(n_muscles)
         self.envelope_uv = np.zeros((0, n_muscles))  # the last block's envelope, aligned with its samples
+        self.filtered_uv = np.zeros((0, n_muscles))  # the last block's band-filtered EMG, the same samples
         self.delay = self.finder.delay if self.finder is not None else 0
         self.events: list[Event] = []
         self.artifacts_detected = 0
@@ -154,6 +155,7 @@ class EmgEstimator:
             filtered_uv[:, j] = canceller.process(filtered_uv[:, j], first)
         envelope_uv = self.envelope.envelope(filtered_uv, valid)
         self.envelope_uv = envelope_uv
+        self.filtered_uv = filtered_uv
         if self.contamination.enabled:
             self._contamination_events(self.contamination.process(raw_uv, held_uv, first), first, time_of)
         for index, muscle, is_onset in self.onset.process(envelope_uv, first):

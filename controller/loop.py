@@ -23,6 +23,7 @@ from fesloop.config import Config
 from fesloop.protocol import GateReason
 from fesloop.runtime import Pacer, ProcessRuntime
 from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
+from fesloop.telemetry import Telemetry
 
 
 def load_calibration(config: Config) -> Calibration | None:
@@ -68,6 +69,10 @@ class Controller:
         except CalibrationError as exc:
             self.calibration_error = str(exc)
             self.rt.log.error("%s; every gate stays closed (NOT_CALIBRATED)", exc)
+        calibration_json = json.dumps(self.calibration.to_dict()) if self.calibration else ""
+        self.telemetry = self.rt.telemetry = Telemetry(config, "controller", {"calibration": calibration_json})
+        self.telemetry.add_stream("activation", "Activation", [m.name for m in config.muscles], config.controller.control_rate_hz)
+        self.telemetry.add_stream("gates", "GateReason", [s.name for s in config.stimulation], config.controller.control_rate_hz)
         self.rt.status_fields = self._status
 
     def _status(self) -> dict[str, Any]:
@@ -104,15 +109,28 @@ class Controller:
             self.estimator = EmgEstimator(
                 self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration
             )
+            self._open_emg_outlets(chunk.sampling_rate_hz)
         if not self.estimator.process(chunk):
             self.gap_until_s = now_s + self.config.controller.stale_ms * 1e-3
+        if len(self.estimator.envelope_uv):
+            last_s = chunk.first_sample_time_s + (len(chunk.data) - 1 - self.estimator.delay) / chunk.sampling_rate_hz
+            self.telemetry.push("filtered-emg", self.estimator.filtered_uv, last_s)
+            self.telemetry.push("envelope", self.estimator.envelope_uv, last_s)
         for event in self.estimator.events:
             self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
+            self.telemetry.marker(f"{event.kind} {event.channel}", event.time_s)
             if event.kind.startswith("contamination"):
                 self.rt.log.warning("%s %s at %.3f s", event.channel, event.kind, event.time_s)
         self.estimator.events.clear()
         self.last_emg_rx_s = now_s
         self.newest_emg_time_s = chunk.arrival_time_s
+
+    def _open_emg_outlets(self, fs_hz: float) -> None:
+        """LSL filtered EMG and envelope per muscle, at the EMG rate (known from the first chunk)."""
+        if "envelope" not in self.telemetry.counts:
+            names = [m.name for m in self.config.muscles]
+            self.telemetry.add_stream("filtered-emg", "EMGFiltered", names, fs_hz, unit="microvolts")
+            self.telemetry.add_stream("envelope", "EMGEnvelope", names, fs_hz, unit="microvolts")
 
     def compute(self, now_s: float) -> protocol.Command:
         """Intensities and gates from the newest activation and EMG freshness."""
@@ -160,6 +178,9 @@ class Controller:
                     command = self.compute(now_s)
                     self.pub.send_multipart(protocol.encode(self.command_seq.next(), now_s, command))
                     self.commands_sent += 1
+                    self.telemetry.push("gates", self.gate_reason, now_s)
+                    if self.estimator is not None:
+                        self.telemetry.push("activation", self.estimator.activation, now_s)
                 rt.publish_status_if_due(self.pub, now_s)
         finally:
             rt.log.info("stopped: %d commands sent, %d overruns", self.commands_sent, pacer.overruns)

@@ -21,6 +21,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start all three processes with a live status line")
     run.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="TOML config (default: the demo)")
     run.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    run.add_argument("--record", type=Path, default=None, metavar="FILE.xdf", help="record every stream to XDF")
+    record = sub.add_parser("record", help="record a running session's LSL streams to XDF (Ctrl+C to stop)")
+    record.add_argument("file", type=Path, metavar="FILE.xdf")
+    record.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="TOML config (default: the demo)")
+    record.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    report = sub.add_parser("report", help="figures (PNG) and a Markdown summary of an XDF recording")
+    report.add_argument("file", type=Path, metavar="FILE.xdf")
+    report.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: FILE without .xdf")
     for name in PROCESSES:
         one = sub.add_parser(name, help=f"run the {name} process alone")
         one.add_argument("config", type=Path)
@@ -75,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_emulator(args)
     if args.command == "keys":
         return _generate_keys(args.directory, args.names)
+    if args.command == "report":
+        from fesloop.report import main as run_report
+
+        return run_report(args.file, args.out)
     config = _load(args.config)
     if args.command == "run":
         from fesloop.supervisor import Supervisor
@@ -84,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from fesloop.security import SecurityError
 
         try:
-            return Supervisor(config, args.config).run(args.duration)
+            return Supervisor(config, args.config, record=args.record).run(args.duration)
         except SecurityError as exc:
             sys.exit(f"fesloop run: {exc}")
     if args.command == "control":
@@ -108,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
         print(json.dumps(reply, indent=2))
         return 0 if reply.get("ok") else 1
+    if args.command == "record":
+        from fesloop.record import main as run_record
+
+        return run_record(args.file, config, args.duration)
     if args.command == "replay":
         from fesloop.replay_cli import main as run_replay
 

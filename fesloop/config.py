@@ -456,6 +456,27 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class RecordedStream:
+    """Another LSL stream to record with the session, chosen by any of name, type and source_id."""
+
+    name: str = ""
+    type: str = ""
+    source_id: str = ""
+
+    def check(self) -> None:
+        if not (self.name or self.type or self.source_id):
+            raise ConfigError("name", "", "set at least one of name, type, source_id")
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    """`fesloop run --record` and `fesloop record`: every fesloop stream plus ``streams``."""
+
+    streams: tuple[RecordedStream, ...] = ()
+    wait_s: float = bounded(10.0, 0.5, 120.0, "s (for every stream to appear before recording)")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "fesloop"
     endpoints: Endpoints = field(default_factory=Endpoints)
@@ -465,6 +486,7 @@ class Config:
     muscles: tuple[Muscle, ...] = ()
     stimulation: tuple[StimulationChannel, ...] = ()
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
 
     def check(self) -> None:
         if not self.muscles:

@@ -21,7 +21,8 @@ from typing import Any, TextIO
 import zmq
 
 from fesloop.config import Config
-from fesloop.runtime import PARENT_PID_ENV
+from fesloop.record import Recorder, RecordingError
+from fesloop.runtime import HOLD_AUTO_ARM_ENV, PARENT_PID_ENV
 from fesloop.security import Security
 from fesloop.sockets import ControlClient, ControlTimeout
 
@@ -40,7 +41,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: Path, out: TextIO = sys.stdout) -> None:
+    def __init__(self, config: Config, config_path: Path, out: TextIO = sys.stdout, record: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.out = out
@@ -49,12 +50,15 @@ class Supervisor:
         self.failures: list[str] = []
         self.stop_requested = False
         self._faults_seen: set[str] = set()
+        self.recorder = Recorder(record, config) if record is not None else None
 
     def _endpoint(self, role: str) -> str:
         return getattr(self.config.endpoints, f"{role}_control")
 
     def start(self) -> None:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        if self.recorder is not None and self.config.stimulator.arm_at_start:
+            env[HOLD_AUTO_ARM_ENV] = "1"  # armed by _start_recording, once the recording runs
         security = Security.for_role(self.config.security, self.config.security.operator_key)
         for role in ROLES:
             process = subprocess.Popen([sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env)
@@ -157,15 +161,48 @@ class Supervisor:
             child.client.close()
         self.ctx.destroy(linger=0)
 
+    def _start_recording(self) -> bool:
+        """Recording starts before arming: with ``arm_at_start`` the stimulator waits for this arm."""
+        if self.recorder is None:
+            return True
+        try:
+            self.recorder.start()
+        except RecordingError as exc:
+            self.failures.append(f"recording: {exc}")
+            return False
+        self.out.write(f"fesloop: recording to {self.recorder.path}\n")
+        if self.config.stimulator.arm_at_start:
+            stimulator = next(c for c in self.children if c.role == "stimulator")
+            try:
+                reply = stimulator.client.request("arm", timeout_s=1.0)
+            except ControlTimeout as exc:
+                reply = {"ok": False, "error": str(exc)}
+            if not reply.get("ok"):
+                self.failures.append(f"arming after the recording started was refused: {reply.get('error')}")
+                return False
+        return True
+
+    def _stop_recording(self) -> None:
+        """After every process stopped (stimulator output at zero first), close the XDF file."""
+        if self.recorder is None or not self.recorder.started:
+            return
+        try:
+            self.recorder.stop()
+        except RecordingError as exc:
+            self.failures.append(f"recording: {exc}")
+        else:
+            self.out.write(f"fesloop: recorded {self.recorder.path}\n")
+
     def run(self, duration_s: float | None) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            if self.wait_ready():
+            if self.wait_ready() and self._start_recording():
                 self.out.write(f"fesloop: {self.config.name} running (Ctrl+C to stop)\n")
                 self.monitor(duration_s)
         finally:
             self.shutdown()
+            self._stop_recording()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         for failure in self.failures:

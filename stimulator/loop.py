@@ -9,6 +9,7 @@ then the report. The device keep-alive goes out only right after a fresh command
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,9 @@ import zmq
 
 from fesloop import protocol
 from fesloop.config import Config
-from fesloop.lsl import configure_machine_scope, make_outlet
-from fesloop.runtime import LatencyWindow, ProcessRuntime, setup_logging
+from fesloop.runtime import HOLD_AUTO_ARM_ENV, LatencyWindow, ProcessRuntime, setup_logging
 from fesloop.sockets import ControlRefused, Sequencer, StreamCounters, drain, publisher, subscriber
+from fesloop.telemetry import Telemetry
 from stimulator.drivers.base import Driver, DriverFault
 from stimulator.drivers.simulated import SimulatedDriver
 from stimulator.limits import DEVICES
@@ -58,9 +59,9 @@ class Stimulator:
         self.pulse_seq = Sequencer()
         self.latency = LatencyWindow()
         self.commanded_intensity = np.zeros(len(channels), dtype=np.float32)
-        self._auto_arm_pending = config.stimulator.arm_at_start
-        self.outlet = None
-        self.markers = None
+        self._auto_arm_pending = config.stimulator.arm_at_start and not os.environ.get(HOLD_AUTO_ARM_ENV)
+        self.amplitude_ma = np.zeros(len(channels))
+        self.telemetry = self.rt.telemetry = Telemetry(config, "stimulator")
         handlers = self.rt.control.handlers
         handlers["arm"] = lambda _r: self._control(self._arm)
         handlers["disarm"] = lambda _r: self._control(self.kernel.disarm)
@@ -108,23 +109,13 @@ class Stimulator:
             "rejected": self.command_counters.rejected + self.kernel.rejected,
         }
 
-    def _open_outlet(self) -> None:
-        configure_machine_scope()
-        self.outlet = make_outlet(
-            f"{self.config.name}-pulses",
-            "StimulationPulses",
-            ["device_channel", "amplitude_ma", "pulse_width_us"],
-            0.0,
-            f"fesloop-{self.config.name}-pulses",
-        )
-        self.markers = make_outlet(
-            f"{self.config.name}-stimulator-markers",
-            "Markers",
-            ["event"],
-            0.0,
-            f"fesloop-{self.config.name}-stimulator-markers",
-            channel_format="string",
-        )
+    def _open_outlets(self) -> None:
+        """LSL: delivered pulses, commanded intensity and delivered amplitude per command, latency."""
+        names = [c.name for c in self.config.stimulation]
+        self.telemetry.add_stream("pulses", "StimulationPulses", ["device_channel", "amplitude_ma", "pulse_width_us"], 0.0)
+        labels = [f"{n}_intensity" for n in names] + [f"{n}_amplitude_ma" for n in names]
+        self.telemetry.add_stream("stimulation", "StimulationIntensity", labels, 0.0)
+        self.telemetry.add_stream("latency", "Latency", ["e2e_latency_ms"], 0.0, unit="ms")
 
     def _on_commands(self, now_s: float) -> None:
         for message in drain(self.command_sub, self.command_counters):
@@ -134,10 +125,13 @@ class Stimulator:
                     self._auto_arm_pending = False
                     self.kernel.arm(now_s)
                 self._apply(now_s)
+                self.telemetry.push("stimulation", np.concatenate((self.commanded_intensity, self.amplitude_ma)), now_s)
                 if self.kernel.state is StimState.ARMED or self.kernel.state is StimState.DISARMED:
                     self.driver.keep_alive(now_s)
                 if message.body.gate_open.any():
-                    self.latency.add(self.rt.clock.now() - message.body.newest_emg_time_s)
+                    latency_s = self.rt.clock.now() - message.body.newest_emg_time_s
+                    self.latency.add(latency_s)
+                    self.telemetry.push("latency", [latency_s * 1e3], now_s)
 
     def _apply(self, now_s: float) -> None:
         """Kernel output to the driver, then fire what is due."""
@@ -145,13 +139,13 @@ class Stimulator:
             self.kernel.update(now_s), self.kernel.clamp_ma, self._pulse_width_us, self._pulse_width_modulated, self.device
         )
         self.driver.set_output(amplitude_ma, pulse_width_us, now_s)
+        self.amplitude_ma = amplitude_ma
         pulses = self.driver.deliver_due(now_s)
         if pulses is not None:
             self.pub.send_multipart(protocol.encode(self.pulse_seq.next(), now_s, pulses))
-            if self.outlet is not None:
-                for i in range(len(pulses.channel)):
-                    sample = [float(pulses.channel[i]), float(pulses.amplitude_ma[i]), float(pulses.pulse_width_us[i])]
-                    self.outlet.push_sample(sample, float(pulses.time_s[i]))
+            self.telemetry.push(
+                "pulses", np.column_stack((pulses.channel, pulses.amplitude_ma, pulses.pulse_width_us)), pulses.time_s
+            )
         self._publish_events(now_s)
 
     def _publish_events(self, now_s: float) -> None:
@@ -159,8 +153,7 @@ class Stimulator:
         events = self.kernel.pop_events()
         for event in events:
             self.rt.log.warning("%s", event)
-            if self.markers is not None:
-                self.markers.push_sample([event], now_s)
+            self.telemetry.marker(event, now_s)
         if events:
             self.pub.send_multipart(protocol.encode(self.rt.status_seq.next(), now_s, protocol.Status(self.rt.status())))
 
@@ -183,7 +176,7 @@ class Stimulator:
     def run(self) -> int:
         rt = self.rt
         if self.config.acquisition.lsl:
-            self._open_outlet()
+            self._open_outlets()
         poller = zmq.Poller()
         poller.register(rt.control.sock, zmq.POLLIN)
         poller.register(self.command_sub, zmq.POLLIN)

@@ -1,0 +1,120 @@
+"""A real demo session recorded by LabRecorderCLI (`fesloop run --record`), read back with pyxdf.
+
+Asserted on the recorded data: every fesloop stream with its metadata; per stream, the
+sample count equals the ``pushed`` count in that process's final published status,
+with nothing dropped; every strong pulse lines up with its artifact in the raw EMG;
+`fesloop report` writes its figures and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import pyxdf
+
+from fesloop.config import load_config
+from fesloop.telemetry import STREAMS, stream_name
+
+ALIGNMENT_TOLERANCE_S = 1e-3  # 2 samples at 2 kHz: the artifact starts at the first sample at/after the pulse
+STRONG_PULSE_MA = 20.0  # artifact >= 1200 uV: well above the EMG's sample-to-sample steps
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> dict:
+    """One recorded 8 s demo session shared by the tests below (fresh ports, a unique session name)."""
+    from tests.conftest import CONFIGS, Processes, config_with_fresh_ports
+
+    tmp = tmp_path_factory.mktemp("recording")
+    name = f"rec{os.getpid()}"
+    config_path = tmp / "rec.toml"
+    config_path.write_text(config_with_fresh_ports((CONFIGS / "demo.toml").read_text().replace('name = "demo"', f'name = "{name}"')))
+    xdf = tmp / "session.xdf"
+    processes = Processes(tmp)
+    try:
+        run = processes.start("run", str(config_path), "--duration", "8", "--record", str(xdf), name="run")
+        code = run.wait(90)
+    finally:
+        processes.cleanup()
+    log = processes.log("run")
+    assert code == 0, log
+    streams, _ = pyxdf.load_xdf(str(xdf), dejitter_timestamps=False)
+    return {"config": load_config(config_path), "xdf": xdf, "log": log, "streams": {s["info"]["name"][0]: s for s in streams}}
+
+
+def _fesloop_desc(stream: dict) -> dict:
+    return {k: v[0] for k, v in stream["info"]["desc"][0]["fesloop"][0].items()}
+
+
+@pytest.mark.timeout(120)
+def test_every_stream_is_recorded_with_its_metadata(recording) -> None:
+    config, streams = recording["config"], recording["streams"]
+    for process, keys in STREAMS.items():
+        for key in keys:
+            stream = streams.get(stream_name(config.name, key))
+            assert stream is not None, f"{key} not recorded; recorded: {sorted(streams)}"
+            desc = _fesloop_desc(stream)
+            assert desc["process"] == process and desc["stream"] == key
+            assert json.loads(desc["config"])["name"] == config.name  # the resolved config travels with it
+            channels = stream["info"]["desc"][0]["channels"][0]["channel"]
+            assert len(channels) == int(stream["info"]["channel_count"][0])
+            assert stream["info"]["source_id"][0].startswith(f"fesloop-{config.name}-")
+    emg = streams[stream_name(config.name, "emg")]
+    labels = [c["label"][0] for c in emg["info"]["desc"][0]["channels"][0]["channel"]]
+    assert labels == [m.name for m in config.muscles]
+    assert emg["info"]["desc"][0]["channels"][0]["channel"][0]["unit"][0] == "microvolts"
+    assert "calibration" in _fesloop_desc(streams[stream_name(config.name, "envelope")])
+    markers = [m[0] for m in streams[stream_name(config.name, "stimulator-markers")]["time_series"]]
+    assert markers[0] == "DISARMED -> ARMED: armed", "recording started after arming"
+
+
+@pytest.mark.timeout(120)
+def test_sample_counts_match_what_each_process_published(recording) -> None:
+    config, streams = recording["config"], recording["streams"]
+    for process, keys in STREAMS.items():
+        final = json.loads(streams[stream_name(config.name, f"{process}-status")]["time_series"][-1][0])
+        for key in keys:
+            recorded = len(streams[stream_name(config.name, key)]["time_stamps"])
+            assert final["lsl"][key] == {"pushed": recorded, "dropped": 0}, (process, key)
+    fs_hz = config.acquisition.simulated.sampling_rate_hz
+    assert len(streams[stream_name(config.name, "emg")]["time_stamps"]) > 6 * fs_hz
+    assert len(streams[stream_name(config.name, "pulses")]["time_stamps"]) > 30
+
+
+@pytest.mark.timeout(120)
+def test_pulses_line_up_with_their_artifacts_in_the_raw_emg(recording) -> None:
+    config, streams = recording["config"], recording["streams"]
+    emg = streams[stream_name(config.name, "emg")]
+    pulses = streams[stream_name(config.name, "pulses")]
+    emg_times, emg_uv = emg["time_stamps"], np.asarray(emg["time_series"])
+    fs_hz = config.acquisition.simulated.sampling_rate_hz
+    emg_channel = {s.device_channel: config.muscles[config.muscle_index(s.muscle)].emg_channel for s in config.stimulation}
+    offsets = []
+    for t, (device_channel, amplitude_ma, _width) in zip(pulses["time_stamps"], pulses["time_series"]):
+        if amplitude_ma < STRONG_PULSE_MA or not emg_times[0] + 0.01 < t < emg_times[-1] - 0.01:
+            continue
+        window = np.flatnonzero(np.abs(emg_times - t) < 0.004)  # ends before the M-wave (6 ms)
+        steps = np.abs(np.diff(emg_uv[window, emg_channel[int(device_channel)]]))
+        offsets.append(emg_times[window[np.argmax(steps) + 1]] - t)
+    offsets = np.array(offsets)
+    assert len(offsets) >= 20, "too few strong pulses in the recording"
+    assert np.abs(offsets).max() <= ALIGNMENT_TOLERANCE_S, offsets
+    assert np.all(offsets >= -0.5 / fs_hz)  # never before the pulse
+
+
+@pytest.mark.timeout(120)
+def test_report_writes_figures_and_summary(recording, tmp_path) -> None:
+    from fesloop.report import write_report
+
+    config = recording["config"]
+    written = write_report(recording["xdf"], tmp_path / "report")
+    names = {p.name for p in written}
+    assert {f"muscle_{i}_{m.name}.png" for i, m in enumerate(config.muscles)} <= names
+    assert {f"channel_{i}_{s.name}.png" for i, s in enumerate(config.stimulation)} <= names
+    assert {"latency.png", "summary.md"} <= names
+    assert all(p.stat().st_size > 10_000 for p in written if p.suffix == ".png")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "p50" in summary and "| emg | EMG |" in summary
+    assert "samples dropped on the way to LSL (full queue): 0" in summary
