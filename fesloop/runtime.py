@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +100,8 @@ class ProcessRuntime:
         self.clock = clock or LslClock()
         self.ctx = zmq.Context()
         self.log = setup_logging(name)
-        self.running = True
+        self._running = True
+        self._next_parent_check_s = 0.0
         self.exit_code = 0
         # CurveZMQ keys of this process (None: loopback only); pass to every socket it makes.
         self.security = Security.for_role(security, name) if security is not None else None
@@ -131,14 +133,30 @@ class ProcessRuntime:
     def parent_alive(self) -> bool:
         return not self._parent_pid or os.getppid() == self._parent_pid
 
+    @property
+    def running(self) -> bool:
+        """False once asked to stop, or once the supervisor that started us is gone.
+
+        The parent is checked here (at most 5 times a second), not on a path that an
+        exception in the loop could skip, so a failing process still never outlives it.
+        """
+        now_s = time.monotonic()
+        if self._running and now_s >= self._next_parent_check_s:
+            self._next_parent_check_s = now_s + STATUS_PERIOD_S
+            if not self.parent_alive():
+                self.log.error("supervisor %d is gone: stopping", self._parent_pid)
+                self._running = False
+                self.exit_code = 1
+        return self._running
+
+    @running.setter
+    def running(self, value: bool) -> None:
+        self._running = value
+
     def publish_status_if_due(self, pub: zmq.Socket, now_s: float) -> bool:
-        """Publish a status heartbeat at 5 Hz; also checks the supervisor is alive."""
+        """Publish a status heartbeat at 5 Hz."""
         if not self._status_pacer.due(now_s):
             return False
-        if not self.parent_alive():
-            self.log.error("supervisor %d is gone: stopping", self._parent_pid)
-            self.running = False
-            self.exit_code = 1
         status = self.status()
         pub.send_multipart(protocol.encode(self.status_seq.next(), now_s, protocol.Status(status)))
         if self.telemetry is not None:
