@@ -18,9 +18,11 @@ import zmq
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.runtime import HOLD_AUTO_ARM_ENV, LatencyWindow, ProcessRuntime, setup_logging
+from fesloop.session import ConfirmationMissing, check_confirmation
 from fesloop.sockets import ControlRefused, Sequencer, StreamCounters, drain, publisher, subscriber
 from fesloop.telemetry import Telemetry
 from stimulator.drivers.base import Driver, DriverFault
+from stimulator.dose import DoseTracker
 from stimulator.drivers.simulated import SimulatedDriver
 from stimulator.limits import DEVICES
 from stimulator.mapping import modulate
@@ -60,19 +62,40 @@ class Stimulator:
         self.latency = LatencyWindow()
         self.commanded_intensity = np.zeros(len(channels), dtype=np.float32)
         self._auto_arm_pending = config.stimulator.arm_at_start and not os.environ.get(HOLD_AUTO_ARM_ENV)
+        self.dose = DoseTracker(channels, config.stimulator.dose)
+        self._session_events: list[str] = []
         self.amplitude_ma = np.zeros(len(channels))
         self.telemetry = self.rt.telemetry = Telemetry(config, "stimulator")
         handlers = self.rt.control.handlers
-        handlers["arm"] = lambda _r: self._control(self._arm)
+        handlers["arm"] = lambda r: self._control(lambda: self._arm(r))
+        handlers["override_dose"] = lambda r: self._control(lambda: self._override_dose(r))
         handlers["disarm"] = lambda _r: self._control(self.kernel.disarm)
         handlers["stop"] = lambda r: self._control(lambda: self.kernel.stop(str(r.get("reason", "stop requested"))))
         handlers["reset"] = lambda _r: self._control(self.kernel.reset)
         self.rt.status_fields = self._status
 
-    def _arm(self) -> None:
+    def _arm(self, request: dict[str, Any]) -> None:
+        """Arm; a real device also needs the operator's confirmation record in the request."""
+        markers: list[str] = []
+        if self.config.stimulator.driver != "simulated":
+            try:
+                markers = check_confirmation(request.get("confirmation")).markers()
+            except ConfirmationMissing as exc:
+                raise SafetyRefused(str(exc)) from None
         if not self.driver.ready():
             raise SafetyRefused(f"device not ready: {self.driver.status()}")
         self.kernel.arm(self.rt.clock.now())
+        self._session_events.extend(markers)
+
+    def _override_dose(self, request: dict[str, Any]) -> None:
+        """Lift a reached dose limit for one channel: only with an operator and a reason, on record."""
+        channel, operator, reason = request.get("channel"), request.get("operator"), request.get("reason")
+        if channel not in self.dose.names:
+            raise SafetyRefused(f"override_dose: channel must be one of {self.dose.names}, got {channel!r}")
+        if not isinstance(operator, str) or not operator.strip() or not isinstance(reason, str) or not reason.strip():
+            raise SafetyRefused("override_dose needs the operator's name and a reason, both on record")
+        self.dose.override(channel)
+        self._session_events.append(f"dose limit overridden for {channel} by {operator.strip()}: {reason.strip()}")
 
     def _control(self, action: Any) -> dict[str, Any]:
         try:
@@ -104,6 +127,8 @@ class Stimulator:
             "commanded_intensity": [round(float(x), 4) for x in self.commanded_intensity],
             "latency_ms": self.latency.summary_ms(),
             "pulses_delivered": self.driver.pulses_delivered,
+            "dose": self.dose.summary(),
+            "skin_check_due": self.dose.skin_check_due,
             "device": self.driver.status(),
             "commands_received": self.command_counters.received,
             "rejected": self.command_counters.rejected + self.kernel.rejected,
@@ -135,13 +160,19 @@ class Stimulator:
 
     def _apply(self, now_s: float) -> None:
         """Kernel output to the driver, then fire what is due."""
+        output_ma = self.kernel.update(now_s)
+        if self.kernel.state is StimState.ARMED:
+            self.dose.start_session(now_s)
+        self._session_events.extend(self.dose.update(now_s, output_ma))
+        self.kernel.dose_locked[:] = self.dose.exhausted
         amplitude_ma, pulse_width_us = modulate(
-            self.kernel.update(now_s), self.kernel.clamp_ma, self._pulse_width_us, self._pulse_width_modulated, self.device
+            output_ma, self.kernel.clamp_ma, self._pulse_width_us, self._pulse_width_modulated, self.device
         )
         self.driver.set_output(amplitude_ma, pulse_width_us, now_s)
         self.amplitude_ma = amplitude_ma
         pulses = self.driver.deliver_due(now_s)
         if pulses is not None:
+            self.dose.on_pulses(pulses.channel, pulses.amplitude_ma, pulses.pulse_width_us)
             self.pub.send_multipart(protocol.encode(self.pulse_seq.next(), now_s, pulses))
             self.telemetry.push(
                 "pulses", np.column_stack((pulses.channel, pulses.amplitude_ma, pulses.pulse_width_us)), pulses.time_s
@@ -149,8 +180,9 @@ class Stimulator:
         self._publish_events(now_s)
 
     def _publish_events(self, now_s: float) -> None:
-        """Each state change: logged, as an LSL marker, and a status message at once."""
-        events = self.kernel.pop_events()
+        """Each state change or session event: logged, as an LSL marker, and a status message at once."""
+        events = self.kernel.pop_events() + self._session_events
+        self._session_events = []
         for event in events:
             self.rt.log.warning("%s", event)
             self.telemetry.marker(event, now_s)

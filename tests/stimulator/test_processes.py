@@ -15,6 +15,7 @@ import zmq
 
 from fesloop.config import load_config
 from fesloop.lsl import configure_machine_scope
+from fesloop.session import CONFIRMATION_ITEMS
 from fesloop.sockets import ControlClient, ControlTimeout
 from stimulator.rehastim2_emulator import PtyEmulator
 from tests.conftest import wait_until
@@ -65,8 +66,13 @@ def test_frozen_controller_zeroes_output_latches_fault_and_never_replays(write_c
         frozen = stim.request("status", timeout_s=2.0)
         os.kill(controller.pid, signal.SIGCONT)
         t_cont = pylsl.local_clock()
-        time.sleep(1.5)
+        # The ZMTP heartbeat dropped the frozen peer; wait until the reconnected stream is read.
+        wait_until(
+            lambda: reply(stim, "status").get("last_seq", 0) > frozen["last_seq"], 10, what="commands after SIGCONT"
+        )
+        time.sleep(0.5)
         resumed = stim.request("status", timeout_s=2.0)
+        print(f"commands read again {pylsl.local_clock() - t_cont - 0.5:.2f} s after SIGCONT")
         _, times, _ = pulses_array(recorder.get(b"pulses"))
     finally:
         recorder.close()
@@ -148,8 +154,19 @@ def test_rehastim2_process_against_the_emulator(write_config, processes) -> None
             time.sleep(1.5)
             with emulator.lock:
                 assert not emulator.device.stimulating  # never arms by itself
-            armed = wait_until(lambda: reply(stim, "arm").get("ok"), 10, what="arm")
-            assert armed
+            # A real device is never armed without the operator's confirmation record.
+            refused = stim.request("arm", timeout_s=2.0)
+            assert refused["ok"] is False and "--confirm no-implant" in refused["error"]
+            assert reply(stim, "status")["state"] == "DISARMED"
+            confirmation = {"operator": "TS", "items": list(CONFIRMATION_ITEMS), "time_unix_s": time.time()}
+
+            def arm() -> bool:
+                try:
+                    return stim.request("arm", timeout_s=2.0, confirmation=confirmation)["ok"]
+                except ControlTimeout:
+                    return False
+
+            assert wait_until(arm, 10, what="arm")
             wait_until(lambda: emulator.device.stimulating, 20, what="the emulator to stimulate")
             wait_stimulating(recorder, config.stimulation[0].threshold_ma)
             t_stop = time.monotonic()
