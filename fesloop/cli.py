@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fesloop.config import DEFAULT_CONFIG, Config, load_config
 from fesloop.lsl import configure_machine_scope
+from fesloop.session import CONFIRMATION_ITEMS, ConfirmationMissing, confirm
 from fesloop.schema import ConfigError
 
 PROCESSES = ("acquisition", "controller", "stimulator")
@@ -22,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="TOML config (default: the demo)")
     run.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
     run.add_argument("--record", type=Path, default=None, metavar="FILE.xdf", help="record every stream to XDF")
+    run.add_argument("--operator", default=None, help="operator's name or initials (real stimulator)")
+    run.add_argument(
+        "--confirm", action="append", default=[], metavar="ITEM",
+        help="confirm one pre-session item for a real stimulator, once per item: " + ", ".join(CONFIRMATION_ITEMS),
+    )  # fmt: skip
     record = sub.add_parser("record", help="record a running session's LSL streams to XDF (Ctrl+C to stop)")
     record.add_argument("file", type=Path, metavar="FILE.xdf")
     record.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="TOML config (default: the demo)")
@@ -95,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"fesloop: --duration = {args.duration}: must be a positive number of seconds")
         from fesloop.security import SecurityError
 
+        confirmation = None
+        if config.stimulator.driver != "simulated":
+            try:
+                confirmation = confirm(args.operator, args.confirm, interactive=sys.stdin.isatty())
+            except ConfirmationMissing as exc:
+                sys.exit(f"fesloop run: {exc}")
         try:
-            return Supervisor(config, args.config, record=args.record).run(args.duration)
+            return Supervisor(config, args.config, record=args.record, confirmation=confirmation).run(args.duration)
         except SecurityError as exc:
             sys.exit(f"fesloop run: {exc}")
     if args.command == "control":

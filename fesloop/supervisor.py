@@ -23,6 +23,7 @@ import zmq
 from fesloop.config import Config
 from fesloop.record import Recorder, RecordingError
 from fesloop.runtime import HOLD_AUTO_ARM_ENV, PARENT_PID_ENV
+from fesloop.session import Confirmation
 from fesloop.security import Security
 from fesloop.sockets import ControlClient, ControlTimeout
 
@@ -41,8 +42,17 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: Path, out: TextIO = sys.stdout, record: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        out: TextIO = sys.stdout,
+        record: Path | None = None,
+        confirmation: Confirmation | None = None,
+    ) -> None:
         self.config = config
+        self.confirmation = confirmation  # required to arm a real stimulator
+        self._skin_check_shown = False
         self.config_path = config_path
         self.out = out
         self.ctx = zmq.Context()
@@ -130,6 +140,7 @@ class Supervisor:
             for child in self.children:
                 self._poll_status(child)
             self._note_faults()
+            self._remind_skin_check()
             line = self.status_line(now - start)
             if tty:
                 self.out.write("\r\033[K" + line)
@@ -142,8 +153,63 @@ class Supervisor:
         if tty:
             self.out.write("\n")
 
+    def _remind_skin_check(self) -> None:
+        if not self._skin_check_shown and self._stimulator().last_status.get("skin_check_due"):
+            self._skin_check_shown = True
+            self.out.write("\nfesloop: REMINDER: check the skin under every electrode now\n")
+
+    def _stimulator(self) -> Child:
+        return next(c for c in self.children if c.role == "stimulator")
+
+    def _arm_real_device(self) -> bool:
+        """A real stimulator is armed here, with the operator's confirmation, never by itself."""
+        if self.config.stimulator.driver == "simulated":
+            return True
+        if self.confirmation is None:
+            self.failures.append("no operator confirmation: the real stimulator was not armed")
+            return False
+        for line in self.confirmation.markers():
+            self.out.write(f"fesloop: {line}\n")
+        try:
+            reply = self._stimulator().client.request("arm", timeout_s=2.0, confirmation=self.confirmation.as_dict())
+        except ControlTimeout as exc:
+            reply = {"ok": False, "error": str(exc)}
+        if not reply.get("ok"):
+            self.failures.append(f"arming the stimulator was refused: {reply.get('error')}")
+            return False
+        return True
+
+    def session_summary(self) -> str:
+        """Per channel: time stimulated, charge, pulses, peak and mean amplitude, limits; and faults."""
+        rows = self._stimulator().last_status.get("dose", [])
+        lines = [
+            f"# Session summary: {self.config.name}",
+            "",
+            "| channel | stimulated s | charge mC | pulses | peak mA | mean mA | limit reached |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['channel']} | {r['stimulated_s']:.1f} | {r['charge_mc']:.3f} | {r['pulses']} | "
+                f"{r['peak_ma']:.0f} | {r['mean_ma']:.1f} | {r['limit_reached'] or '-'} |"
+            )
+        faults = sorted(self._faults_seen)
+        lines += ["", "Faults: " + ("; ".join(faults) if faults else "none")]
+        return "\n".join(lines) + "\n"
+
+    def _write_summary(self) -> None:
+        summary = self.session_summary()
+        self.out.write(summary)
+        if self.recorder is not None:
+            path = self.recorder.path.with_name(self.recorder.path.stem + "-summary.md")
+            path.write_text(summary)
+            self.out.write(f"fesloop: session summary saved to {path}\n")
+
     def shutdown(self) -> None:
         """Stimulator first (output to zero), then the others; kill what will not stop."""
+        stimulator = self._stimulator() if self.children else None
+        if stimulator is not None and stimulator.process.poll() is None:
+            self._poll_status(stimulator, timeout_s=1.0)  # the final dose totals for the summary
         for child in self.children:
             if child.process.poll() is None:
                 try:
@@ -197,12 +263,14 @@ class Supervisor:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            if self.wait_ready() and self._start_recording():
+            if self.wait_ready() and self._start_recording() and self._arm_real_device():
                 self.out.write(f"fesloop: {self.config.name} running (Ctrl+C to stop)\n")
                 self.monitor(duration_s)
         finally:
             self.shutdown()
             self._stop_recording()
+            if self.children:
+                self._write_summary()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         for failure in self.failures:

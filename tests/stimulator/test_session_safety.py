@@ -1,0 +1,102 @@
+"""Clinical session safety in real processes: dose limits, the summary, operator confirmation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from fesloop.config import load_config
+from fesloop.sockets import ControlClient, ControlTimeout
+from tests.conftest import wait_until
+from tests.streams import Recorder, pulses_array
+
+pytestmark = pytest.mark.timeout(90)
+
+LONG_CONTRACTION = {
+    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
+    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
+}
+STIMULATION_LIMIT_S = 1.5
+
+
+def _status(client: ControlClient) -> dict:
+    try:
+        return client.request("status", timeout_s=2.0)
+    except ControlTimeout:
+        return {}
+
+
+def test_stimulation_time_limit_ramps_the_channel_down_for_the_session_and_summary_matches(
+    write_config, processes
+) -> None:
+    dose = f"\n[stimulator.dose]\nmax_stimulation_s = {STIMULATION_LIMIT_S}\nskin_check_after_s = 1.0\n"
+    path = write_config("demo.toml", {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = true" + dose})
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+    try:
+        for role in ("stimulator", "controller", "acquisition"):
+            processes.start(role, str(path), name=role)
+
+        def limit_reached() -> bool:
+            dose_rows = _status(stim).get("dose", [])
+            return bool(dose_rows) and bool(dose_rows[0]["limit_reached"])
+
+        wait_until(limit_reached, 40, what="the stimulation time limit")
+        time.sleep(1.5)  # the ramp down (<= ramp_s) and then nothing
+        # Re-arming does not lift the limit in this session.
+        stim.request("disarm", timeout_s=2.0)
+        assert wait_until(lambda: stim.request("arm", timeout_s=2.0)["ok"], 10, what="re-arm")
+        time.sleep(1.0)
+        status = _status(stim)
+        channel, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+    finally:
+        recorder.close()
+        stim.close()
+        ctx.destroy(linger=0)
+    quad = channel == config.stimulation[0].device_channel
+    q_times, q_amps = times[quad], amplitudes[quad]
+    row = status["dose"][0]
+    assert row["limit_reached"] == f"stimulation time limit {STIMULATION_LIMIT_S:g} s reached"
+    assert status["skin_check_due"] is True
+    # The channel stimulated continuously (the contraction lasts) until the limit, then ramped
+    # down to nothing within ramp_s; the ramp-down time counts as stimulation too.
+    period_s = 1.0 / config.stimulation[0].frequency_hz
+    t_limit = q_times[0] + STIMULATION_LIMIT_S
+    before, after = q_times < t_limit - period_s, q_times > t_limit + period_s
+    assert np.diff(q_times[before]).max() <= 1.5 * period_s, "continuous stimulation before the limit"
+    assert np.all(np.diff(q_amps[after]) <= 0), "after the limit the amplitude only goes down"
+    ramp_ma_per_s = config.stimulation[0].max_ma / config.stimulator.ramp_s
+    drops_ma = -np.diff(q_amps[after])
+    assert drops_ma.max() <= ramp_ma_per_s * period_s * 1.5 + 1.0, "ramped down, not dropped at once"
+    assert q_times[-1] - t_limit <= config.stimulator.ramp_s + period_s
+    assert row["stimulated_s"] == pytest.approx(q_times[-1] - q_times[0], abs=2 * period_s)
+    # The summary matches the pulses that were delivered.
+    assert row["pulses"] == quad.sum()
+    assert row["peak_ma"] == pytest.approx(q_amps.max())
+    assert row["mean_ma"] == pytest.approx(q_amps.mean(), abs=1e-3)
+    width_us = config.stimulation[0].pulse_width_us
+    assert row["charge_mc"] == pytest.approx((q_amps * width_us).sum() * 1e-6, abs=1e-6)
+
+
+def test_run_refuses_a_real_stimulator_without_the_operator_confirmation(write_config) -> None:
+    path = write_config(
+        "demo.toml",
+        {"arm_at_start = true": "arm_at_start = false", 'driver = "simulated"': 'driver = "rehastim2"\nserial_port = "/dev/null"'},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "fesloop", "run", str(path), "--operator", "TS", "--confirm", "no-implant"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "--confirm electrodes-checked" in result.stderr and "--confirm stop-button" in result.stderr
+    assert "running" not in result.stdout  # refused before anything started
