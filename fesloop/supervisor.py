@@ -31,6 +31,7 @@ ROLES = ("stimulator", "controller", "acquisition")  # start order; shutdown ord
 READY_TIMEOUT_S = 30.0
 STATUS_PERIOD_S = 0.2
 STOP_TIMEOUT_S = 3.0
+DEVICE_READY_TIMEOUT_S = 10.0  # a real stimulator's handshake before arming
 
 
 @dataclass
@@ -170,10 +171,16 @@ class Supervisor:
             return False
         for line in self.confirmation.markers():
             self.out.write(f"fesloop: {line}\n")
-        try:
-            reply = self._stimulator().client.request("arm", timeout_s=2.0, confirmation=self.confirmation.as_dict())
-        except ControlTimeout as exc:
-            reply = {"ok": False, "error": str(exc)}
+        deadline = time.monotonic() + DEVICE_READY_TIMEOUT_S
+        while True:  # the device handshake may still be under way
+            try:
+                reply = self._stimulator().client.request("arm", timeout_s=2.0, confirmation=self.confirmation.as_dict())
+            except ControlTimeout as exc:
+                reply = {"ok": False, "error": str(exc)}
+            waiting = str(reply.get("error", "")).startswith("device not ready")
+            if reply.get("ok") or not waiting or time.monotonic() > deadline or self.stop_requested:
+                break
+            time.sleep(0.2)
         if not reply.get("ok"):
             self.failures.append(f"arming the stimulator was refused: {reply.get('error')}")
             return False

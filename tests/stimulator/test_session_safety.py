@@ -100,3 +100,34 @@ def test_run_refuses_a_real_stimulator_without_the_operator_confirmation(write_c
     assert result.returncode != 0
     assert "--confirm electrodes-checked" in result.stderr and "--confirm stop-button" in result.stderr
     assert "running" not in result.stdout  # refused before anything started
+
+
+def test_run_arms_a_real_stimulator_only_with_every_confirmation_and_records_them(write_config) -> None:
+    from stimulator.rehastim2_emulator import PtyEmulator
+
+    with PtyEmulator() as emulator:
+        path = write_config(
+            "demo.toml",
+            {
+                **LONG_CONTRACTION,
+                "arm_at_start = true": "arm_at_start = false",
+                'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"',
+            },
+        )
+        confirms = [a for item in ("no-implant", "electrodes-checked", "stop-button") for a in ("--confirm", item)]
+        result = subprocess.run(
+            [sys.executable, "-m", "fesloop", "run", str(path), "--duration", "4", "--operator", "TS", *confirms],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        with emulator.lock:
+            device_pulses = len(emulator.device.pulses)
+            still_stimulating = emulator.device.stimulating
+    assert result.returncode == 0, result.stdout + result.stderr
+    confirmed = [line for line in result.stdout.splitlines() if "confirmed by TS" in line]
+    assert len(confirmed) == 3 and "pacemaker" in confirmed[0]
+    assert result.stderr.count("confirmed by TS") == 3  # the stimulator's session log has them too
+    assert device_pulses > 0 and not still_stimulating  # stimulated, and stopped at shutdown
+    assert "| quadriceps_l |" in result.stdout  # the session summary
