@@ -1,0 +1,57 @@
+"""Invariant 7 in the real stimulator loop: any exception -> output zero first, then FAULT.
+
+The loop runs in a thread of this process with real sockets on loopback; only the
+driver's delivery is made to fail, at the edge where hardware would be.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from fesloop.config import load_config
+from fesloop.protocol import Command, GateReason
+from stimulator.loop import Stimulator
+from stimulator.safety import StimState
+from tests.conftest import wait_until
+
+
+@pytest.mark.timeout(30)
+def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(write_config) -> None:
+    path = write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"})
+    stim = Stimulator(load_config(path))
+    order: list[str] = []
+    real_zero, real_fault = stim.driver.zero, stim.kernel.fault
+
+    def zero() -> None:
+        order.append(f"zero while {stim.kernel.state.value}")
+        real_zero()
+
+    def fault(reason: str) -> None:
+        order.append(f"fault with driver at {stim.driver.amplitude_ma.max():g} mA")
+        real_fault(reason)
+
+    stim.driver.zero, stim.kernel.fault = zero, fault
+    now_s = stim.rt.clock.now()
+    command = Command(now_s, np.ones(2, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8))
+    stim.kernel.accept(1, command, now_s)
+    stim.kernel.arm(now_s)
+    stim._apply(now_s + 0.05)
+    assert stim.driver.amplitude_ma.max() > 0  # stimulating
+
+    def broken(_now_s: float) -> None:
+        raise OSError("USB transfer failed")
+
+    stim.driver.deliver_due = broken
+    thread = threading.Thread(target=stim.run)
+    thread.start()
+    try:
+        wait_until(lambda: stim.kernel.state is StimState.FAULT, 10, what="FAULT")
+    finally:
+        stim.rt.running = False
+        thread.join(10)
+    assert order[:2] == ["zero while ARMED", "fault with driver at 0 mA"]
+    assert "USB transfer failed" in stim.kernel.fault_reason
+    assert not stim.kernel.output_ma.any()
