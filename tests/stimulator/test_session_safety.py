@@ -76,7 +76,9 @@ def test_stimulation_time_limit_ramps_the_channel_down_for_the_session_and_summa
     drops_ma = -np.diff(q_amps[after])
     assert drops_ma.max() <= ramp_ma_per_s * period_s * 1.5 + 1.0, "ramped down, not dropped at once"
     assert q_times[-1] - t_limit <= config.stimulator.ramp_s + period_s
-    assert row["stimulated_s"] == pytest.approx(q_times[-1] - q_times[0], abs=2 * period_s)
+    # Stimulated time is time with output above zero: it also covers the last pulse period,
+    # and the loop's update cadence under load; 4 periods of slack.
+    assert row["stimulated_s"] == pytest.approx(q_times[-1] - q_times[0], abs=4 * period_s)
     # The summary matches the pulses that were delivered.
     assert row["pulses"] == quad.sum()
     assert row["peak_ma"] == pytest.approx(q_amps.max())
