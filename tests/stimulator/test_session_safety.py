@@ -22,6 +22,7 @@ LONG_CONTRACTION = {
     "schedule_period_s = 8.0": "schedule_period_s = 200.0",
 }
 STIMULATION_LIMIT_S = 1.5
+CHARGE_LIMIT_MC = 0.35  # ~1.2 s at the contraction's ~30 mA, 300 us, 30 Hz
 
 
 def _status(client: ControlClient) -> dict:
@@ -31,10 +32,14 @@ def _status(client: ControlClient) -> dict:
         return {}
 
 
-def test_stimulation_time_limit_ramps_the_channel_down_for_the_session_and_summary_matches(
-    write_config, processes
+@pytest.mark.parametrize("limit", ["stimulation_time", "charge"])
+def test_a_dose_limit_ramps_the_channel_down_for_the_session_and_the_summary_matches(
+    write_config, processes, limit: str
 ) -> None:
-    dose = f"\n[stimulator.dose]\nmax_stimulation_s = {STIMULATION_LIMIT_S}\nskin_check_after_s = 1.0\n"
+    setting = f"max_stimulation_s = {STIMULATION_LIMIT_S}" if limit == "stimulation_time" else (
+        f"max_stimulation_s = 0.0\nmax_charge_mc = {CHARGE_LIMIT_MC}"
+    )  # fmt: skip
+    dose = f"\n[stimulator.dose]\n{setting}\nskin_check_after_s = 1.0\n"
     path = write_config("demo.toml", {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = true" + dose})
     config = load_config(path)
     recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
@@ -63,27 +68,33 @@ def test_stimulation_time_limit_ramps_the_channel_down_for_the_session_and_summa
     quad = channel == config.stimulation[0].device_channel
     q_times, q_amps = times[quad], amplitudes[quad]
     row = status["dose"][0]
-    assert row["limit_reached"] == f"stimulation time limit {STIMULATION_LIMIT_S:g} s reached"
     assert status["skin_check_due"] is True
-    # The channel stimulated continuously (the contraction lasts) until the limit, then ramped
-    # down to nothing within ramp_s; the ramp-down time counts as stimulation too.
+    # The channel stimulated until the limit, then ramped down to nothing within ramp_s.
     period_s = 1.0 / config.stimulation[0].frequency_hz
-    t_limit = q_times[0] + STIMULATION_LIMIT_S
-    before, after = q_times < t_limit - period_s, q_times > t_limit + period_s
-    assert np.diff(q_times[before]).max() <= 1.5 * period_s, "continuous stimulation before the limit"
+    width_us = config.stimulation[0].pulse_width_us
+    if limit == "stimulation_time":
+        assert row["limit_reached"] == f"stimulation time limit {STIMULATION_LIMIT_S:g} s reached"
+        # Time stimulated so far, pulse by pulse (a pause longer than a period adds one period).
+        stimulated_s = np.concatenate(([0.0], np.cumsum(np.minimum(np.diff(q_times), period_s))))
+        t_limit = q_times[np.searchsorted(stimulated_s, STIMULATION_LIMIT_S)]
+    else:
+        assert row["limit_reached"] == f"charge limit {CHARGE_LIMIT_MC:g} mC reached"
+        charge_mc = np.cumsum(q_amps * width_us) * 1e-6
+        t_limit = q_times[np.searchsorted(charge_mc, CHARGE_LIMIT_MC)]  # the pulse that reached it
+    after = q_times > t_limit + period_s
     assert np.all(np.diff(q_amps[after]) <= 0), "after the limit the amplitude only goes down"
     ramp_ma_per_s = config.stimulation[0].max_ma / config.stimulator.ramp_s
     drops_ma = -np.diff(q_amps[after])
     assert drops_ma.max() <= ramp_ma_per_s * period_s * 1.5 + 1.0, "ramped down, not dropped at once"
     assert q_times[-1] - t_limit <= config.stimulator.ramp_s + period_s
-    # Stimulated time is time with output above zero: it also covers the last pulse period,
-    # and the loop's update cadence under load; 4 periods of slack.
-    assert row["stimulated_s"] == pytest.approx(q_times[-1] - q_times[0], abs=4 * period_s)
+    # Stimulated time is time with output above zero (ramp-down included): it also covers the
+    # last pulse period and the loop's update cadence under load; 4 periods of slack.
+    stimulated_total_s = np.minimum(np.diff(q_times), period_s).sum()
+    assert row["stimulated_s"] == pytest.approx(stimulated_total_s, abs=4 * period_s)
     # The summary matches the pulses that were delivered.
     assert row["pulses"] == quad.sum()
     assert row["peak_ma"] == pytest.approx(q_amps.max())
     assert row["mean_ma"] == pytest.approx(q_amps.mean(), abs=1e-3)
-    width_us = config.stimulation[0].pulse_width_us
     assert row["charge_mc"] == pytest.approx((q_amps * width_us).sum() * 1e-6, abs=1e-6)
 
 
