@@ -21,7 +21,7 @@ import zmq
 from fesloop.config import load_config
 from fesloop.sockets import ControlClient, ControlTimeout, subscriber
 from tests.conftest import wait_until
-from tests.integration.test_loop import Recorder, pulses_array
+from tests.streams import Recorder, pulses_array
 
 ZERO_WITHIN_S = 0.250  # fault matrix: output at 0 within <= 250 ms at >= 20 Hz
 LONG_CONTRACTION = {
