@@ -25,7 +25,7 @@ from fesloop.protocol import GateReason
 from fesloop.security import Security, SecurityError
 from fesloop.sockets import ControlClient, ControlTimeout, EndpointError, check_bind_endpoint
 from tests.conftest import wait_until
-from tests.integration.test_loop import Recorder, pulses_array
+from tests.streams import Recorder, pulses_array
 
 LONG_CONTRACTION = {
     "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
