@@ -1,0 +1,68 @@
+"""Stimulator device errors through the whole loop (fault matrix rows 9-11).
+
+The real three processes drive the RehaStim2 driver against the protocol emulator
+on a pseudo-terminal; the emulated device reports each StimulationError while
+stimulating. Pass: the stimulator latches FAULT naming the cause, its output is
+zero at once, and it does not stimulate again by itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+from fesloop.config import load_config
+from fesloop.session import CONFIRMATION_ITEMS
+from fesloop.sockets import ControlClient, ControlTimeout
+from stimulator.rehastim2_emulator import PtyEmulator
+from tests.conftest import wait_until
+
+LONG_CONTRACTION = {
+    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.0\nduration_s = 100.0\nlevel = 0.7",
+    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
+    "arm_at_start = true": "arm_at_start = false",
+}
+CAUSES = {-1: "emergency", -2: "electrode", -3: "module"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", sorted(CAUSES))
+def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config, processes, code: int) -> None:
+    with PtyEmulator() as emulator:
+        path = write_config(
+            "demo.toml",
+            {**LONG_CONTRACTION, 'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'},
+        )
+        config = load_config(path)
+        ctx = zmq.Context()
+        stim = ControlClient(ctx, config.endpoints.stimulator_control)
+        confirmation = {"operator": "TS", "items": list(CONFIRMATION_ITEMS), "time_unix_s": time.time()}
+        try:
+            for role in ("stimulator", "controller", "acquisition"):
+                processes.start(role, str(path), name=role)
+
+            def armed() -> bool:
+                try:
+                    return stim.request("arm", timeout_s=1.0, confirmation=confirmation)["ok"]
+                except ControlTimeout:
+                    return False
+
+            wait_until(armed, 30, what="arm")
+            wait_until(lambda: emulator.device.stimulating, 20, what="the device to stimulate")
+            with emulator.lock:
+                emulator.device.inject_stimulation_error(code, time.monotonic())
+            status = wait_until(
+                lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
+            )
+            time.sleep(1.0)
+            later = stim.request("status", timeout_s=2.0)
+            with emulator.lock:
+                stimulating_again = emulator.device.stimulating
+        finally:
+            stim.close()
+            ctx.destroy(linger=0)
+    assert CAUSES[code] in status["fault_reason"].lower(), status["fault_reason"]
+    assert status["output_ma"] == [0.0, 0.0]
+    assert later["state"] == "FAULT" and not stimulating_again
