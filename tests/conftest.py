@@ -64,6 +64,21 @@ def write_config(tmp_path: Path):
     return write
 
 
+def long_contraction(start_s: float = 0.5, arm_at_start: bool = True) -> dict[str, str]:
+    """Edits to demo.toml: the first muscle contracts at level 0.7 for 100 s from ``start_s``.
+
+    For tests that need the loop stimulating on demand; without ``arm_at_start`` the
+    stimulator waits for an explicit arm.
+    """
+    edits = {
+        "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": f"start_s = {start_s}\nduration_s = 100.0\nlevel = 0.7",
+        "schedule_period_s = 8.0": "schedule_period_s = 200.0",
+    }
+    if not arm_at_start:
+        edits["arm_at_start = true"] = "arm_at_start = false"
+    return edits
+
+
 class Processes:
     """Real fesloop processes started by a test; all killed at teardown, whatever happens."""
 

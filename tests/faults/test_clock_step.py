@@ -21,7 +21,7 @@ import zmq
 
 from fesloop.config import load_config
 from fesloop.sockets import ControlClient
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 
 STEPPED_TIME = '''
@@ -43,10 +43,7 @@ def _stepped() -> float:
 
 _time.time = _stepped
 '''
-LONG_CONTRACTION = {
-    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.0\nduration_s = 100.0\nlevel = 0.7",
-    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-}
+LONG_CONTRACTION = long_contraction(start_s=0.0)
 
 
 def _stamp(log_line: str) -> float:

@@ -17,13 +17,9 @@ from fesloop.config import load_config
 from fesloop.session import CONFIRMATION_ITEMS
 from fesloop.sockets import ControlClient, ControlTimeout
 from stimulator.rehastim2_emulator import PtyEmulator
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 
-LONG_CONTRACTION = {
-    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.0\nduration_s = 100.0\nlevel = 0.7",
-    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-    "arm_at_start = true": "arm_at_start = false",
-}
+LONG_CONTRACTION = long_contraction(start_s=0.0, arm_at_start=False)
 CAUSES = {-1: "emergency", -2: "electrode", -3: "module"}
 
 

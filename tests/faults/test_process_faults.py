@@ -20,15 +20,11 @@ import zmq
 
 from fesloop.config import load_config
 from fesloop.sockets import ControlClient, ControlTimeout, subscriber
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 
 ZERO_WITHIN_S = 0.250  # fault matrix: output at 0 within <= 250 ms at >= 20 Hz
-LONG_CONTRACTION = {
-    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
-    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-    "arm_at_start = true": "arm_at_start = false",
-}
+LONG_CONTRACTION = long_contraction(arm_at_start=False)
 
 
 class Loop:

@@ -21,7 +21,7 @@ from fesloop import protocol
 from fesloop.config import load_config
 from fesloop.lsl import configure_machine_scope
 from fesloop.sockets import ControlClient, ControlTimeout
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 
 pytestmark = pytest.mark.timeout(90)
@@ -100,13 +100,7 @@ def _start_loop(processes, path) -> None:
 
 
 def test_controller_sigkill_zeroes_output_within_deadline_and_latches_fault(write_config, processes) -> None:
-    path = write_config(
-        "demo.toml",
-        {
-            "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
-            "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-        },
-    )
+    path = write_config("demo.toml", long_contraction())
     config = load_config(path)
     recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
     ctx = zmq.Context()

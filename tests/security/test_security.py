@@ -24,13 +24,10 @@ from fesloop.config import load_config
 from fesloop.protocol import GateReason
 from fesloop.security import Security, SecurityError
 from fesloop.sockets import ControlClient, ControlTimeout, EndpointError, check_bind_endpoint
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 
-LONG_CONTRACTION = {
-    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
-    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-}
+LONG_CONTRACTION = long_contraction()
 
 
 def test_keys_generate_makes_private_secrets_and_never_overwrites(tmp_path: Path, capsys) -> None:

@@ -18,15 +18,12 @@ from fesloop.lsl import configure_machine_scope
 from fesloop.session import CONFIRMATION_ITEMS
 from fesloop.sockets import ControlClient, ControlTimeout
 from stimulator.rehastim2_emulator import PtyEmulator
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 
 pytestmark = pytest.mark.timeout(90)
 
-LONG_CONTRACTION = {
-    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
-    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-}
+LONG_CONTRACTION = long_contraction()
 
 
 def start_loop(processes, path) -> None:

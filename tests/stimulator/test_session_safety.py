@@ -12,15 +12,12 @@ import zmq
 
 from fesloop.config import load_config
 from fesloop.sockets import ControlClient, ControlTimeout
-from tests.conftest import wait_until
+from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 
 pytestmark = pytest.mark.timeout(90)
 
-LONG_CONTRACTION = {
-    "start_s = 2.0\nduration_s = 2.0\nlevel = 0.6": "start_s = 0.5\nduration_s = 100.0\nlevel = 0.7",
-    "schedule_period_s = 8.0": "schedule_period_s = 200.0",
-}
+LONG_CONTRACTION = long_contraction()
 STIMULATION_LIMIT_S = 1.5
 CHARGE_LIMIT_MC = 0.35  # ~1.2 s at the contraction's ~30 mA, 300 us, 30 Hz
 
