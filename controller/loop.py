@@ -1,9 +1,12 @@
-"""The controller process: EMG in, activation estimate, ``command`` out at a fixed rate.
+"""The controller process: EMG in, activation estimate, ``command`` out as soon as it is known.
 
 Each EMG chunk is blanked around delivered pulses, filtered and turned into an
-activation per muscle as it arrives. Commands go out on absolute deadlines at
-``control_rate_hz`` whether or not EMG arrives; without fresh, gap-free EMG the
-gate of every channel that depends on it is closed, with the reason.
+activation per muscle as it arrives, and a command goes out at once (event-driven:
+a fresh chunk does not wait for a control tick), at most ``MAX_COMMAND_RATE_HZ``.
+When no command went out during a whole control period (``control_rate_hz``, on
+absolute deadlines), the tick publishes one, so commands keep flowing without EMG;
+without fresh, gap-free EMG the gate of every channel that depends on it is closed,
+with the reason. Activation and gate telemetry stay on the fixed tick.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from fesloop.protocol import GateReason
 from fesloop.runtime import Pacer, ProcessRuntime
 from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
 from fesloop.telemetry import Telemetry
+
+MAX_COMMAND_RATE_HZ = 1000.0  # event-driven commands are spaced at least 1 ms apart
 
 
 def load_calibration(config: Config) -> Calibration | None:
@@ -57,6 +62,9 @@ class Controller:
         self.newest_emg_time_s = 0.0
         self.gap_until_s = 0.0
         self.commands_sent = 0
+        self.last_command_s = float("-inf")
+        self.emg_pending = False  # a processed chunk whose command has not gone out yet
+        self.sent_since_tick = False
         self.n_stim = len(config.stimulation)
         self.laws = ChannelLaws(config)
         self.intensity = np.zeros(self.n_stim, dtype=np.float32)
@@ -124,6 +132,7 @@ class Controller:
         self.estimator.events.clear()
         self.last_emg_rx_s = now_s
         self.newest_emg_time_s = chunk.arrival_time_s
+        self.emg_pending = True
 
     def _open_emg_outlets(self, fs_hz: float) -> None:
         """LSL filtered EMG and envelope per muscle, at the EMG rate (known from the first chunk)."""
@@ -153,8 +162,17 @@ class Controller:
             self.newest_emg_time_s, self.intensity, self.gate_reason == GateReason.OPEN, self.gate_reason
         )
 
+    def publish_command(self, now_s: float) -> None:
+        command = self.compute(now_s)
+        self.pub.send_multipart(protocol.encode(self.command_seq.next(), now_s, command))
+        self.commands_sent += 1
+        self.last_command_s = now_s
+        self.emg_pending = False
+        self.sent_since_tick = True
+
     def run(self) -> int:
         rt = self.rt
+        min_interval_s = 1.0 / MAX_COMMAND_RATE_HZ
         pacer = Pacer(1.0 / self.config.controller.control_rate_hz, rt.clock.now())
         poller = zmq.Poller()
         for sock in (rt.control.sock, self.emg_sub, self.pulses_sub):
@@ -162,7 +180,11 @@ class Controller:
         rt.log.info("running: %d muscles, %d stimulation channels", len(self.config.muscles), self.n_stim)
         try:
             while rt.running:
-                ready = dict(poller.poll(pacer.timeout_ms(rt.clock.now())))
+                now_s = rt.clock.now()
+                timeout_ms = pacer.timeout_ms(now_s)
+                if self.emg_pending:  # rate-limited: due once the minimum interval has passed
+                    timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + min_interval_s - now_s) * 1e3))
+                ready = dict(poller.poll(timeout_ms))
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
                         self.laws.add_pulses(message.body.time_s, message.body.channel, message.body.amplitude_ma)
@@ -174,10 +196,12 @@ class Controller:
                 if rt.control.sock in ready:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()
+                if self.emg_pending and now_s - self.last_command_s >= min_interval_s:
+                    self.publish_command(now_s)
                 if pacer.due(now_s):
-                    command = self.compute(now_s)
-                    self.pub.send_multipart(protocol.encode(self.command_seq.next(), now_s, command))
-                    self.commands_sent += 1
+                    if not self.sent_since_tick:
+                        self.publish_command(now_s)
+                    self.sent_since_tick = False
                     self.telemetry.push("gates", self.gate_reason, now_s)
                     if self.estimator is not None:
                         self.telemetry.push("activation", self.estimator.activation, now_s)
