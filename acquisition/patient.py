@@ -18,6 +18,7 @@ import numpy as np
 from scipy.signal import butter, sosfilt
 from scipy.special import expit
 
+from controller.dsp import sosfilt_channels
 from fesloop.config import SimulatedPatientConfig
 
 _EMG_BAND_HZ = (20.0, 450.0)
@@ -93,7 +94,8 @@ class SimulatedPatient:
         self._rng = np.random.default_rng(cfg.seed)
         zi = np.zeros((self._sos.shape[0], 2, 2 * n_muscles))
         warmup = self._rng.standard_normal((int(_WARMUP_S * self._fs), 2 * n_muscles))
-        _, self._zi = sosfilt(self._sos, warmup, axis=0, zi=zi)
+        _, zi = sosfilt(self._sos, warmup, axis=0, zi=zi)
+        self._zi = np.ascontiguousarray(zi.transpose(2, 0, 1))  # (2 n_muscles, n_sections, 2) for the kernel
 
         # Artifact: sample-locked (1 - x) exp(-x), x in decay constants: peak at the pulse sample, one undershoot.
         decay_samples = cfg.artifact_decay_ms * 1e-3 * self._fs
@@ -192,8 +194,12 @@ class SimulatedPatient:
                 level_now = level * _raised_cosine(local_s, ramp_s) * _raised_cosine(duration_s - local_s, ramp_s)
                 np.maximum(out[:, muscle], level_now * active, out=out[:, muscle])
 
-    def render(self, first_index: int, out: np.ndarray) -> None:
-        """Fill ``out`` (n, n_muscles) float32 with EMG in uV; blocks must be consecutive."""
+    def render(self, first_index: int, out: np.ndarray, drive_out: np.ndarray | None = None) -> None:
+        """Fill ``out`` (n, n_muscles) float32 with EMG in uV; blocks must be consecutive.
+
+        ``drive_out`` (same shape, float32), if given, receives the drive behind it
+        (what :meth:`drive` gives, without computing it twice).
+        """
         if first_index != self._next_index:
             raise ValueError(f"render expects sample {self._next_index} next, got {first_index}")
         n = out.shape[0]
@@ -204,18 +210,22 @@ class SimulatedPatient:
         self._reserve(n)
         cfg, m = self._cfg, self._n_muscles
         white = self._white[:n]
-        self._rng.standard_normal(out=white)
-        band, self._zi = sosfilt(self._sos, white, axis=0, zi=self._zi)
+        self._rng.standard_normal(out=white)  # row-major draws: the same noise whatever the block sizes
+        band = np.array(white.T, order="C")  # (2 n_muscles, n), filtered in place
+        sosfilt_channels(self._sos, band, self._zi)
         drive = self._drive[:n]
         self.drive(first_index, drive)
-        emg_uv = band[:, :m] * (cfg.rest_noise_uv * self._noise_gain)
-        emg_uv += band[:, m:] * (drive * (cfg.full_drive_uv * self._noise_gain))
+        if drive_out is not None:
+            drive_out[:] = drive
+        emg_uv = band[:m].T * (cfg.rest_noise_uv * self._noise_gain)
+        emg_uv += band[m:].T * (drive * (cfg.full_drive_uv * self._noise_gain))
         mains_phase = np.mod((first_index + self._offsets[:n]) * (cfg.mains_hz / self._fs), 1.0)
         emg_uv += (cfg.mains_uv * np.sin(2.0 * np.pi * mains_phase) + cfg.dc_offset_uv)[:, None]
         self._add_pulse_waveforms(first_index, emg_uv)
         out[:] = emg_uv
         self._next_index += n
-        self._pending = self._pending[self._pending["end"] > self._next_index]
+        if self._pending.size:
+            self._pending = self._pending[self._pending["end"] > self._next_index]
 
     def _add_pulse_waveforms(self, first_index: int, emg_uv: np.ndarray) -> None:
         """Add the artifacts and M-waves of the pending pulses that reach into this block to ``emg_uv``."""

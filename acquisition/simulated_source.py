@@ -97,8 +97,7 @@ class SimulatedSource:
         first = self._next_index
         emg_uv = np.empty((n, self.n_channels), dtype=np.float32)
         truth = np.empty((n, self.n_channels), dtype=np.float32)
-        self._patient.render(first, emg_uv)
-        self._patient.drive(first, truth)
+        self._patient.render(first, emg_uv, truth)
         self._next_index += n
         sim = self._config.acquisition.simulated
         keep = self._faults.apply(first, emg_uv, sim.dc_offset_uv, sim.rail_uv)
