@@ -16,6 +16,7 @@ logged and counted in status.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -240,7 +241,10 @@ class Acquisition:
                     self.source.sampling_rate_hz)
         try:
             while rt.running:
-                ready = dict(poller.poll(pacer.timeout_ms(rt.clock.now())))
+                timeout_ms = pacer.timeout_ms(rt.clock.now())
+                if timeout_ms < 1.0:  # zmq polls whole ms: poll(0) would spin until the deadline
+                    time.sleep(timeout_ms * 1e-3)
+                ready = dict(poller.poll(int(timeout_ms)))
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
                         self.source.on_pulses(message.body)

@@ -12,6 +12,7 @@ with the reason. Activation and gate telemetry stay on the fixed tick.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ class Controller:
                 timeout_ms = pacer.timeout_ms(now_s)
                 if self.emg_pending:  # rate-limited: due once the minimum interval has passed
                     timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + min_interval_s - now_s) * 1e3))
-                ready = dict(poller.poll(timeout_ms))
+                ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
                         self.laws.add_pulses(message.body.time_s, message.body.channel, message.body.amplitude_ma)
