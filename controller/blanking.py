@@ -7,6 +7,7 @@ artifact reaches all electrodes on the limb.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -31,11 +32,14 @@ class Blanker:
         # Half a sample of slack: float rounding must not drop a window's last sample.
         while self._pulse_times_s and self._pulse_times_s[0] + self.post_s < first_sample_time_s - 0.5 / fs_hz:
             self._pulse_times_s.popleft()
+        blanked = False
         for pulse_s in self._pulse_times_s:
             if pulse_s - self.pre_s > last_time_s + 0.5 / fs_hz:
                 continue
-            start = int(np.ceil((pulse_s - self.pre_s - first_sample_time_s) * fs_hz - 1e-9))
-            stop = int(np.floor((pulse_s + self.post_s - first_sample_time_s) * fs_hz + 1e-9)) + 1
+            start = math.ceil((pulse_s - self.pre_s - first_sample_time_s) * fs_hz - 1e-9)
+            stop = math.floor((pulse_s + self.post_s - first_sample_time_s) * fs_hz + 1e-9) + 1
             valid[max(start, 0) : max(stop, 0)] = False
-        self.blanked_samples += int(n_samples - valid.sum())
+            blanked = True
+        if blanked:
+            self.blanked_samples += int(n_samples - np.count_nonzero(valid))
         return valid

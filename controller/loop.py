@@ -158,10 +158,9 @@ class Controller:
         if reason == GateReason.OPEN:
             self.estimator.gate_reasons(self.gate_reason)
         activation = self.estimator.activation if self.estimator is not None else None
-        self.laws.step(now_s, activation, self.gate_reason == GateReason.OPEN, self.intensity)
-        return protocol.Command(
-            self.newest_emg_time_s, self.intensity, self.gate_reason == GateReason.OPEN, self.gate_reason
-        )
+        gate_open = self.gate_reason == GateReason.OPEN
+        self.laws.step(now_s, activation, gate_open, self.intensity)
+        return protocol.Command(self.newest_emg_time_s, self.intensity, gate_open, self.gate_reason)
 
     def publish_command(self, now_s: float) -> None:
         command = self.compute(now_s)
