@@ -45,7 +45,8 @@ WARMUP_S = 2.0
 QUIET_S = 0.5  # a burst or a rest this far from any activity counts as separate
 SETTINGS = {  # name: (envelope_lowpass_hz, tkeo)
     "default (6 Hz low-pass)": (6.0, False),
-    "fast (15 Hz low-pass, TKEO)": (15.0, True),
+    "15 Hz low-pass, TKEO": (15.0, True),
+    "25 Hz low-pass, TKEO": (25.0, True),
 }
 
 
