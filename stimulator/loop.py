@@ -9,6 +9,7 @@ then the report. The device keep-alive goes out only right after a fresh command
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -193,7 +194,8 @@ class Stimulator:
         rt = self.rt
         now_s = rt.clock.now()
         timeout_s = min(MAX_POLL_S, max(0.0, self.driver.next_event_s() - now_s))
-        ready = dict(poller.poll(timeout_s * 1e3))
+        # zmq polls whole milliseconds: round up, or the last millisecond before a pulse spins.
+        ready = dict(poller.poll(math.ceil(timeout_s * 1e3)))
         # Judge the deadline on the time now, before reading what queued up: a stimulator
         # that was itself frozen must latch FAULT, not take its backlog as fresh.
         self._apply(rt.clock.now())
