@@ -109,7 +109,8 @@ class RehaStim2Emulator:
         if code not in sm2.STIMULATION_ERROR_TEXT:
             raise ValueError(f"StimulationError code {code} is not -1, -2 or -3")
         self._stop(now_s, f"StimulationError {code}: {sm2.STIMULATION_ERROR_TEXT[code]}")
-        self.mode = StimulationMode.START
+        self.mode = StimulationMode.START  # start mode: the channel list must be initialized again
+        self.channel_list = None
         self._send(self._own_number(), Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(code),)))
 
     # -- protocol ---------------------------------------------------------------------------

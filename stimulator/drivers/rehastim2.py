@@ -285,8 +285,11 @@ class RehaStim2Driver:
             code = sm2.to_signed(packet.data[0]) if packet.data else 0
             cause = sm2.STIMULATION_ERROR_TEXT.get(code, "unknown stimulation error")
             stimulating = self._on(self._device_ma)
+            start_in_flight = self._in_flight is not None and self._in_flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE
             self._stopped()
-            self.mode = sm2.StimulationMode.START  # the device "resets its mode to start mode"
+            # The device "resets its mode to start mode"; but a Start sent before this packet
+            # arrived may still reach it, so then count it as possibly stimulating: zero() stops it.
+            self.mode = sm2.StimulationMode.STARTED if start_in_flight else sm2.StimulationMode.START
             self._in_flight = None
             raise DriverFault(f"RehaStim2 StimulationError {code}: {cause}; the device stopped", stimulating)
         elif command == sm2.Cmd.UNKNOWN_COMMAND:
