@@ -127,7 +127,9 @@ def test_lsl_outlet_describes_the_stream(processes, tmp_path: Path) -> None:
     # Each chunk is stamped from BrainFlow's arrival stamp of its first sample (jitter of the
     # playback thread included), then at the nominal rate; all on the shared clock.
     assert np.median(np.diff(stamps)) == pytest.approx(1e-3, rel=0.01)
-    assert 0.0 < pulled_s - stamps[-1] < 1.0
+    # BrainFlow stamps on the wall clock; converted at the edge with an estimated offset, a
+    # stamp may sit a few microseconds after the moment it was pulled: allow 5 ms.
+    assert -0.005 < pulled_s - stamps[-1] < 1.0
 
 
 def test_playback_config_runs_the_whole_loop(write_config) -> None:
