@@ -130,8 +130,11 @@ class Recorder:
         return self._process is not None
 
     def _collecting(self) -> bool:
-        found = sum(line.startswith("Found ") for line in self.lines)
-        started = sum(line.startswith("Started data collection") for line in self.lines)
+        # LabRecorder's threads print concurrently, so two messages can share a line: count
+        # occurrences, not line starts.
+        text = "\n".join(self.lines)
+        found = text.count("Found ")
+        started = text.count("Started data collection for stream")
         return found >= len(self.queries) and started >= found
 
     def _read_output(self) -> None:
