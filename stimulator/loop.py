@@ -129,6 +129,7 @@ class Stimulator:
             "latency_ms": self.latency.summary_ms(),
             "pulses_delivered": self.driver.pulses_delivered,
             "dose": self.dose.summary(),
+            "session_start_s": self.dose.session_start_s,
             "skin_check_due": self.dose.skin_check_due,
             "device": self.driver.status(),
             "commands_received": self.command_counters.received,

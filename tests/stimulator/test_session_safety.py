@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(90)
 LONG_CONTRACTION = long_contraction()
 STIMULATION_LIMIT_S = 1.5
 CHARGE_LIMIT_MC = 0.35  # ~1.2 s at the contraction's ~30 mA, 300 us, 30 Hz
+SESSION_LIMIT_S = 2.5  # from the first arm, at process start
 
 
 def _status(client: ControlClient) -> dict:
@@ -29,13 +30,15 @@ def _status(client: ControlClient) -> dict:
         return {}
 
 
-@pytest.mark.parametrize("limit", ["stimulation_time", "charge"])
+@pytest.mark.parametrize("limit", ["stimulation_time", "charge", "session"])
 def test_a_dose_limit_ramps_the_channel_down_for_the_session_and_the_summary_matches(
     write_config, processes, limit: str
 ) -> None:
-    setting = f"max_stimulation_s = {STIMULATION_LIMIT_S}" if limit == "stimulation_time" else (
-        f"max_stimulation_s = 0.0\nmax_charge_mc = {CHARGE_LIMIT_MC}"
-    )  # fmt: skip
+    setting = {
+        "stimulation_time": f"max_stimulation_s = {STIMULATION_LIMIT_S}",
+        "charge": f"max_stimulation_s = 0.0\nmax_charge_mc = {CHARGE_LIMIT_MC}",
+        "session": f"max_stimulation_s = 0.0\nmax_session_s = {SESSION_LIMIT_S}",
+    }[limit]
     dose = f"\n[stimulator.dose]\n{setting}\nskin_check_after_s = 1.0\n"
     path = write_config("demo.toml", {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = true" + dose})
     config = load_config(path)
@@ -74,11 +77,17 @@ def test_a_dose_limit_ramps_the_channel_down_for_the_session_and_the_summary_mat
         # Time stimulated so far, pulse by pulse (a pause longer than a period adds one period).
         stimulated_s = np.concatenate(([0.0], np.cumsum(np.minimum(np.diff(q_times), period_s))))
         t_limit = q_times[np.searchsorted(stimulated_s, STIMULATION_LIMIT_S)]
+    elif limit == "session":
+        assert row["limit_reached"] == f"session duration limit {SESSION_LIMIT_S:g} s reached"
+        assert status["dose"][1]["limit_reached"] == row["limit_reached"]  # every channel
+        t_limit = status["session_start_s"] + SESSION_LIMIT_S
     else:
         assert row["limit_reached"] == f"charge limit {CHARGE_LIMIT_MC:g} mC reached"
         charge_mc = np.cumsum(q_amps * width_us) * 1e-6
         t_limit = q_times[np.searchsorted(charge_mc, CHARGE_LIMIT_MC)]  # the pulse that reached it
     after = q_times > t_limit + period_s
+    just_before = (q_times > t_limit - 3 * period_s) & (q_times <= t_limit)
+    assert (q_amps[just_before] >= config.stimulation[0].threshold_ma).any(), "not tripped early"
     assert np.all(np.diff(q_amps[after]) <= 0), "after the limit the amplitude only goes down"
     ramp_ma_per_s = config.stimulation[0].max_ma / config.stimulator.ramp_s
     drops_ma = -np.diff(q_amps[after])
