@@ -32,11 +32,11 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.latency import _status, free_ports, machine  # noqa: E402
+from benchmarks.latency import _status, free_ports, machine, stop_pipeline  # noqa: E402
 from fesloop import protocol  # noqa: E402
 from fesloop.config import load_config  # noqa: E402
 from fesloop.lsl import MACHINE_SCOPE_CONFIG  # noqa: E402
-from fesloop.sockets import ControlClient, ControlTimeout  # noqa: E402
+from fesloop.sockets import ControlClient  # noqa: E402
 
 FS_HZ = 2000.0
 PERIOD_S = 3.0
@@ -112,18 +112,7 @@ def record(path: Path, duration_s: float) -> tuple[np.ndarray, np.ndarray, np.nd
                 pulse_t.append(body.time_s[keep])
                 pulse_ch.append(body.channel[keep].astype(int))
     finally:
-        for role in roles:
-            try:
-                clients[role].request("shutdown", timeout_s=1.0)
-            except ControlTimeout:
-                procs[role].kill()
-            clients[role].close()
-        for p in procs.values():
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        ctx.destroy(linger=0)
+        stop_pipeline(procs, clients, ctx)
     empty = [np.zeros(0)]
     return np.concatenate(truth_t), np.vstack(truth), np.concatenate(pulse_t or empty), np.concatenate(pulse_ch or empty)
 

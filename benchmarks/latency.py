@@ -106,6 +106,22 @@ def _status(client: ControlClient) -> dict:
         return {}
 
 
+def stop_pipeline(procs: dict[str, subprocess.Popen], clients: dict[str, ControlClient], ctx: zmq.Context) -> None:
+    """Ask each process to shut down (in the given order), kill what does not."""
+    for role, client in clients.items():
+        try:
+            client.request("shutdown", timeout_s=1.0)
+        except ControlTimeout:
+            procs[role].kill()
+        client.close()
+    for proc in procs.values():
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ctx.destroy(linger=0)
+
+
 def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path) -> dict:
     path = workdir / f"bench-{n_channels}-{int(fs_hz)}.toml"
     path.write_text(pipeline_config(n_channels, fs_hz))
@@ -134,18 +150,7 @@ def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path
         cpu = {role: (cpu_seconds(p.pid) - cpu0[role]) / elapsed for role, p in procs.items()}
         status = {role: _status(c) for role, c in clients.items()}
     finally:
-        for role in roles:
-            try:
-                clients[role].request("shutdown", timeout_s=1.0)
-            except ControlTimeout:
-                procs[role].kill()
-            clients[role].close()
-        for p in procs.values():
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        ctx.destroy(linger=0)
+        stop_pipeline(procs, clients, ctx)
     stim = status["stimulator"]
     return {
         "latency_ms": stim.get("latency_ms", {}),
