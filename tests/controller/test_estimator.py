@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import signal
 
 from acquisition.patient import SimulatedPatient
 from controller.artifacts import ArtifactFinder

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from fesloop.config import load_config
-from fesloop.sockets import ControlClient, ControlTimeout, subscriber
+from fesloop.sockets import ControlClient, ControlTimeout
 from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
 

@@ -25,7 +25,6 @@ from fesloop.protocol import GateReason
 from fesloop.security import Security, SecurityError
 from fesloop.sockets import ControlClient, ControlTimeout, EndpointError, check_bind_endpoint
 from tests.conftest import long_contraction, wait_until
-from tests.streams import Recorder, pulses_array
 
 LONG_CONTRACTION = long_contraction()
 
