@@ -95,6 +95,10 @@ class Processes:
         self.started.append(process)
         return process
 
+    def start_loop(self, path: Path) -> dict[str, int]:
+        """The three processes of the loop on one config, stimulator first; their pids by role."""
+        return {role: self.start(role, str(path), name=role).pid for role in ("stimulator", "controller", "acquisition")}
+
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 

@@ -63,7 +63,7 @@ def test_wall_clock_steps_cause_no_fault_and_no_missed_deadline(write_config, pr
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     try:
         started = time.monotonic()
-        pids = {role: processes.start(role, str(path), name=role).pid for role in ("stimulator", "controller", "acquisition")}
+        pids = processes.start_loop(path)
         wait_until(lambda: len(pulses_array(recorder.get(b"pulses"))[1]) > 0, 20, what="stimulation")
         time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))  # both steps have happened
         status = stim.request("status", timeout_s=2.0)

@@ -36,8 +36,7 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
         confirmation = {"operator": "TS", "items": list(CONFIRMATION_ITEMS), "time_unix_s": time.time()}
         try:
-            for role in ("stimulator", "controller", "acquisition"):
-                processes.start(role, str(path), name=role)
+            processes.start_loop(path)
 
             def armed() -> bool:
                 try:

@@ -37,7 +37,7 @@ class Loop:
         self.recorder = Recorder({self.config.endpoints.pulses: [b"pulses"]})
         self.ctx = zmq.Context()
         self.stim = ControlClient(self.ctx, self.config.endpoints.stimulator_control)
-        self.pids = {role: processes.start(role, str(path), name=role).pid for role in ("stimulator", "controller", "acquisition")}
+        self.pids = processes.start_loop(path)
 
     def status(self) -> dict:
         return self.stim.request("status", timeout_s=2.0)

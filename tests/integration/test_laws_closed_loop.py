@@ -22,11 +22,6 @@ pytestmark = pytest.mark.timeout(90)
 TOLERANT_DEADLINE = {"deadline_ms = 100.0": "deadline_ms = 300.0"}
 
 
-def start_loop(processes, path) -> None:
-    for role in ("stimulator", "controller", "acquisition"):
-        processes.start(role, str(path), name=role)
-
-
 def statuses(recorder: Recorder, process: str = "controller") -> list[dict]:
     return [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == process]
 
@@ -53,7 +48,7 @@ def test_triggered_trains_follow_the_scripted_attempts(write_config, processes) 
     recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"], config.endpoints.emg: [b"truth"],
                          config.endpoints.command: [b"status"]})
     try:
-        start_loop(processes, path)
+        processes.start_loop(path)
         wait_until(lambda: len(law_events(recorder, "train_end")) >= 2, 40, what="two complete trains")
     finally:
         recorder.close()
@@ -87,7 +82,7 @@ def test_tracking_holds_the_evoked_activation_on_target_as_the_muscle_fatigues(w
     config = load_config(path)
     recorder = Recorder({config.endpoints.pulses: [b"status"], config.endpoints.command: [b"status"]})
     try:
-        start_loop(processes, path)
+        processes.start_loop(path)
 
         def tracked_for_s() -> float:
             end_s = armed_until_s(recorder)
@@ -126,7 +121,7 @@ def test_cycling_windows_follow_the_crank_and_cadence_reaches_target(write_confi
     config = load_config(path)
     recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"], config.endpoints.command: [b"status"]})
     try:
-        start_loop(processes, path)
+        processes.start_loop(path)
 
         def cycled_for_s() -> float:
             end_s = armed_until_s(recorder)

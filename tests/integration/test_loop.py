@@ -94,11 +94,6 @@ def test_demo_run_stimulates_during_contractions_and_rests_at_rest(write_config,
         assert idle.sum() <= 0.02 * mine.sum(), f"{stim.name}: {idle.sum()} pulses at rest"
 
 
-def _start_loop(processes, path) -> None:
-    for role in ("stimulator", "controller", "acquisition"):
-        processes.start(role, str(path), name=role)
-
-
 def test_controller_sigkill_zeroes_output_within_deadline_and_latches_fault(write_config, processes) -> None:
     path = write_config("demo.toml", long_contraction())
     config = load_config(path)
@@ -106,7 +101,7 @@ def test_controller_sigkill_zeroes_output_within_deadline_and_latches_fault(writ
     ctx = zmq.Context()
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     try:
-        _start_loop(processes, path)
+        processes.start_loop(path)
         controller = processes.started[1]
 
         def stimulating() -> bool:
@@ -139,7 +134,7 @@ def test_synthetic_board_emg_reaches_the_controller(write_config, processes) -> 
     ctx = zmq.Context()
     controller = ControlClient(ctx, config.endpoints.controller_control)
     try:
-        _start_loop(processes, path)
+        processes.start_loop(path)
 
         def open_gates() -> bool:
             return any(m.body.gate_open.all() for m in recorder.get(b"command"))

@@ -93,8 +93,7 @@ def test_attackers_cannot_change_the_output_and_are_counted(secured_config, keys
     monitor = ControlClient(ctx, config.endpoints.stimulator_control, Security(config.security, "monitor"), "stimulator")
     stim_key = (keys_dir / "stimulator.key").read_text().split('public-key = "')[1][:40].encode()
     try:
-        for role in ("stimulator", "controller", "acquisition"):
-            processes.start(role, str(path), name=role)
+        processes.start_loop(path)
 
         def stimulating() -> dict | None:
             try:

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.timeout(90)
 LONG_CONTRACTION = long_contraction()
 
 
-def start_loop(processes, path) -> None:
-    for role in ("stimulator", "controller", "acquisition"):
-        processes.start(role, str(path), name=role)
-
-
 def reply(client: ControlClient, request: str) -> dict:
     """A control reply, or {} while the process is still starting."""
     try:
@@ -54,7 +49,7 @@ def test_frozen_controller_zeroes_output_latches_fault_and_never_replays(write_c
     ctx = zmq.Context()
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     try:
-        start_loop(processes, path)
+        processes.start_loop(path)
         controller = processes.started[1]
         wait_stimulating(recorder, config.stimulation[0].threshold_ma)
         t_stop = pylsl.local_clock()
@@ -96,7 +91,7 @@ def test_stop_latches_until_reset_and_reset_never_restarts_output(write_config, 
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     configure_machine_scope()
     try:
-        start_loop(processes, path)
+        processes.start_loop(path)
         streams = pylsl.resolve_bypred(f"type='Markers' and name='{config.name}-stimulator-markers'", 1, 20)
         assert streams, "no stimulator marker stream"
         markers = pylsl.StreamInlet(streams[0])
@@ -141,7 +136,7 @@ def test_rehastim2_process_against_the_emulator(write_config, processes) -> None
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
         try:
-            start_loop(processes, path)
+            processes.start_loop(path)
             controller = processes.started[1]
 
             def connected() -> bool:

@@ -46,8 +46,7 @@ def test_a_dose_limit_ramps_the_channel_down_for_the_session_and_the_summary_mat
     ctx = zmq.Context()
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     try:
-        for role in ("stimulator", "controller", "acquisition"):
-            processes.start(role, str(path), name=role)
+        processes.start_loop(path)
 
         def limit_reached() -> bool:
             dose_rows = _status(stim).get("dose", [])
