@@ -141,8 +141,12 @@ def _muscle_page(session: Session, index: int, muscle: str, out: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{session.config.get('name', '')}: muscle {muscle}")
+    return _save(fig, out / f"muscle_{index}_{muscle}.png")
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write the PNG page and free the figure."""
     fig.tight_layout()
-    path = out / f"muscle_{index}_{muscle}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -170,11 +174,7 @@ def _channel_page(session: Session, index: int, channel: dict[str, Any], out: Pa
     axes[1].set_ylabel("pulse amplitude (mA)")
     axes[1].set_xlabel("time (s)")
     fig.suptitle(f"{session.config.get('name', '')}: stimulation channel {name} (device channel {channel['device_channel']})")
-    fig.tight_layout()
-    path = out / f"channel_{index}_{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"channel_{index}_{name}.png")
 
 
 def latency_summary_ms(session: Session) -> dict[str, float] | None:
@@ -198,11 +198,7 @@ def _latency_page(session: Session, out: Path) -> Path | None:
     ax.set_xlabel("end-to-end latency per command (ms): EMG reached acquisition -> update handed to the driver")
     ax.set_ylabel("commands")
     ax.legend()
-    fig.tight_layout()
-    path = out / "latency.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency.png")
 
 
 def summary_markdown(session: Session, figures: list[Path]) -> str:
