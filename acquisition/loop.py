@@ -74,6 +74,10 @@ class Acquisition:
             security=self.rt.security, server="stimulator",
         )
         self.pulse_counters = StreamCounters()
+        self.pulses_unsynced = 0  # pulses received before the stimulator's clock offset was known
+        self.stimulator_clock = self.rt.sync_clocks({"stimulator": config.endpoints.stimulator_control}).peers[
+            "stimulator"
+        ]
         self.emg_seq = Sequencer()
         self.truth_seq = Sequencer()
         self.samples_sent = 0
@@ -111,6 +115,7 @@ class Acquisition:
             "chunk_age_ms": self.chunk_age.summary_ms(),
             "overruns": self.pacer.overruns if self.pacer else 0,
             "pulses_received": self.pulse_counters.received,
+            "pulses_unsynced": self.pulses_unsynced,
             "rejected": self.pulse_counters.rejected,
         }
 
@@ -129,6 +134,14 @@ class Acquisition:
             extra_channel_fields={"muscle": muscles},
             source_id=f"fesloop-{self.config.name}-emg-{self.source.source_id}",
         )
+
+    def _on_pulses(self, pulses: protocol.Pulses) -> None:
+        """Delivered pulses on this clock, for the simulated patient; counted and dropped until it is known."""
+        if not self.stimulator_clock.known:
+            self.pulses_unsynced += len(pulses.time_s)
+            return
+        time_s = self.stimulator_clock.to_local(pulses.time_s)
+        self.source.on_pulses(protocol.Pulses(pulses.channel, time_s, pulses.amplitude_ma, pulses.pulse_width_us))
 
     def _publish(self, block: Block, now_s: float) -> None:
         fs_hz = self.source.sampling_rate_hz
@@ -247,7 +260,7 @@ class Acquisition:
                 ready = dict(poller.poll(int(timeout_ms)))
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
-                        self.source.on_pulses(message.body)
+                        self._on_pulses(message.body)
                 if rt.control.sock in ready:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()

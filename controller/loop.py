@@ -71,6 +71,7 @@ class Controller:
         self.intensity = np.zeros(self.n_stim, dtype=np.float32)
         self.gate_reason = np.full(self.n_stim, GateReason.NO_EMG, dtype=np.uint8)
         self.event_counts: dict[str, int] = {}
+        self.pulses_unsynced = 0  # pulses received before the peer clocks were known
         self.calibration: Calibration | None = None
         self.calibration_error = ""
         try:
@@ -83,6 +84,10 @@ class Controller:
         self.telemetry.add_stream("activation", "Activation", [m.name for m in config.muscles], config.controller.control_rate_hz)
         self.telemetry.add_stream("gates", "GateReason", [s.name for s in config.stimulation], config.controller.control_rate_hz)
         self.rt.status_fields = self._status
+        # Pulse times (stimulator clock) are compared with EMG sample times (acquisition clock).
+        self.clocks = self.rt.sync_clocks(
+            {"acquisition": config.endpoints.acquisition_control, "stimulator": config.endpoints.stimulator_control}
+        )
 
     def _status(self) -> dict[str, Any]:
         activation = self.estimator.activation if self.estimator else np.zeros(len(self.config.muscles))
@@ -103,10 +108,20 @@ class Controller:
             if self.estimator
             else [],
             "events": dict(self.event_counts),
+            "pulses_unsynced": self.pulses_unsynced,
             **self.laws.status(),
             "calibration": self.config.controller.calibration_file or "config",
             "calibration_error": self.calibration_error,
         }
+
+    def on_pulses(self, pulses: protocol.Pulses) -> None:
+        """Delivered pulses, put on the clocks of their users; dropped (and counted) until clocks are known."""
+        if not self.clocks.synchronized:
+            self.pulses_unsynced += len(pulses.time_s)
+            return
+        self.laws.add_pulses(self.clocks.to_local("stimulator", pulses.time_s), pulses.channel, pulses.amplitude_ma)
+        if self.estimator is not None:
+            self.estimator.add_pulses(self.clocks.translate("stimulator", "acquisition", pulses.time_s), pulses.channel)
 
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
         needed = max(m.emg_channel for m in self.config.muscles) + 1
@@ -146,6 +161,8 @@ class Controller:
         """Intensities and gates from the newest activation and EMG freshness."""
         if self.config.controller.calibration_file and self.calibration is None:
             reason = GateReason.NOT_CALIBRATED
+        elif not self.clocks.synchronized:
+            reason = GateReason.CLOCK_UNSYNCED
         elif self.last_emg_rx_s is None or self.estimator is None:
             reason = GateReason.NO_EMG
         elif now_s - self.last_emg_rx_s > self.config.controller.stale_ms * 1e-3:
@@ -187,9 +204,7 @@ class Controller:
                 ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
-                        self.laws.add_pulses(message.body.time_s, message.body.channel, message.body.amplitude_ma)
-                        if self.estimator is not None:
-                            self.estimator.add_pulses(message.body.time_s, message.body.channel)
+                        self.on_pulses(message.body)
                 if self.emg_sub in ready:
                     for message in drain(self.emg_sub, self.emg_counters):
                         self.on_emg(message.body, rt.clock.now())

@@ -53,6 +53,7 @@ class GateReason(enum.IntEnum):
     CONTAMINATED = 4
     NOT_CALIBRATED = 5
     SHUTDOWN = 6
+    CLOCK_UNSYNCED = 7  # a peer's clock offset is not known yet: pulse and EMG times cannot be compared
 
 
 class MalformedMessage(ValueError):

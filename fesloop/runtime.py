@@ -21,6 +21,7 @@ import zmq
 
 from fesloop import protocol
 from fesloop.clock import Clock, LslClock
+from fesloop.clocksync import ClockSync, clock_reply
 from fesloop.config import SecurityConfig
 from fesloop.security import Security
 from fesloop.sockets import ControlServer, Sequencer, control_server
@@ -110,6 +111,8 @@ class ProcessRuntime:
         self.control = ControlServer(control_server(self.ctx, control_endpoint, self.security), security=self.security)
         self.control.handlers["status"] = lambda _request: self.status()
         self.control.handlers["shutdown"] = self._shutdown
+        self.control.handlers["clock"] = lambda _request: clock_reply(self.clock)
+        self.clock_sync: ClockSync | None = None
         self.status_fields: Callable[[], dict[str, Any]] = dict
         self.status_seq = Sequencer()
         self.telemetry: Telemetry | None = None  # LSL outlets; closed (final status pushed) by close()
@@ -128,7 +131,20 @@ class ProcessRuntime:
 
     def status(self) -> dict[str, Any]:
         security = {"security": self.security.status()} if self.security is not None else {}
-        return {"process": self.name, "pid": os.getpid(), "time_s": self.clock.now(), **security, **self.status_fields()}
+        clocks = {"peer_clocks": self.clock_sync.status()} if self.clock_sync is not None else {}
+        return {
+            "process": self.name,
+            "pid": os.getpid(),
+            "time_s": self.clock.now(),
+            **security,
+            **clocks,
+            **self.status_fields(),
+        }
+
+    def sync_clocks(self, peers: dict[str, str]) -> ClockSync:
+        """Start measuring the clock offsets of ``peers`` (role -> control endpoint)."""
+        self.clock_sync = ClockSync(self.ctx, self.clock, peers, self.security).start()
+        return self.clock_sync
 
     def parent_alive(self) -> bool:
         return not self._parent_pid or os.getppid() == self._parent_pid
@@ -166,6 +182,8 @@ class ProcessRuntime:
     def close(self) -> None:
         if self.telemetry is not None:
             self.telemetry.close(self.status())
+        if self.clock_sync is not None:
+            self.clock_sync.stop()
         if self.security is not None:
             self.security.stop()
         self.ctx.destroy(linger=0)

@@ -143,6 +143,9 @@ def drain(sock: zmq.Socket, counters: StreamCounters) -> list[protocol.Message]:
             counters.last_error = exc.reason
 
 
+OPEN_REQUESTS = frozenset({"clock"})  # read-only, harmless: any admitted key may send them
+
+
 @dataclass
 class ControlServer:
     """Answers JSON control requests on a REP socket, one handler per command.
@@ -180,7 +183,7 @@ class ControlServer:
         except (ValueError, TypeError, KeyError):
             self.rejected += 1
             return {"ok": False, "error": f"bad request; commands: {sorted(self.handlers)}"}
-        if self.security is not None and not self.security.may(user_id, cmd):
+        if self.security is not None and cmd not in OPEN_REQUESTS and not self.security.may(user_id, cmd):
             return {"ok": False, "error": f"key {self.security.key_name(user_id)!r} may not send {cmd!r}"}
         try:
             return {"ok": True, **handler(request)}

@@ -67,6 +67,10 @@ class Stimulator:
         self._session_events: list[str] = []
         self.amplitude_ma = np.zeros(len(channels))
         self.telemetry = self.rt.telemetry = Telemetry(config, "stimulator")
+        # EMG age is judged on this clock: the acquisition host's offset puts its stamps here.
+        self.acquisition_clock = self.rt.sync_clocks({"acquisition": config.endpoints.acquisition_control}).peers[
+            "acquisition"
+        ]
         handlers = self.rt.control.handlers
         handlers["arm"] = lambda r: self._control(lambda: self._arm(r))
         handlers["override_dose"] = lambda r: self._control(lambda: self._override_dose(r))
@@ -146,7 +150,7 @@ class Stimulator:
 
     def _on_commands(self, now_s: float) -> None:
         for message in drain(self.command_sub, self.command_counters):
-            if self.kernel.accept(message.header.seq, message.body, now_s):
+            if self.kernel.accept(message.header.seq, message.body, now_s, self.acquisition_clock.offset_s):
                 self.commanded_intensity = message.body.intensity
                 if self._auto_arm_pending and self.kernel.state is StimState.DISARMED:
                     self._auto_arm_pending = False
@@ -155,8 +159,8 @@ class Stimulator:
                 self.telemetry.push("stimulation", np.concatenate((self.commanded_intensity, self.amplitude_ma)), now_s)
                 if self.kernel.state is StimState.ARMED or self.kernel.state is StimState.DISARMED:
                     self.driver.keep_alive(now_s)
-                if message.body.gate_open.any():
-                    latency_s = self.rt.clock.now() - message.body.newest_emg_time_s
+                if message.body.gate_open.any() and self.acquisition_clock.known:
+                    latency_s = self.rt.clock.now() - self.acquisition_clock.to_local(message.body.newest_emg_time_s)
                     self.latency.add(latency_s)
                     self.telemetry.push("latency", [latency_s * 1e3], now_s)
 

@@ -84,9 +84,14 @@ class SafetyKernel:
 
     # -- commands ------------------------------------------------------------------
 
-    def accept(self, seq: int, command: Command, received_s: float) -> bool:
-        """Keep ``command`` as the latest if it is newer and valid; else count it as rejected."""
-        checked = self._check(seq, command, received_s)
+    def accept(self, seq: int, command: Command, received_s: float, emg_clock_offset_s: float = 0.0) -> bool:
+        """Keep ``command`` as the latest if it is newer and valid; else count it as rejected.
+
+        ``emg_clock_offset_s`` is the acquisition host's clock minus this one's (0 on one
+        host, where every process reads the same clock; NaN while it is not known, which
+        closes every gate of the command without rejecting it).
+        """
+        checked = self._check(seq, command, received_s, emg_clock_offset_s)
         if checked is None:
             self.rejected += 1
             return False
@@ -95,11 +100,12 @@ class SafetyKernel:
         self.accepted += 1
         return True
 
-    def _check(self, seq: int, command: Command, received_s: float) -> _Accepted | None:
+    def _check(self, seq: int, command: Command, received_s: float, emg_clock_offset_s: float) -> _Accepted | None:
         """The command as the kernel will use it, or None if anything about it is wrong.
 
         Re-checks what the decoder checked: the kernel trusts nobody. EMG older (or
-        further in the future) than max_emg_age_ms at ``received_s`` closes every gate.
+        further in the future) than max_emg_age_ms at ``received_s``, judged on this
+        clock, closes every gate; so does an unknown acquisition clock offset.
         """
         try:
             if seq <= self.last_seq:
@@ -119,7 +125,7 @@ class SafetyKernel:
             return None
         if (gate_open != (gate_reason == GateReason.OPEN)).any():
             return None
-        emg_fresh = abs(emg_age_s) <= self._max_emg_age_s
+        emg_fresh = abs(emg_age_s + float(emg_clock_offset_s)) <= self._max_emg_age_s  # False for NaN
         return _Accepted(intensity, gate_open & emg_fresh, float(received_s))
 
     def _fresh_command(self, now_s: float) -> _Accepted | None:

@@ -14,13 +14,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import zmq
 
+from fesloop.clock import LslClock
+from fesloop.clocksync import clock_reply
 from fesloop.lsl import MACHINE_SCOPE_CONFIG
+from fesloop.sockets import ControlServer, control_server
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -86,18 +92,28 @@ class Processes:
         self.log_dir = log_dir
         self.started: list[subprocess.Popen] = []
 
-    def start(self, *args: str, name: str) -> subprocess.Popen:
+    def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``python -m fesloop ARGS``, logging to ``name``.log; ``env`` adds to the environment."""
         log = open(self.log_dir / f"{name}.log", "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "fesloop", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", "fesloop", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         self.started.append(process)
         return process
 
-    def start_loop(self, path: Path) -> dict[str, int]:
-        """The three processes of the loop on one config, stimulator first; their pids by role."""
-        return {role: self.start(role, str(path), name=role).pid for role in ("stimulator", "controller", "acquisition")}
+    def start_loop(self, path: Path, env: dict[str, dict[str, str]] | None = None) -> dict[str, int]:
+        """The three processes of the loop on one config, stimulator first; their pids by role.
+
+        ``env`` adds environment variables per role.
+        """
+        env = env or {}
+        roles = ("stimulator", "controller", "acquisition")
+        return {role: self.start(role, str(path), name=role, env=env.get(role)).pid for role in roles}
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
@@ -131,3 +147,31 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
             return value
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@contextmanager
+def clock_peer(endpoint: str) -> Iterator[None]:
+    """Answer ``clock`` control requests on ``endpoint`` from a thread, as a peer process on this host would.
+
+    For tests that play one of the loop's processes themselves (e.g. the controller
+    feeding a real stimulator, which measures the acquisition's clock before it trusts
+    EMG ages).
+    """
+    ctx = zmq.Context()
+    server = ControlServer(control_server(ctx, endpoint))
+    server.handlers["clock"] = lambda _request: clock_reply(LslClock())
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if server.sock.poll(50):
+                server.serve_pending()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(2)
+        ctx.destroy(linger=0)

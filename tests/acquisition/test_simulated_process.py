@@ -20,7 +20,7 @@ from fesloop import protocol
 from fesloop.config import load_config
 from fesloop.sockets import publisher
 from tests.acquisition.conftest import ENDPOINTS, Tap, emg_series
-from tests.conftest import config_with_fresh_ports, wait_until
+from tests.conftest import clock_peer, config_with_fresh_ports, wait_until
 
 FS_HZ = 2000.0
 CONFIG = f"""
@@ -80,25 +80,31 @@ def test_pulses_and_faults_reach_the_emg_topic_exactly(processes, tmp_path: Path
     ctx = zmq.Context()
     pulses_pub = publisher(ctx, config.endpoints.pulses)
     tap = Tap(config.endpoints.emg, [b"emg", b"status"])
-    try:
-        processes.start("acquisition", str(path), name="acquisition")
-        first = wait_until(lambda: tap.get(b"emg"), 20, what="first emg chunk")[0].body
-        start_s = first.first_sample_time_s - first.first_sample_index / FS_HZ
-        wait_until(lambda: pylsl.local_clock() > start_s + 0.3, 5, what="subscriptions settled")
-        # Five pulses in the future, a quarter sample past a sample, alternating channels.
-        pulse_s = start_s + 0.45 + np.arange(5) * 0.05 + 0.25 / FS_HZ
-        channel = np.array([0, 1, 0, 1, 0], dtype=np.uint16)
-        amplitude_ma = np.array([20.0, 30.0, 35.0, 25.0, 40.0], dtype=np.float32)
-        width_us = np.full(5, 300.0, dtype=np.float32)
-        pulses = protocol.Pulses(channel, pulse_s, amplitude_ma, width_us)
-        pulses_pub.send_multipart(protocol.encode(1, pylsl.local_clock(), pulses))
-        wait_until(lambda: any(s.get("samples_sent", 0) > 2.1 * FS_HZ for s in tap.statuses()), 15,
-                   what="2.1 s of samples")
-        status = tap.statuses()[-1]
-        index, emg_uv = emg_series(tap.get(b"emg"))
-    finally:
-        tap.close()
-        ctx.destroy(linger=0)
+    with clock_peer(config.endpoints.stimulator_control):  # the stimulator host's clock
+        try:
+            processes.start("acquisition", str(path), name="acquisition")
+            first = wait_until(lambda: tap.get(b"emg"), 20, what="first emg chunk")[0].body
+            start_s = first.first_sample_time_s - first.first_sample_index / FS_HZ
+            wait_until(lambda: pylsl.local_clock() > start_s + 0.3, 5, what="subscriptions settled")
+            wait_until(
+                lambda: any(s.get("peer_clocks", {}).get("stimulator", {}).get("synchronized") for s in tap.statuses()),
+                5,
+                what="the stimulator's clock known",
+            )
+            # Five pulses in the future, a quarter sample past a sample, alternating channels.
+            pulse_s = start_s + 0.45 + np.arange(5) * 0.05 + 0.25 / FS_HZ
+            channel = np.array([0, 1, 0, 1, 0], dtype=np.uint16)
+            amplitude_ma = np.array([20.0, 30.0, 35.0, 25.0, 40.0], dtype=np.float32)
+            width_us = np.full(5, 300.0, dtype=np.float32)
+            pulses = protocol.Pulses(channel, pulse_s, amplitude_ma, width_us)
+            pulses_pub.send_multipart(protocol.encode(1, pylsl.local_clock(), pulses))
+            wait_until(lambda: any(s.get("samples_sent", 0) > 2.1 * FS_HZ for s in tap.statuses()), 15,
+                       what="2.1 s of samples")
+            status = tap.statuses()[-1]
+            index, emg_uv = emg_series(tap.get(b"emg"))
+        finally:
+            tap.close()
+            ctx.destroy(linger=0)
 
     n = int(index[-1]) + 1
     sim = config.acquisition.simulated

@@ -23,7 +23,7 @@ from fesloop.config import load_config
 from fesloop.protocol import GateReason
 from fesloop.sockets import MAX_MESSAGE_BYTES, ControlClient, ControlTimeout
 from stimulator.mapping import intensity_to_ma
-from tests.conftest import wait_until
+from tests.conftest import clock_peer, wait_until
 from tests.streams import Recorder, pulses_array
 
 pytestmark = pytest.mark.timeout(90)
@@ -47,58 +47,59 @@ def test_bad_commands_are_counted_and_dropped_and_never_raise_the_output(write_c
     recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     bad_sent = 0
-    try:
-        processes.start("stimulator", str(path), name="stimulator")
-        seq = 0
+    with clock_peer(config.endpoints.acquisition_control):  # the acquisition host's clock
+        try:
+            processes.start("stimulator", str(path), name="stimulator")
+            seq = 0
 
-        def send_valid(n: int, period_s: float = 0.005) -> None:
-            nonlocal seq
-            for _ in range(n):
-                seq += 1
-                pub.send_multipart(_command(seq, 0.5))
-                time.sleep(period_s)
+            def send_valid(n: int, period_s: float = 0.005) -> None:
+                nonlocal seq
+                for _ in range(n):
+                    seq += 1
+                    pub.send_multipart(_command(seq, 0.5))
+                    time.sleep(period_s)
 
-        def armed() -> bool:
-            send_valid(20)
-            try:
-                return stim.request("status", timeout_s=1.0).get("state") == "ARMED"
-            except ControlTimeout:
-                return False
+            def armed() -> bool:
+                send_valid(20)
+                try:
+                    return stim.request("status", timeout_s=1.0).get("state") == "ARMED"
+                except ControlTimeout:
+                    return False
 
-        wait_until(armed, 30, interval_s=0.0, what="the stimulator armed by valid commands")
-        send_valid(150)  # ramp to the half-intensity level
-        full = _command(seq + 1, 1.0)[1]
-        bad = [
-            [b"command", b"garbage" * 5],
-            [b"command", full[:-3]],  # truncated
-            [b"command", full[:4] + bytes([99]) + full[5:]],  # wrong protocol version
-            [b"command", full.replace(struct.pack("<f", 1.0), struct.pack("<f", float("nan")))],  # NaN intensity
-            [b"command"],  # one frame
-        ]
-        for frames in bad:
-            pub.send_multipart(frames)
-            bad_sent += 1
-            send_valid(3)
-        for old_seq in (seq, seq - 1, 1):  # replayed and reordered, at full intensity
-            pub.send_multipart(_command(old_seq, 1.0))
-            bad_sent += 1
-            send_valid(3)
-        before_flood = stim.request("status", timeout_s=2.0)
-        send_valid(2000, period_s=0.0005)  # 10x the control rate for 1 s
-        send_valid(40)
-        after_flood = stim.request("status", timeout_s=2.0)
-        t_oversized = pylsl.local_clock()
-        pub.send_multipart([b"command", bytes(MAX_MESSAGE_BYTES + 1)])
-        time.sleep(0.1)
-        send_valid(60)  # the peer was dropped: these no longer arrive
-        final = wait_until(
-            lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 10, what="FAULT"
-        )
-        _, times, amplitudes = pulses_array(recorder.get(b"pulses"))
-    finally:
-        recorder.close()
-        stim.close()
-        ctx.destroy(linger=0)
+            wait_until(armed, 30, interval_s=0.0, what="the stimulator armed by valid commands")
+            send_valid(150)  # ramp to the half-intensity level
+            full = _command(seq + 1, 1.0)[1]
+            bad = [
+                [b"command", b"garbage" * 5],
+                [b"command", full[:-3]],  # truncated
+                [b"command", full[:4] + bytes([99]) + full[5:]],  # wrong protocol version
+                [b"command", full.replace(struct.pack("<f", 1.0), struct.pack("<f", float("nan")))],  # NaN intensity
+                [b"command"],  # one frame
+            ]
+            for frames in bad:
+                pub.send_multipart(frames)
+                bad_sent += 1
+                send_valid(3)
+            for old_seq in (seq, seq - 1, 1):  # replayed and reordered, at full intensity
+                pub.send_multipart(_command(old_seq, 1.0))
+                bad_sent += 1
+                send_valid(3)
+            before_flood = stim.request("status", timeout_s=2.0)
+            send_valid(2000, period_s=0.0005)  # 10x the control rate for 1 s
+            send_valid(40)
+            after_flood = stim.request("status", timeout_s=2.0)
+            t_oversized = pylsl.local_clock()
+            pub.send_multipart([b"command", bytes(MAX_MESSAGE_BYTES + 1)])
+            time.sleep(0.1)
+            send_valid(60)  # the peer was dropped: these no longer arrive
+            final = wait_until(
+                lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 10, what="FAULT"
+            )
+            _, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+        finally:
+            recorder.close()
+            stim.close()
+            ctx.destroy(linger=0)
     half_ma = intensity_to_ma(
         np.array([0.5, 0.5]),
         np.array([c.threshold_ma for c in config.stimulation]),

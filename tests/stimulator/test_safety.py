@@ -148,6 +148,25 @@ def test_stale_or_future_emg_closes_every_gate(emg_age_s: float) -> None:
     np.testing.assert_allclose(out, RISE_MA_PER_S * 0.01)
 
 
+def test_emg_age_is_judged_on_this_clock_through_the_acquisition_offset() -> None:
+    loop = Loop()
+    loop.armed_at_full()
+    offset_s = 7200.0  # the acquisition host's clock runs two hours ahead of this one
+    loop.now_s += 0.01
+    fresh = command([1.0, 1.0], emg_time_s=loop.now_s - 0.005 + offset_s)
+    loop.seq += 1
+    assert loop.kernel.accept(loop.seq, fresh, loop.now_s, emg_clock_offset_s=offset_s)
+    assert loop.kernel.update(loop.now_s).tolist() == [40.0, 30.0]
+    for wrong_offset_s in (0.0, math.nan):  # unknown (NaN) or ignored offset: gates closed, not a rejection
+        loop.now_s += 0.01
+        loop.seq += 1
+        stamped = command([1.0, 1.0], emg_time_s=loop.now_s - 0.005 + offset_s)
+        assert loop.kernel.accept(loop.seq, stamped, loop.now_s, emg_clock_offset_s=wrong_offset_s)
+        assert loop.kernel.update(loop.now_s).tolist() == [0.0, 0.0]
+        assert loop.kernel.state is StimState.ARMED
+    assert loop.kernel.rejected == 0
+
+
 def test_deadline_fault_is_latched() -> None:
     loop = Loop()
     loop.armed_at_full()

@@ -1,0 +1,142 @@
+"""The loop across hosts whose clocks disagree (fault matrix: multi-host).
+
+Each process normally reads the same host clock. Here every process starts with a
+``sitecustomize`` that shifts its clock (``pylsl.local_clock``) by hours and gives it
+another host name, as if the three ran on three PCs booted at different times. The
+stimulator must judge EMG age on its own clock, the controller must blank the EMG
+around pulses stamped by another clock, and the simulated patient must put the
+artifacts of those pulses at the right samples: each from the peer clock offsets
+measured over the ``clock`` control request. Until an offset is known, gates stay closed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from fesloop import protocol
+from fesloop.config import load_config
+from fesloop.sockets import ControlClient
+from tests.conftest import free_ports, wait_until
+from tests.streams import Recorder, pulses_array
+
+pytestmark = pytest.mark.timeout(90)
+
+OTHER_HOST = '''
+import os
+import socket
+
+import pylsl
+
+_shift_s = float(os.environ["FESLOOP_TEST_CLOCK_SHIFT_S"])
+_host = os.environ["FESLOOP_TEST_HOSTNAME"]
+_clock = pylsl.local_clock
+pylsl.local_clock = lambda: _clock() + _shift_s
+socket.gethostname = lambda: _host
+'''
+SHIFT_S = {"acquisition": 5000.0, "controller": 0.0, "stimulator": -3000.0}
+
+
+def _hosts(tmp_path) -> dict[str, dict[str, str]]:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(OTHER_HOST)
+    path = f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {
+        role: {"PYTHONPATH": path, "FESLOOP_TEST_CLOCK_SHIFT_S": str(shift), "FESLOOP_TEST_HOSTNAME": f"pc-{role}"}
+        for role, shift in SHIFT_S.items()
+    }
+
+
+def _samples(messages: list[protocol.Message]) -> tuple[np.ndarray, np.ndarray]:
+    times = np.concatenate(
+        [m.body.first_sample_time_s + np.arange(len(m.body.data)) / m.body.sampling_rate_hz for m in messages]
+    )
+    return times, np.vstack([m.body.data for m in messages])
+
+
+def test_three_hosts_with_unrelated_clocks_stimulate_during_contractions_only(write_config, processes, tmp_path):
+    path = write_config("demo.toml")
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses"], config.endpoints.emg: [b"truth", b"emg"]})
+    ctx = zmq.Context()
+    controller = ControlClient(ctx, config.endpoints.controller_control)
+    stimulator = ControlClient(ctx, config.endpoints.stimulator_control)
+    acquisition = ControlClient(ctx, config.endpoints.acquisition_control)
+    try:
+        processes.start_loop(path, env=_hosts(tmp_path))
+        wait_until(lambda: len(recorder.get(b"truth")) > 0, 20, what="ground truth from the shifted acquisition")
+        time.sleep(12.0)  # the demo schedule: both muscles contract, then rest
+        statuses = {name: c.request("status", timeout_s=2.0) for name, c in
+                    (("controller", controller), ("stimulator", stimulator), ("acquisition", acquisition))}
+        channels, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+        truth_t, drive = _samples(recorder.get(b"truth"))
+        emg_t, emg_uv = _samples(recorder.get(b"emg"))
+    finally:
+        recorder.close()
+        for client in (controller, stimulator, acquisition):
+            client.close()
+        ctx.destroy(linger=0)
+
+    # Each process measured its peers' offsets (peer clock minus its own) to within a few ms.
+    for role, status in statuses.items():
+        for peer, sync in status["peer_clocks"].items():
+            assert sync["synchronized"] and not sync["shared_clock"], (role, peer, sync)
+            assert sync["offset_s"] == pytest.approx(SHIFT_S[peer] - SHIFT_S[role], abs=0.01), (role, peer)
+    latency = statuses["stimulator"]["latency_ms"]
+    assert latency["n"] > 0 and 0.0 < latency["p50"] < 100.0, latency  # judged on its own clock
+
+    # Stimulation follows the contractions, judged on the acquisition clock.
+    pulse_t = times + SHIFT_S["acquisition"] - SHIFT_S["stimulator"]
+    assert len(pulse_t) > 0
+    for stim in config.stimulation:
+        muscle = config.muscle_index(stim.muscle)
+        mine = channels == stim.device_channel
+        drive_before = np.interp(pulse_t[mine] - 0.1, truth_t, drive[:, muscle])
+        assert (drive_before > 0.3).sum() >= 20, f"{stim.name}: too few pulses during contractions"
+        idle = np.array([drive[(truth_t > t - 1.0) & (truth_t <= t), muscle].max() == 0 for t in pulse_t[mine]])
+        assert idle.sum() <= 0.02 * mine.sum(), f"{stim.name}: {idle.sum()} pulses at rest"
+    # The simulated patient put each pulse's artifact right after it, on its own clock.
+    index = np.searchsorted(emg_t, pulse_t[channels == 0])
+    index = index[(index > 40) & (index < len(emg_t) - 10)]
+    after = np.abs(emg_uv[index[:, None] + np.arange(0, 6), 0]).max(axis=1)
+    before = np.abs(emg_uv[index[:, None] - np.arange(20, 40), 0]).max(axis=1)
+    assert np.median(after) > 2 * np.median(before), (np.median(after), np.median(before))
+    # The controller blanked around them, so the artifacts never held the gate open at rest.
+    assert statuses["controller"]["blanked_samples"] > 0
+    assert statuses["acquisition"]["pulses_unsynced"] == 0 and statuses["controller"]["pulses_unsynced"] == 0
+
+
+def test_gates_stay_closed_while_a_peer_clock_is_unknown(write_config, processes, tmp_path):
+    path = write_config("demo.toml")
+    config = load_config(path)
+    # The controller's host cannot reach the acquisition's control port: no clock offset.
+    dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    controller_path = tmp_path / "controller.toml"
+    controller_path.write_text(path.read_text().replace(config.endpoints.acquisition_control, dead))
+    recorder = Recorder({config.endpoints.command: [b"command"], config.endpoints.pulses: [b"pulses"]})
+    ctx = zmq.Context()
+    controller = ControlClient(ctx, config.endpoints.controller_control)
+    try:
+        hosts = _hosts(tmp_path)
+        processes.start("stimulator", str(path), name="stimulator", env=hosts["stimulator"])
+        processes.start("controller", str(controller_path), name="controller", env=hosts["controller"])
+        processes.start("acquisition", str(path), name="acquisition", env=hosts["acquisition"])
+        wait_until(lambda: len(recorder.get(b"command")) > 400, 30, what="commands")
+        time.sleep(5.0)  # the first contraction (2-4 s) has passed
+        status = controller.request("status", timeout_s=2.0)
+        commands = recorder.get(b"command")
+        _, times, _ = pulses_array(recorder.get(b"pulses"))
+    finally:
+        recorder.close()
+        controller.close()
+        ctx.destroy(linger=0)
+    assert status["emg_received"] > 0 and not status["peer_clocks"]["acquisition"]["synchronized"]
+    assert status["peer_clocks"]["stimulator"]["synchronized"]
+    reasons = np.concatenate([m.body.gate_reason for m in commands])
+    assert (reasons == protocol.GateReason.CLOCK_UNSYNCED).all()
+    assert len(times) == 0
