@@ -8,11 +8,13 @@ With a :class:`~fesloop.security.Security`, servers (PUB, REP) are CURVE servers
 ZAP and clients (SUB, REQ) are CURVE clients of a named process; without one, every
 endpoint must be loopback or ipc://.
 
-No ZMTP heartbeats: with them (100/300 ms), a subscriber that dropped a frozen
-publisher sometimes never reconnected after the publisher resumed (libzmq 4.3.5,
-3 of 5 runs of the frozen-controller test), leaving the stimulator without commands
-for good. A dead peer is noticed by application freshness instead: the stimulator's
-command deadline, the controller's EMG staleness, and every process's 5 Hz status.
+No ZMTP heartbeats: with them (100/300 ms, on every socket or on bound sockets only)
+the controller, frozen by SIGSTOP and resumed, aborted inside libzmq 4.3.5 in about
+half the runs (``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``, a
+heartbeat timeout on a connection that already had an I/O error); the stimulator
+then never heard it again. A dead peer is noticed by application freshness instead:
+the stimulator's command deadline, the controller's EMG staleness, and every
+process's 5 Hz status.
 """
 
 from __future__ import annotations
