@@ -103,6 +103,7 @@ class Controller:
             if self.estimator
             else [],
             "events": dict(self.event_counts),
+            "mwave": self.estimator.mwave.status(self.estimator.names) if self.estimator else {},
             **self.laws.status(),
             "calibration": self.config.controller.calibration_file or "config",
             "calibration_error": self.calibration_error,
@@ -158,8 +159,9 @@ class Controller:
         if reason == GateReason.OPEN:
             self.estimator.gate_reasons(self.gate_reason)
         activation = self.estimator.activation if self.estimator is not None else None
+        mwave = self.estimator.mwave.normalized if self.estimator is not None else None
         gate_open = self.gate_reason == GateReason.OPEN
-        self.laws.step(now_s, activation, gate_open, self.intensity)
+        self.laws.step(now_s, activation, gate_open, self.intensity, mwave)
         return protocol.Command(self.newest_emg_time_s, self.intensity, gate_open, self.gate_reason)
 
     def publish_command(self, now_s: float) -> None:
@@ -189,7 +191,8 @@ class Controller:
                     for message in drain(self.pulses_sub, self.pulse_counters):
                         self.laws.add_pulses(message.body.time_s, message.body.channel, message.body.amplitude_ma)
                         if self.estimator is not None:
-                            self.estimator.add_pulses(message.body.time_s, message.body.channel)
+                            body = message.body
+                            self.estimator.add_pulses(body.time_s, body.channel, body.amplitude_ma, body.pulse_width_us)
                 if self.emg_sub in ready:
                     for message in drain(self.emg_sub, self.emg_counters):
                         self.on_emg(message.body, rt.clock.now())
