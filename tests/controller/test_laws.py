@@ -193,14 +193,15 @@ def test_tracking_activation_ignores_the_mwave() -> None:
 
 
 def test_channel_laws_feed_each_channel_its_muscles_mwave() -> None:
-    laws = ChannelLaws(parse_config((CONFIGS / "tracking_mwave.toml").read_text()))
+    config = parse_config((CONFIGS / "tracking_mwave.toml").read_text())
+    laws = ChannelLaws(config)
     out = np.zeros(1, dtype=np.float32)
     laws.step(0.0, np.array([0.0]), np.array([True]), out, np.array([np.nan]))  # no M-wave yet: the probe
     assert out.tolist() == [pytest.approx(0.9)]
     laws.step(0.1, np.array([0.0]), np.array([True]), out, np.array([0.4]))  # 0.2 below target
     assert out.tolist() == [pytest.approx(0.9)]
     laws.step(0.2, np.array([0.0]), np.array([True]), out, np.array([0.4]))
-    assert out[0] == pytest.approx(0.9 + 1.0 * 0.2 * 0.1)  # ki x error x dt
+    assert out[0] == pytest.approx(0.9 + config.stimulation[0].law.ki * 0.2 * 0.1)  # + ki x error x dt
 
 
 # ---------------------------------------------------------------- cycling
