@@ -346,7 +346,8 @@ class TrackingLaw:
     ``measure``: ``activation`` (0..1) or ``mwave``, the evoked M-wave amplitude
     normalized to the muscle's reference (0..2; holding it compensates fatigue). With
     ``mwave`` the law delivers ``probe_intensity`` open loop until an M-wave is measured
-    (and the fresh reference is taken), then the PI starts from that intensity.
+    (and the fresh reference is taken), for at least ``probe_s`` (so the M-waves of the
+    stimulator's ramp are out of the smoothing), then the PI starts from that intensity.
     ``target``: [time_s, value] points, linear in between, from the first command;
     after the last point it holds, or repeats every ``period_s`` (0 = hold). The integral
     stops while the output is saturated (anti-windup).
@@ -356,6 +357,7 @@ class TrackingLaw:
     target: tuple[tuple[float, float], ...]
     measure: Literal["activation", "mwave"] = "activation"
     probe_intensity: float = bounded(0.8, 0.0, 1.0, "(mwave: open-loop intensity until an M-wave is measured)")
+    probe_s: float = bounded(1.0, 0.0, 60.0, "s (mwave: the shortest probe, so the stimulator's ramp is over)")
     period_s: float = bounded(0.0, 0.0, 86400.0, "s (0 = hold the last value)")
     kp: float = bounded(1.0, 0.0, 100.0, "intensity per unit error")
     ki: float = bounded(1.0, 0.0, 1000.0, "intensity per unit error per s")

@@ -4,8 +4,9 @@ The measure is the estimator's activation of the channel's muscle, or (``measure
 "mwave"``) its evoked M-wave amplitude normalized to the muscle's reference. Holding
 the M-wave on target compensates fatigue: as the muscle's response to each pulse
 shrinks, the PI raises the intensity (configs/tracking_mwave.toml). An M-wave exists
-only once pulses are delivered, so until one is measured the law stimulates at
-``probe_intensity`` open loop, then hands over to the PI without a jump.
+only once pulses are delivered, so until one is measured, and for at least ``probe_s``,
+the law stimulates at ``probe_intensity`` open loop, then hands over to the PI without
+a jump.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Tracking(Events):
         self.start_s: float | None = None
         self.last_s: float | None = None
         self.probing = True  # mwave: open loop at probe_intensity until the PI takes over
+        self.probe_start_s: float | None = None
 
     def target(self, now_s: float) -> float:
         """The target value at ``now_s`` (the trajectory starts at the first step)."""
@@ -48,8 +50,9 @@ class Tracking(Events):
             return 0.0
         if self.law.measure == "activation":
             return self.pi.step(target - inputs.activation, dt_s)
-        if inputs.mwave is None:
-            self.hold(now_s)
+        if self.probe_start_s is None:
+            self.probe_start_s = now_s
+        if inputs.mwave is None or now_s - self.probe_start_s < self.law.probe_s:
             return self.law.probe_intensity
         error = target - inputs.mwave
         if self.probing:
@@ -61,4 +64,5 @@ class Tracking(Events):
     def hold(self, now_s: float) -> None:
         self.pi.reset()
         self.probing = True
+        self.probe_start_s = None
         self.last_s = now_s
