@@ -4,7 +4,8 @@ Pure (no I/O): the live controller and ``fesloop replay`` both feed chunks to
 :class:`EmgEstimator` and read what it leaves. Per chunk: artifact windows (delivered
 pulses, a sync channel, detection in the signal), hold across them, band filters,
 optional pulse-locked residual removal, envelope over valid samples, contamination,
-onset/offset, normalization.
+onset/offset, normalization; in parallel, on the raw samples before blanking, the
+evoked M-wave amplitude of each stimulated muscle (:class:`controller.mwave.MWaveEstimator`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from controller.blanking import Blanker
 from controller.calibration import Calibration
 from controller.contamination import ContaminationDetector
 from controller.dsp import EnvelopeEstimator, normalize
+from controller.mwave import MWaveEstimator
 from controller.onset import OnsetDetector
 from controller.residual import ResponseCanceller
 from fesloop import protocol
@@ -78,6 +80,9 @@ class EmgEstimator:
             else []
         )
         self._muscle_of_device = {s.device_channel: config.muscle_index(s.muscle) for s in config.stimulation}
+        self.mwave = MWaveEstimator(
+            cc.mwave, fs_hz, self._muscle_of_device, np.array([m.mwave_reference_uv for m in config.muscles])
+        )
         self.stim_muscle = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
         self.contamination = ContaminationDetector(fs_hz, n_muscles, cc.contamination)
         self.onset = OnsetDetector(*self._onset_thresholds(cc, rest_sd_uv), *self._onset_timing(cc, fs_hz))
@@ -111,8 +116,22 @@ class EmgEstimator:
         """Per muscle: is its EMG contaminated now (hold-off included)?"""
         return self.contamination.contaminated
 
-    def add_pulses(self, time_s: np.ndarray, device_channel: np.ndarray) -> None:
-        """Delivered pulses: blank every channel around them; lock residual removal to them."""
+    def add_pulses(
+        self,
+        time_s: np.ndarray,
+        device_channel: np.ndarray,
+        amplitude_ma: np.ndarray | None = None,
+        pulse_width_us: np.ndarray | None = None,
+    ) -> None:
+        """Delivered pulses: blank every channel around them; lock residual removal and M-wave windows to them.
+
+        Amplitude and pulse width (when known) give each pulse's charge: zero-charge
+        pulses evoke no M-wave, and the fresh M-wave reference needs a steady charge.
+        """
+        charge_nc = None if amplitude_ma is None else np.asarray(amplitude_ma, dtype=np.float64)
+        if charge_nc is not None and pulse_width_us is not None:
+            charge_nc = charge_nc * np.asarray(pulse_width_us, dtype=np.float64) * 1e-3
+        self.mwave.add_pulses(time_s, device_channel, charge_nc)
         if self.blanker is not None:
             self.blanker.add_pulses(time_s)
         if self.cancellers:
@@ -131,6 +150,7 @@ class EmgEstimator:
         first = chunk.first_sample_index
         self.next_index = first + n
         raw_uv = chunk.data[:, self._channels].astype(np.float64)
+        self.mwave.process(first, chunk.first_sample_time_s, raw_uv)
 
         def time_of(index: int) -> float:
             return chunk.first_sample_time_s + (index - first) / self.fs_hz

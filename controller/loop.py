@@ -109,6 +109,7 @@ class Controller:
             else [],
             "events": dict(self.event_counts),
             "pulses_unsynced": self.pulses_unsynced,
+            "mwave": self.estimator.mwave.status(self.estimator.names) if self.estimator else {},
             **self.laws.status(),
             "calibration": self.config.controller.calibration_file or "config",
             "calibration_error": self.calibration_error,
@@ -121,7 +122,12 @@ class Controller:
             return
         self.laws.add_pulses(self.clocks.to_local("stimulator", pulses.time_s), pulses.channel, pulses.amplitude_ma)
         if self.estimator is not None:
-            self.estimator.add_pulses(self.clocks.translate("stimulator", "acquisition", pulses.time_s), pulses.channel)
+            self.estimator.add_pulses(
+                self.clocks.translate("stimulator", "acquisition", pulses.time_s),
+                pulses.channel,
+                pulses.amplitude_ma,
+                pulses.pulse_width_us,
+            )
 
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
         needed = max(m.emg_channel for m in self.config.muscles) + 1
@@ -175,8 +181,9 @@ class Controller:
         if reason == GateReason.OPEN:
             self.estimator.gate_reasons(self.gate_reason)
         activation = self.estimator.activation if self.estimator is not None else None
+        mwave = self.estimator.mwave.normalized if self.estimator is not None else None
         gate_open = self.gate_reason == GateReason.OPEN
-        self.laws.step(now_s, activation, gate_open, self.intensity)
+        self.laws.step(now_s, activation, gate_open, self.intensity, mwave)
         return protocol.Command(self.newest_emg_time_s, self.intensity, gate_open, self.gate_reason)
 
     def publish_command(self, now_s: float) -> None:

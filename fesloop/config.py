@@ -152,6 +152,8 @@ class Muscle:
     rest_uv: float = bounded(lo=0.0, unit="uV")
     mvc_uv: float = bounded(lo=0.0, unit="uV")
     rest_sd_uv: float = bounded(0.0, 0.0, 1e6, "uV (envelope SD at rest; needed by onset mode rest_sd)")
+    # The M-wave that normalizes to 1 (e.g. M-max measured beforehand); 0 = the fresh M-wave of the session.
+    mwave_reference_uv: float = bounded(0.0, 0.0, 1e6, "uV (0 = the fresh M-wave)")
 
     def check(self) -> None:
         if self.mvc_uv <= self.rest_uv:
@@ -226,6 +228,29 @@ class OnsetConfig:
 
 
 @dataclass(frozen=True)
+class MWaveConfig:
+    """Evoked M-wave amplitude of each stimulated muscle, measured on the raw EMG before blanking.
+
+    Per delivered pulse: the high-passed EMG of the stimulated muscle's channel in
+    [pulse + window_start_ms, pulse + window_end_ms], as ``peak_to_peak`` or ``rms``;
+    the amplitude is the mean over the last ``smoothing_pulses``. The fresh reference
+    (muscles without ``mwave_reference_uv``) is the mean of the first
+    ``reference_pulses`` M-waves evoked at one steady charge per pulse.
+    """
+
+    window_start_ms: float = bounded(3.0, 0.0, 100.0, "ms after the pulse")
+    window_end_ms: float = bounded(20.0, 0.5, 200.0, "ms after the pulse")
+    method: Literal["peak_to_peak", "rms"] = "peak_to_peak"
+    highpass_hz: float = bounded(10.0, 0.1, 200.0, "Hz")
+    smoothing_pulses: int = bounded(5, 1, 1000, "pulses")
+    reference_pulses: int = bounded(10, 1, 1000, "pulses")
+
+    def check(self) -> None:
+        if self.window_end_ms <= self.window_start_ms:
+            raise ConfigError("window_end_ms", self.window_end_ms, f"must be above window_start_ms ({self.window_start_ms:g} ms)")
+
+
+@dataclass(frozen=True)
 class ErgometerConfig:
     """The simulated ergometer cycling laws read crank angle and cadence from (inside the controller).
 
@@ -251,6 +276,7 @@ class ControllerConfig:
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
     onset: OnsetConfig = field(default_factory=OnsetConfig)
+    mwave: MWaveConfig = field(default_factory=MWaveConfig)
     # Written by `fesloop calibrate`; when set, its rest/MVC levels replace the muscles' own.
     calibration_file: str = ""
     ergometer: ErgometerConfig = field(default_factory=ErgometerConfig)
@@ -310,17 +336,28 @@ class TriggeredLaw:
         check_not_above("off_threshold", self.off_threshold, "on_threshold", self.on_threshold)
 
 
+MWAVE_TARGET_MAX = 2.0  # normalized M-wave: 1 is the reference, a target may ask for more
+
+
 @dataclass(frozen=True)
 class TrackingLaw:
-    """PI control of the channel's muscle activation toward a target trajectory.
+    """PI control of a measured quantity of the channel's muscle toward a target trajectory.
 
-    ``target``: [time_s, activation] points, linear in between, from the first command;
+    ``measure``: ``activation`` (0..1) or ``mwave``, the evoked M-wave amplitude
+    normalized to the muscle's reference (0..2; holding it compensates fatigue). With
+    ``mwave`` the law delivers ``probe_intensity`` open loop until an M-wave is measured
+    (and the fresh reference is taken), for at least ``probe_s`` (so the M-waves of the
+    stimulator's ramp are out of the smoothing), then the PI starts from that intensity.
+    ``target``: [time_s, value] points, linear in between, from the first command;
     after the last point it holds, or repeats every ``period_s`` (0 = hold). The integral
     stops while the output is saturated (anti-windup).
     """
 
     kind: Literal["tracking"]
     target: tuple[tuple[float, float], ...]
+    measure: Literal["activation", "mwave"] = "activation"
+    probe_intensity: float = bounded(0.8, 0.0, 1.0, "(mwave: open-loop intensity until an M-wave is measured)")
+    probe_s: float = bounded(1.0, 0.0, 60.0, "s (mwave: the shortest probe, so the stimulator's ramp is over)")
     period_s: float = bounded(0.0, 0.0, 86400.0, "s (0 = hold the last value)")
     kp: float = bounded(1.0, 0.0, 100.0, "intensity per unit error")
     ki: float = bounded(1.0, 0.0, 1000.0, "intensity per unit error per s")
@@ -329,15 +366,22 @@ class TrackingLaw:
 
     def check(self) -> None:
         if not self.target:
-            raise ConfigError("target", [], "at least one [time_s, activation] point")
+            raise ConfigError("target", [], "at least one [time_s, value] point")
         times = [t for t, _ in self.target]
         if times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
             raise ConfigError("target", [list(p) for p in self.target], "times must start at 0 and increase")
-        if any(not 0.0 <= v <= 1.0 for _, v in self.target):
-            raise ConfigError("target", [list(p) for p in self.target], "activations must be within 0..1")
+        top = MWAVE_TARGET_MAX if self.measure == "mwave" else 1.0
+        if any(not 0.0 <= v <= top for _, v in self.target):
+            raise ConfigError(
+                "target", [list(p) for p in self.target], f"{self.measure} targets must be within 0..{top:g}"
+            )
         if self.period_s and self.period_s < times[-1]:
             raise ConfigError("period_s", self.period_s, f"must be 0 or at least the last target time ({times[-1]:g} s)")
         check_not_above("min_intensity", self.min_intensity, "max_intensity", self.max_intensity)
+        if self.measure == "mwave":
+            check_not_above("probe_intensity", self.probe_intensity, "max_intensity", self.max_intensity)
+        if self.measure == "mwave" and self.probe_intensity <= 0.0:
+            raise ConfigError("probe_intensity", self.probe_intensity, "must be above 0 with measure = 'mwave' (no pulse, no M-wave)")
 
 
 @dataclass(frozen=True)
@@ -506,6 +550,14 @@ class Config:
             key = f"stimulation[{i}]"
             if channel.muscle not in names:
                 raise ConfigError(f"{key}.muscle", channel.muscle, f"must be one of {names}")
+            law = channel.law
+            period_ms = 1e3 / channel.frequency_hz if channel.frequency_hz > 0 else float("inf")
+            window_end_ms = self.controller.mwave.window_end_ms
+            if isinstance(law, TrackingLaw) and law.measure == "mwave" and window_end_ms >= period_ms:
+                raise ConfigError(
+                    "controller.mwave.window_end_ms", window_end_ms,
+                    f"must end before the next pulse of {key} ({period_ms:g} ms at {channel.frequency_hz:g} Hz)",
+                )
             if channel.device_channel in seen:
                 raise ConfigError(f"{key}.device_channel", channel.device_channel, "each device channel once")
             seen.add(channel.device_channel)

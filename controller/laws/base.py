@@ -21,10 +21,12 @@ class CrankState:
 
 @dataclass(frozen=True, slots=True)
 class LawInputs:
-    """What a law may read each step: its muscle's activation and, when cycling, the crank."""
+    """What a law may read each step: its muscle's activation, when cycling the crank, and its
+    muscle's normalized M-wave amplitude (None until one is measured and normalized)."""
 
     activation: float
     crank: CrankState | None = None
+    mwave: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

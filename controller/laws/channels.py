@@ -55,13 +55,25 @@ class ChannelLaws:
         if self.ergometer is not None:
             self.ergometer.add_pulses(time_s, device_channel, amplitude_ma)
 
-    def step(self, now_s: float, activation: np.ndarray | None, gate_open: np.ndarray, out: np.ndarray) -> None:
-        """Write each channel's intensity into ``out`` (0 where the gate is closed)."""
+    def step(
+        self,
+        now_s: float,
+        activation: np.ndarray | None,
+        gate_open: np.ndarray,
+        out: np.ndarray,
+        mwave: np.ndarray | None = None,
+    ) -> None:
+        """Write each channel's intensity into ``out`` (0 where the gate is closed).
+
+        ``mwave``: normalized M-wave amplitude per muscle, NaN where none is known yet.
+        """
         if self.ergometer is not None:
             self.crank = self.ergometer.advance(now_s)
         for i, law in enumerate(self.laws):
             if gate_open[i] and activation is not None:
-                out[i] = law.step(now_s, LawInputs(float(activation[self._muscle[i]]), self.crank))
+                muscle = self._muscle[i]
+                evoked = None if mwave is None or np.isnan(mwave[muscle]) else float(mwave[muscle])
+                out[i] = law.step(now_s, LawInputs(float(activation[muscle]), self.crank, evoked))
             else:
                 law.hold(now_s)
                 out[i] = 0.0

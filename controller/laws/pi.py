@@ -24,5 +24,10 @@ class PI:
             self.integral = candidate
         return min(max(u, self.lo), self.hi)
 
+    def preset(self, output: float, error: float) -> None:
+        """Set the integral so the next step at ``error`` gives ``output`` (bumpless start, within limits)."""
+        u = min(max(output, self.lo), self.hi)
+        self.integral = (u - self.kp * error) / self.ki if self.ki else 0.0
+
     def reset(self) -> None:
         self.integral = 0.0

@@ -24,6 +24,7 @@ from fesloop.config import (
     TriggeredLaw,
     parse_config,
 )
+from tests.conftest import CONFIGS
 from tests.fesloop.test_config import DEMO, edit
 
 
@@ -167,6 +168,44 @@ def test_tracking_integrates_error_and_is_reset_by_a_closed_gate() -> None:
     assert run(law, [0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.5, 0.0, 0.0]) == pytest.approx([0.0, 0.1, 0.1, 0.2, 0.3])
     law.hold(0.5)
     assert run(law, [0.6], [0.0]) == pytest.approx([0.1])
+
+
+def test_tracking_mwave_probes_until_measured_then_hands_over_without_a_jump() -> None:
+    law = Tracking(
+        TrackingLaw(kind="tracking", measure="mwave", target=((0.0, 0.6),), probe_intensity=0.9, probe_s=0.15, kp=0.5, ki=2.0)
+    )
+
+    def step(t_s: float, mwave: float | None) -> float:
+        return law.step(t_s, LawInputs(activation=0.0, mwave=mwave))  # activation is not the measure here
+
+    assert [step(0.0, None), step(0.1, 1.0)] == [0.9, 0.9]  # measured, but still within probe_s
+    assert step(0.2, 1.0) == pytest.approx(0.9)  # bumpless: the integral is preset to give the probe intensity
+    assert law.pi.integral == pytest.approx((0.9 + 0.5 * 0.4) / 2.0)
+    assert step(0.3, 0.8) == pytest.approx(0.5 * -0.2 + 2.0 * (0.55 - 0.02))
+    # Fatigue: the M-wave falls below target, the intensity rises to the limit and the integral stops there.
+    assert step(0.4, 0.5) == 1.0 and law.pi.integral == pytest.approx(0.53)
+    law.hold(0.5)
+    assert [step(0.6, 0.5), step(0.7, 0.5)] == [0.9, 0.9]  # after a closed gate: a new probe
+    assert step(0.8, 0.5) == pytest.approx(0.9) and law.pi.integral == pytest.approx((0.9 - 0.5 * 0.1) / 2.0)
+
+
+def test_tracking_activation_ignores_the_mwave() -> None:
+    law = Tracking(TrackingLaw(kind="tracking", target=((0.0, 0.5),), kp=1.0, ki=0.0))
+    assert law.step(0.0, LawInputs(activation=0.2, mwave=None)) == pytest.approx(0.3)
+    assert law.step(0.1, LawInputs(activation=0.2, mwave=5.0)) == pytest.approx(0.3)
+
+
+def test_channel_laws_feed_each_channel_its_muscles_mwave() -> None:
+    config = parse_config((CONFIGS / "tracking_mwave.toml").read_text())
+    laws = ChannelLaws(config)
+    out = np.zeros(1, dtype=np.float32)
+    probe_s = config.stimulation[0].law.probe_s
+    laws.step(0.0, np.array([0.0]), np.array([True]), out, np.array([np.nan]))  # no M-wave yet: the probe
+    assert out.tolist() == [pytest.approx(0.9)]
+    laws.step(probe_s, np.array([0.0]), np.array([True]), out, np.array([0.4]))  # 0.2 below target
+    assert out.tolist() == [pytest.approx(0.9)]
+    laws.step(probe_s + 0.1, np.array([0.0]), np.array([True]), out, np.array([0.4]))
+    assert out[0] == pytest.approx(0.9 + config.stimulation[0].law.ki * 0.2 * 0.1)  # + ki x error x dt
 
 
 # ---------------------------------------------------------------- cycling

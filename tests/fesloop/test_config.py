@@ -485,3 +485,56 @@ def test_toml_round_trip_of_demo_matches_tomllib():
     # guards the helpers above: the demo text parses as TOML and edits keep it parseable
     assert tomllib.loads(DEMO)["stimulation"][0]["max_ma"] == 40.0
     assert tomllib.loads(edit("max_ma = 40.0", "max_ma = 41.0"))["stimulation"][0]["max_ma"] == 41.0
+
+
+# ---------------------------------------------------------------- M-wave measure of the tracking law
+
+MWAVE = (ROOT / "configs" / "tracking_mwave.toml").read_text(encoding="utf-8")
+
+
+def test_tracking_mwave_config_loads_with_its_measure_and_window():
+    config = parse_config(MWAVE)
+    law = config.stimulation[0].law
+    assert (law.measure, law.target, law.probe_intensity) == ("mwave", ((0.0, 0.6),), 0.9)
+    assert (config.controller.mwave.window_start_ms, config.controller.mwave.window_end_ms) == (5.0, 20.0)
+    assert parse_config(DEMO).controller.mwave.method == "peak_to_peak"  # defaults elsewhere
+
+
+@pytest.mark.parametrize(
+    "old, new, key, value, allowed",
+    [
+        ('measure = "mwave"', 'measure = "force"', "stimulation[0].law.measure", "force", "must be one of 'activation', 'mwave'"),
+        ("[[0.0, 0.6]]", "[[0.0, 2.5]]", "stimulation[0].law.target", [[0.0, 2.5]], "mwave targets must be within 0..2"),
+        ('measure = "mwave", target = [[0.0, 0.6]]', 'measure = "activation", target = [[0.0, 1.2]]',
+         "stimulation[0].law.target", [[0.0, 1.2]], "activation targets must be within 0..1"),
+        ("probe_intensity = 0.9", "probe_intensity = 0.0", "stimulation[0].law.probe_intensity", 0.0, "above 0 with measure = 'mwave'"),
+        ("max_intensity = 1.0 }", "max_intensity = 0.8 }", "stimulation[0].law.probe_intensity", 0.9, "must not exceed max_intensity (0.8)"),
+    ],
+)
+def test_bad_tracking_measure_or_target_is_refused(old, new, key, value, allowed):
+    refused(edit(old, new, MWAVE), key, value, allowed)
+
+
+def test_mwave_target_may_exceed_the_reference():
+    config = parse_config(edit("[[0.0, 0.6]]", "[[0.0, 1.6]]", MWAVE))
+    assert config.stimulation[0].law.target == ((0.0, 1.6),)  # normalized M-wave: 1 is the reference, more is allowed
+
+
+@pytest.mark.parametrize(
+    "old, new, key, value, allowed",
+    [
+        ("window_start_ms = 5.0", "window_start_ms = 20.0", "controller.mwave.window_end_ms", 20.0,
+         "must be above window_start_ms (20 ms)"),
+        ('method = "peak_to_peak"', 'method = "area"', "controller.mwave.method", "area", "'peak_to_peak', 'rms'"),
+        ("smoothing_pulses = 5", "smoothing_pulses = 0", "controller.mwave.smoothing_pulses", 0, "within 1..1000 pulses"),
+        ("frequency_hz = 30.0", "frequency_hz = 50.0", "controller.mwave.window_end_ms", 20.0,
+         "must end before the next pulse of stimulation[0] (20 ms at 50 Hz)"),
+    ],
+)
+def test_bad_mwave_window_is_refused(old, new, key, value, allowed):
+    refused(edit(old, new, MWAVE), key, value, allowed)
+
+
+def test_muscle_mwave_reference_is_checked():
+    refused(edit("mvc_uv = 240.0", "mvc_uv = 240.0\nmwave_reference_uv = -5.0", MWAVE), "muscles[0].mwave_reference_uv",
+            -5.0, "within 0.0..1000000.0 uV (0 = the fresh M-wave)")

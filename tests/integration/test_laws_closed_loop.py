@@ -9,8 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from acquisition.patient import recruitment
 from controller.laws.cycling import DEG_PER_S_PER_RPM, window_profile
 from fesloop.config import load_config
+from stimulator.limits import DEVICES
+from stimulator.mapping import intensity_to_ma
 from tests.conftest import wait_until
 from tests.integration.test_loop import truth_series
 from tests.streams import Recorder, pulses_array
@@ -102,6 +105,49 @@ def test_tracking_holds_the_evoked_activation_on_target_as_the_muscle_fatigues(w
     assert activation[late].mean() == pytest.approx(0.3, abs=0.05)
     assert np.percentile(np.abs(activation[late] - 0.3), 90) < 0.1
     assert intensity[t > t[-1] - 2].mean() > intensity[early].mean() + 0.03  # fatigue: more stimulation for the same response
+
+
+def test_tracking_mwave_raises_the_amplitude_to_hold_the_fatiguing_m_wave_on_target(write_config, processes) -> None:
+    path = write_config("tracking_mwave.toml", TOLERANT_DEADLINE)
+    config = load_config(path)
+    muscle, stim, patient = config.muscles[0].name, config.stimulation[0], config.acquisition.simulated
+    recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"], config.endpoints.command: [b"status"]})
+
+    def mwave_rows() -> list[tuple[float, float, float]]:
+        """(time, normalized M-wave, reference uV) from the controller's status while armed."""
+        end_s = armed_until_s(recorder)
+        return [
+            (s["time_s"], m["normalized"], m["reference_uv"])
+            for s in statuses(recorder)
+            if (m := s.get("mwave", {}).get(muscle)) and m["normalized"] is not None and s["time_s"] < end_s
+        ]
+
+    try:
+        processes.start_loop(path)
+        wait_until(lambda: (r := mwave_rows()) and r[-1][0] - r[0][0] > 15.0, 50, what="15 s of M-wave tracking")
+    finally:
+        recorder.close()
+    t, normalized, reference_uv = np.array(mwave_rows()).T
+    start_s = t[0]
+    t -= start_s
+    # The fresh reference: 10 M-waves at the probe intensity, as the patient makes them (2 x its peak).
+    probe_ma = float(intensity_to_ma(stim.law.probe_intensity, stim.threshold_ma, stim.max_ma,
+                                     DEVICES[config.stimulator.driver].amplitude_step_ma))
+    assert np.all(reference_uv == reference_uv[0])
+    assert reference_uv[0] == pytest.approx(2 * patient.mwave_max_uv * recruitment(probe_ma, patient), rel=0.06)
+    settled = t > 3.0
+    print(f"normalized M-wave after 3 s: {normalized[settled].mean():.3f} +- {normalized[settled].std():.3f}")
+    assert normalized[settled].mean() == pytest.approx(0.6, abs=0.03)
+    assert np.percentile(np.abs(normalized[settled] - 0.6), 90) < 0.08
+    # Fatigue: the amplitude that holds the M-wave rises; without fatigue it would evoke well above target.
+    channels, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+    times -= start_s
+    early_ma = amplitudes[(channels == stim.device_channel) & (times > 3.0) & (times < 4.0)].mean()
+    late_ma = amplitudes[(channels == stim.device_channel) & (times > t[-1] - 1.0) & (times < t[-1])].mean()
+    fresh_at_late = 2 * patient.mwave_max_uv * recruitment(late_ma, patient) / reference_uv[0]
+    print(f"amplitude {early_ma:.1f} -> {late_ma:.1f} mA; a fresh muscle would give {fresh_at_late:.2f} at {late_ma:.1f} mA")
+    assert late_ma > early_ma + 3.0
+    assert fresh_at_late > 0.6 + 0.1
 
 
 def crank_series(recorder: Recorder, end_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,168 @@
+"""Evoked M-wave amplitude per stimulated muscle, from delivered pulses and the raw EMG.
+
+Pure (no I/O) and causal. For every delivered pulse on a stimulation channel, the
+high-passed raw EMG of that channel's muscle is measured in
+[pulse + window_start, pulse + window_end] (peak to peak or RMS) once the window's
+last sample has arrived. The samples come from the raw signal, before blanking (the
+blanker only builds the voluntary path's validity mask), through a ring buffer of the
+recent high-passed signal, so a window may span any number of chunks and a pulse
+message may arrive a little after its window started. Results do not depend on how
+the signal is chunked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy import signal
+
+from controller.dsp import NYQUIST_MARGIN, StreamingSos
+from fesloop.config import MWaveConfig
+
+HISTORY_S = 0.25  # how late a pulse message may arrive after its window started and still be measured
+STEADY_TOLERANCE = 0.01  # pulses within 1 % of the same charge count as one steady stimulation level
+_SNAP_SAMPLES = 1e-6  # a window edge this close to a sample counts as on it (float rounding of t * fs)
+
+
+def window_amplitude_uv(x_uv: np.ndarray, method: str) -> float:
+    """Peak-to-peak or RMS of one window's samples (NaN if any sample is unknown)."""
+    if method == "rms":
+        return float(np.sqrt(np.mean(x_uv * x_uv)))
+    return float(np.max(x_uv) - np.min(x_uv))
+
+
+class MWaveEstimator:
+    """Latest M-wave amplitude (uV, mean of the last pulses) and its normalization, per muscle.
+
+    ``muscle_of_device`` maps a stimulator device channel to the muscle (column of the
+    EMG handed to :meth:`process`) it stimulates; pulses on other channels are ignored.
+    ``reference_uv`` per muscle normalizes to 1; where it is 0 the fresh reference is
+    taken: the mean of the first ``reference_pulses`` M-waves evoked at one steady
+    charge per pulse (the stimulator's ramp to the first level does not count).
+    """
+
+    def __init__(self, cfg: MWaveConfig, fs_hz: float, muscle_of_device: Mapping[int, int], reference_uv: np.ndarray) -> None:
+        n_muscles = len(reference_uv)
+        self.cfg = cfg
+        self.fs_hz = fs_hz
+        self._muscle_of_device = dict(muscle_of_device)
+        self._start_samples = cfg.window_start_ms * 1e-3 * fs_hz
+        self._end_samples = cfg.window_end_ms * 1e-3 * fs_hz
+        sos = signal.butter(2, min(cfg.highpass_hz, NYQUIST_MARGIN * fs_hz), "highpass", fs=fs_hz, output="sos")
+        self._highpass = StreamingSos(sos, n_muscles, steady_start=True)
+        self._step = max(int(HISTORY_S * fs_hz), 1)
+        self._capacity = math.ceil(self._end_samples) + 2 + self._step
+        self._history_uv = np.full((self._capacity, n_muscles), np.nan)
+        self._next_index: int | None = None
+        self._new_pulses: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[int, int, int, float]] = []  # (first, last sample index, muscle, charge)
+        self.recent_uv: list[deque[float]] = [deque(maxlen=cfg.smoothing_pulses) for _ in range(n_muscles)]
+        self._steady_uv: list[list[float]] = [[] for _ in range(n_muscles)]
+        self._steady_charge = np.full(n_muscles, np.nan)
+        self.amplitude_uv = np.full(n_muscles, np.nan)
+        self.reference_uv = np.where(np.asarray(reference_uv) > 0, reference_uv, np.nan).astype(np.float64)
+        self.normalized = np.full(n_muscles, np.nan)
+        self.measured = np.zeros(n_muscles, dtype=np.int64)
+        self.missed = np.zeros(n_muscles, dtype=np.int64)
+
+    def add_pulses(self, time_s: np.ndarray, device_channel: np.ndarray, charge_nc: np.ndarray | None = None) -> None:
+        """Delivered pulses (shared-clock times); pulses of zero charge evoke nothing and are skipped.
+
+        Without charges (a replayed pulse file) every pulse counts as the same steady level.
+        """
+        time_s = np.asarray(time_s, dtype=np.float64).ravel()
+        muscle = np.array([self._muscle_of_device.get(int(c), -1) for c in np.asarray(device_channel).ravel()], dtype=np.int64)
+        charge = np.ones(len(time_s)) if charge_nc is None else np.asarray(charge_nc, dtype=np.float64).ravel()
+        keep = (muscle >= 0) & (charge > 0)
+        if keep.any():
+            self._new_pulses.append((time_s[keep], muscle[keep], charge[keep]))
+
+    def process(self, first_index: int, first_time_s: float, raw_uv: np.ndarray) -> None:
+        """Take the next block of raw EMG (n_samples, n_muscles), sample ``first_index`` at ``first_time_s``."""
+        self._mark_gap(first_index)
+        self._window_pulses(first_index, first_time_s)
+        filtered_uv = self._highpass.process(raw_uv)
+        # Measured in steps short enough that every window ending in a step is still in the ring.
+        for start in range(0, raw_uv.shape[0], self._step):
+            block_uv = filtered_uv[start : start + self._step]
+            index = first_index + start
+            self._history_uv[np.arange(index, index + len(block_uv)) % self._capacity] = block_uv
+            self._next_index = index + len(block_uv)
+            self._measure_ready(self._next_index)
+
+    def _mark_gap(self, first_index: int) -> None:
+        """Samples lost in a gap are unknown: windows that touch them are missed, not measured."""
+        if self._next_index is None or first_index == self._next_index:
+            return
+        skipped = first_index - self._next_index
+        if 0 < skipped < self._capacity:
+            self._history_uv[np.arange(self._next_index, first_index) % self._capacity] = np.nan
+        else:
+            self._history_uv[:] = np.nan
+
+    def _window_pulses(self, first_index: int, first_time_s: float) -> None:
+        """New pulses become windows of absolute sample indices (on this block's time base)."""
+        for time_s, muscle, charge in self._new_pulses:
+            offset = first_index + (time_s - first_time_s) * self.fs_hz
+            first = np.ceil(offset + self._start_samples - _SNAP_SAMPLES).astype(np.int64)
+            last = np.floor(offset + self._end_samples + _SNAP_SAMPLES).astype(np.int64)
+            self._pending.extend(zip(first.tolist(), last.tolist(), muscle.tolist(), charge.tolist()))
+        self._new_pulses.clear()
+        self._pending.sort()
+
+    def _measure_ready(self, next_index: int) -> None:
+        """Measure every pending window whose last sample (before ``next_index``) has arrived, in pulse order."""
+        oldest = next_index - self._capacity
+        waiting = []
+        for first, last, muscle, charge in self._pending:
+            if last >= next_index:
+                waiting.append((first, last, muscle, charge))
+                continue
+            amplitude_uv = math.nan
+            if first >= oldest:
+                window_uv = self._history_uv[np.arange(first, last + 1) % self._capacity, muscle]
+                amplitude_uv = window_amplitude_uv(window_uv, self.cfg.method)
+            if math.isnan(amplitude_uv):
+                self.missed[muscle] += 1
+            else:
+                self._record(muscle, amplitude_uv, charge)
+        self._pending = waiting
+
+    def _record(self, muscle: int, amplitude_uv: float, charge: float) -> None:
+        self.measured[muscle] += 1
+        recent = self.recent_uv[muscle]
+        recent.append(amplitude_uv)
+        self.amplitude_uv[muscle] = sum(recent) / len(recent)
+        if math.isnan(self.reference_uv[muscle]):
+            self._take_fresh_reference(muscle, amplitude_uv, charge)
+        self.normalized[muscle] = self.amplitude_uv[muscle] / self.reference_uv[muscle]
+
+    def _take_fresh_reference(self, muscle: int, amplitude_uv: float, charge: float) -> None:
+        steady = self._steady_uv[muscle]
+        if not abs(charge - self._steady_charge[muscle]) <= STEADY_TOLERANCE * self._steady_charge[muscle]:
+            steady.clear()  # a new level (the ramp, a changed intensity): start counting again
+            self._steady_charge[muscle] = charge
+        steady.append(amplitude_uv)
+        if len(steady) == self.cfg.reference_pulses:
+            self.reference_uv[muscle] = sum(steady) / len(steady)
+
+    def status(self, names: list[str]) -> dict[str, Any]:
+        """Per muscle name: amplitude, reference, normalized (None until known) and pulse counts."""
+
+        def known(x: float, digits: int) -> float | None:
+            return None if math.isnan(x) else round(float(x), digits)
+
+        return {
+            name: {
+                "amplitude_uv": known(self.amplitude_uv[i], 2),
+                "reference_uv": known(self.reference_uv[i], 2),
+                "normalized": known(self.normalized[i], 4),
+                "measured": int(self.measured[i]),
+                "missed": int(self.missed[i]),
+            }
+            for i, name in enumerate(names)
+        }
