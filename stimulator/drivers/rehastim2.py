@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,8 @@ from fesloop.config import StimulationChannel
 from stimulator import sciencemode2 as sm2
 from stimulator.channel_list import plan_channel_list
 from stimulator.drivers.base import DriverFault
+
+T = TypeVar("T")
 
 BAUD_RATE = 460800
 ACK_TIMEOUT_S = 0.100  # MaxResponseTime
@@ -126,6 +128,7 @@ class RehaStim2Driver:
         self.decoder = sm2.Decoder()
         self.connected = False
         self.silent_reason = ""  # set after an ack timeout: say nothing until the device sends Init
+        self.link_lost = ""  # set when the port fails (cable pulled): closed for good, restart to reopen
         self.mode: sm2.StimulationMode | None = None  # None: stopped, set-up unknown
         self.protocol_version: int | None = None
         self._in_flight: _InFlight | None = None
@@ -149,7 +152,7 @@ class RehaStim2Driver:
     # -- Driver interface -------------------------------------------------------------
 
     def ready(self) -> bool:
-        return self.connected and not self.silent_reason
+        return self.connected and not self.silent_reason and not self.link_lost
 
     def set_output(self, amplitude_ma: np.ndarray, pulse_width_us: np.ndarray, now_s: float) -> None:
         amplitude = np.asarray(amplitude_ma, dtype=np.float64)
@@ -172,7 +175,9 @@ class RehaStim2Driver:
             self.watchdogs_sent += 1
 
     def deliver_due(self, now_s: float) -> protocol.Pulses | None:
-        for item in self.decoder.feed(self.link.read_available()):
+        if self.link_lost:
+            return None
+        for item in self.decoder.feed(self._link_io(self.link.read_available)):
             if isinstance(item, sm2.Packet):
                 self._on_packet(item, now_s)
         flight = self._in_flight
@@ -196,7 +201,7 @@ class RehaStim2Driver:
         may_stimulate = self.mode is sm2.StimulationMode.STARTED or (
             flight is not None and flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE
         )
-        if not may_stimulate or not self.connected:
+        if not may_stimulate or not self.connected or self.link_lost:
             return
         try:
             self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", self.clock())
@@ -206,7 +211,8 @@ class RehaStim2Driver:
 
     def close(self) -> None:
         self.zero()
-        self.link.close()
+        if not self.link_lost:
+            self.link.close()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -228,6 +234,8 @@ class RehaStim2Driver:
     # -- protocol -----------------------------------------------------------------------
 
     def _link_text(self) -> str:
+        if self.link_lost:
+            return f"serial link lost ({self.link_lost}): reconnect the device and restart the stimulator"
         if self.silent_reason:
             return f"silent until the device sends Init ({self.silent_reason})"
         return "connected" if self.connected else "waiting for the device's Init"
@@ -239,9 +247,26 @@ class RehaStim2Driver:
     def _send(self, command: sm2.Cmd, data: bytes, now_s: float) -> int:
         number = self._number
         self._number = (self._number + 1) % 256
-        self.link.write(sm2.encode(number, command, data))
+        packet = sm2.encode(number, command, data)
+        self._link_io(lambda: self.link.write(packet))
         self.last_sent_s = now_s
         return number
+
+    def _link_io(self, io: Callable[[], T]) -> T:
+        """One read or write; a failing port is closed and marked lost, so it fails once, not every step."""
+        try:
+            return io()
+        except DriverFault as exc:
+            stimulating = self._on(self._device_ma)
+            self.link_lost = exc.cause
+            self.connected = False
+            self._in_flight = None
+            self._stopped()
+            try:
+                self.link.close()
+            except Exception:  # the port is gone; closing it may fail too, and that changes nothing
+                pass
+            raise DriverFault(f"{exc.cause}; the serial link is closed", stimulating) from exc
 
     def _command(self, command: sm2.Cmd, now_s: float, settings: tuple[sm2.ChannelSetting, ...] = ()) -> None:
         data = self.plan.init.to_bytes() if command is sm2.Cmd.INIT_CHANNEL_LIST_MODE else sm2.start_data(list(settings))

@@ -23,6 +23,21 @@ LONG_CONTRACTION = long_contraction(start_s=0.0, arm_at_start=False)
 CAUSES = {-1: "emergency", -2: "electrode", -3: "module"}
 
 
+def _confirmation() -> dict:
+    return {"operator": "TS", "items": list(CONFIRMATION_ITEMS), "time_unix_s": time.time()}
+
+
+def _arm_and_stimulate(stim: ControlClient, emulator: PtyEmulator) -> None:
+    def armed() -> bool:
+        try:
+            return stim.request("arm", timeout_s=1.0, confirmation=_confirmation())["ok"]
+        except ControlTimeout:
+            return False
+
+    wait_until(armed, 30, what="arm")
+    wait_until(lambda: emulator.device.stimulating, 20, what="the device to stimulate")
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("code", sorted(CAUSES))
 def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config, processes, code: int) -> None:
@@ -34,18 +49,9 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
         config = load_config(path)
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
-        confirmation = {"operator": "TS", "items": list(CONFIRMATION_ITEMS), "time_unix_s": time.time()}
         try:
             processes.start_loop(path)
-
-            def armed() -> bool:
-                try:
-                    return stim.request("arm", timeout_s=1.0, confirmation=confirmation)["ok"]
-                except ControlTimeout:
-                    return False
-
-            wait_until(armed, 30, what="arm")
-            wait_until(lambda: emulator.device.stimulating, 20, what="the device to stimulate")
+            _arm_and_stimulate(stim, emulator)
             with emulator.lock:
                 emulator.device.inject_stimulation_error(code, time.monotonic())
             status = wait_until(
@@ -61,3 +67,41 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
     assert CAUSES[code] in status["fault_reason"].lower(), status["fault_reason"]
     assert status["output_ma"] == [0.0, 0.0]
     assert later["state"] == "FAULT" and not stimulating_again
+
+
+@pytest.mark.timeout(60)
+def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives_on(write_config, processes) -> None:
+    """The serial port vanishes while stimulating (the pty's device side closes, as when
+    the USB cable is pulled): FAULT naming the serial failure, output zero, the process
+    keeps answering, and arming again is refused."""
+    emulator = PtyEmulator()
+    try:
+        path = write_config(
+            "demo.toml",
+            {**LONG_CONTRACTION, 'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'},
+        )
+        config = load_config(path)
+        ctx = zmq.Context()
+        stim = ControlClient(ctx, config.endpoints.stimulator_control)
+        try:
+            pids = processes.start_loop(path)
+            _arm_and_stimulate(stim, emulator)
+        finally:
+            emulator.close()  # the cable is pulled
+        try:
+            status = wait_until(
+                lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
+            )
+            time.sleep(1.0)
+            later = stim.request("status", timeout_s=2.0)
+            rearm = stim.request("arm", timeout_s=2.0, confirmation=_confirmation())
+        finally:
+            stim.close()
+            ctx.destroy(linger=0)
+    finally:
+        emulator.close()
+    assert "serial" in status["fault_reason"], status["fault_reason"]
+    assert status["output_ma"] == [0.0, 0.0]
+    assert later["state"] == "FAULT" and later["output_ma"] == [0.0, 0.0]
+    assert not rearm["ok"]
+    assert processes.started[0].poll() is None and pids["stimulator"] == processes.started[0].pid  # no crash

@@ -284,3 +284,21 @@ def test_transfer_error_on_a_corrupted_command_faults(emulator: PtyEmulator, dri
     with pytest.raises(DriverFault, match="refused START_CHANNEL_LIST_MODE: -1 \\(transfer error\\)"):
         loop.until(lambda: False, 0.5, "the transfer error", [25.0, 0.0])
     driver.link.write = real_write  # type: ignore[method-assign]
+
+
+def test_a_vanished_port_faults_once_naming_the_channels_then_stays_closed(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    emulator.close()  # the USB cable is pulled: the device side of the port is gone
+    with pytest.raises(DriverFault) as error:
+        loop.until(lambda: False, 0.5, "the serial failure", [20.0, 0.0])
+    assert "serial" in error.value.cause and "the serial link is closed" in error.value.cause
+    assert error.value.channels == ("quad (device channel 1)",)
+    assert not driver.ready() and "serial link lost" in driver.status()["device"]
+    driver.zero()
+    assert driver.deliver_due(time.monotonic()) is None  # no second fault per loop step
+    with pytest.raises(DriverFault, match="device not ready: serial link lost"):
+        driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())
+    driver.set_output(np.zeros(2), WIDTHS_US, time.monotonic())  # zero is always accepted
