@@ -13,7 +13,7 @@ from fesloop.session import CONFIRMATION_ITEMS, ConfirmationMissing, confirm
 from fesloop.schema import ConfigError
 
 PROCESSES = ("acquisition", "controller", "stimulator")
-CONTROL_COMMANDS = ("status", "arm", "disarm", "stop", "reset", "shutdown")
+CONTROL_COMMANDS = ("status", "arm", "disarm", "stop", "reset", "shutdown", "override_dose")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("config", type=Path)
     control.add_argument("process", choices=PROCESSES)
     control.add_argument("request", choices=CONTROL_COMMANDS)
+    override = control.add_argument_group("override_dose (stimulator): all three are required and logged")
+    override.add_argument("--channel", help="stimulation channel whose reached dose limit to lift")
+    override.add_argument("--operator", help="who decides (name or initials)")
+    override.add_argument("--reason", help="why, in words that will be on record")
     from fesloop import calibrate_cli, replay_cli
 
     replay = sub.add_parser("replay", help="run a recording through the controller's estimator offline")
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = getattr(config.endpoints, f"{args.process}_control")
         client = ControlClient(zmq.Context.instance(), endpoint, security, server=args.process)
         try:
-            reply = client.request(args.request, timeout_s=2.0)
+            extra = {k: v for k in ("channel", "operator", "reason") if (v := getattr(args, k)) is not None}
+            reply = client.request(args.request, timeout_s=2.0, **extra)
         except ControlTimeout as exc:
             sys.exit(f"fesloop: {exc}")
         finally:

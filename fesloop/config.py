@@ -468,7 +468,7 @@ class StimulatorConfig:
             raise ConfigError("serial_port", "", "the rehastim2 driver needs its serial port")
 
 
-ControlRequest = Literal["status", "arm", "disarm", "stop", "reset", "shutdown"]
+ControlRequest = Literal["status", "arm", "disarm", "stop", "reset", "shutdown", "override_dose"]
 
 
 @dataclass(frozen=True)

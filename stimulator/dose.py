@@ -28,6 +28,11 @@ class DoseTracker:
         self.peak_ma = np.zeros(n)
         self.amplitude_sum_ma = np.zeros(n)
         self.exhausted_reason: list[str] = ["" for _ in range(n)]
+        # Where each channel's allowance counts from: the session start, or its last override.
+        self._allowance_start_s = np.full(n, np.nan)
+        self._stimulated_base_s = np.zeros(n)
+        self._charge_base_nc = np.zeros(n)
+        self.overrides = np.zeros(n, dtype=np.int64)
         self.skin_check_due = False  # becomes True once, after skin_check_after_s of stimulation
         self._last_update_s: float | None = None
 
@@ -64,12 +69,13 @@ class DoseTracker:
 
     def _limit_reached(self, i: int, now_s: float) -> str:
         limits = self.limits
-        if limits.max_session_s > 0 and self.session_start_s is not None:
-            if now_s - self.session_start_s >= limits.max_session_s:
+        start_s = self.session_start_s if np.isnan(self._allowance_start_s[i]) else self._allowance_start_s[i]
+        if limits.max_session_s > 0 and start_s is not None:
+            if now_s - start_s >= limits.max_session_s:
                 return f"session duration limit {limits.max_session_s:g} s reached"
-        if limits.max_stimulation_s > 0 and self.stimulated_s[i] >= limits.max_stimulation_s:
+        if limits.max_stimulation_s > 0 and self.stimulated_s[i] - self._stimulated_base_s[i] >= limits.max_stimulation_s:
             return f"stimulation time limit {limits.max_stimulation_s:g} s reached"
-        if limits.max_charge_mc > 0 and self.charge_nc[i] >= limits.max_charge_mc * 1e6:
+        if limits.max_charge_mc > 0 and self.charge_nc[i] - self._charge_base_nc[i] >= limits.max_charge_mc * 1e6:
             return f"charge limit {limits.max_charge_mc:g} mC reached"
         return ""
 
@@ -77,9 +83,18 @@ class DoseTracker:
     def exhausted(self) -> np.ndarray:
         return np.array([bool(r) for r in self.exhausted_reason])
 
-    def override(self, channel_name: str) -> None:
-        """Lift a reached limit for one channel (the caller logs who and why)."""
-        self.exhausted_reason[self.names.index(channel_name)] = ""
+    def override(self, channel_name: str, now_s: float) -> None:
+        """Lift a reached limit for one channel (the caller logs who and why).
+
+        The channel gets a fresh allowance counted from now: another ``max_session_s``,
+        ``max_stimulation_s`` and ``max_charge_mc``; totals keep counting.
+        """
+        i = self.names.index(channel_name)
+        self.exhausted_reason[i] = ""
+        self._allowance_start_s[i] = now_s
+        self._stimulated_base_s[i] = self.stimulated_s[i]
+        self._charge_base_nc[i] = self.charge_nc[i]
+        self.overrides[i] += 1
 
     def summary(self) -> list[dict[str, Any]]:
         """Per channel: time stimulated, charge, pulses, peak and mean amplitude, limit reached."""
@@ -92,6 +107,7 @@ class DoseTracker:
                 "peak_ma": float(self.peak_ma[i]),
                 "mean_ma": round(float(self.amplitude_sum_ma[i] / self.pulses[i]), 3) if self.pulses[i] else 0.0,
                 "limit_reached": self.exhausted_reason[i],
+                "overrides": int(self.overrides[i]),
             }
             for i, name in enumerate(self.names)
         ]

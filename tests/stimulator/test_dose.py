@@ -56,14 +56,45 @@ def test_session_duration_limit_trips_every_channel() -> None:
     assert dose.exhausted.all()
 
 
-def test_override_lifts_one_channel_and_it_can_trip_again() -> None:
+def test_override_gives_one_channel_a_fresh_allowance_after_which_it_trips_again() -> None:
     dose = tracker(max_stimulation_s=0.5)
     dose.start_session(0.0)
     dose.update(0.0, np.array([10.0, 0.0]))
     dose.update(0.5, np.array([10.0, 0.0]))
-    dose.override("quad")
+    dose.override("quad", 0.5)
     assert not dose.exhausted.any()
-    assert dose.update(0.6, np.array([10.0, 0.0])) == ["quad: stimulation time limit 0.5 s reached"]
+    assert dose.update(0.99, np.array([10.0, 0.0])) == []  # 0.49 s of the new 0.5 s
+    assert dose.update(1.0, np.array([10.0, 0.0])) == ["quad: stimulation time limit 0.5 s reached"]
+    assert dose.summary()[0]["stimulated_s"] == 1.0 and dose.summary()[0]["overrides"] == 1
+
+
+@pytest.mark.parametrize(
+    "limits, reason",
+    [
+        ({"max_charge_mc": 0.003}, "charge limit 0.003 mC reached"),  # 10 mA x 300 us = 3 nC per pulse
+        ({"max_session_s": 1.0}, "session duration limit 1 s reached"),
+    ],
+)
+def test_override_of_a_charge_or_session_limit_counts_from_the_override(limits: dict, reason: str) -> None:
+    dose = tracker(**limits)
+    dose.start_session(0.0)
+    for k in range(2000):
+        t = k * 0.001
+        dose.update(t, np.array([10.0, 0.0]))
+        dose.on_pulses(np.array([0]), np.array([10.0]), np.array([0.3]))
+        if dose.exhausted[0]:
+            break
+    tripped_s = t
+    dose.override("quad", tripped_s)
+    assert dose.update(tripped_s + 0.001, np.array([10.0, 0.0])) == []
+    again = []
+    for k in range(1, 3000):
+        dose.on_pulses(np.array([0]), np.array([10.0]), np.array([0.3]))
+        again = dose.update(tripped_s + 0.001 * k, np.array([10.0, 0.0]))
+        if again:
+            break
+    assert again == [f"quad: {reason}"]
+    assert 0.8 * tripped_s <= 0.001 * k <= 1.2 * tripped_s + 0.002  # the same allowance again
 
 
 def test_skin_check_reminder_once_after_the_configured_stimulation_time() -> None:

@@ -149,3 +149,44 @@ def test_run_arms_a_real_stimulator_only_with_every_confirmation_and_records_the
     assert result.stderr.count("confirmed by TS") == 3  # the stimulator's session log has them too
     assert device_pulses > 0 and not still_stimulating  # stimulated, and stopped at shutdown
     assert "| quadriceps_l |" in result.stdout  # the session summary
+
+
+def test_override_dose_from_the_command_line_gives_the_channel_a_fresh_allowance(write_config, processes) -> None:
+    dose = f"\n[stimulator.dose]\nmax_stimulation_s = 0.0\nmax_charge_mc = {CHARGE_LIMIT_MC}\n"
+    path = write_config("demo.toml", {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = true" + dose})
+    config = load_config(path)
+    quad = config.stimulation[0]
+    recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+
+    def override(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "fesloop", "control", str(path), "stimulator", "override_dose", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    try:
+        processes.start_loop(path)
+        wait_until(lambda: (_status(stim).get("dose") or [{}])[0].get("limit_reached"), 40, what="the charge limit")
+        time.sleep(1.0)  # ramped down
+        refused = override("--channel", quad.name, "--operator", "AB")  # no reason
+        locked = _status(stim)
+        t_override = locked["time_s"]
+        accepted = override("--channel", quad.name, "--operator", "AB", "--reason", "therapist at bedside, skin fine")
+        wait_until(lambda: (_status(stim).get("dose") or [{}])[0].get("limit_reached"), 20, what="the limit again")
+        status = _status(stim)
+        channel, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+    finally:
+        recorder.close()
+        stim.close()
+        ctx.destroy(linger=0)
+    assert refused.returncode == 1 and "operator's name and a reason" in refused.stdout
+    assert locked["dose"][0]["overrides"] == 0
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    mine = channel == quad.device_channel
+    resumed = mine & (times > t_override) & (amplitudes >= quad.threshold_ma)
+    assert resumed.sum() >= 10, "stimulation resumed on the overridden channel"
+    row = status["dose"][0]
+    assert row["overrides"] == 1 and row["limit_reached"] == f"charge limit {CHARGE_LIMIT_MC:g} mC reached"
+    # A fresh allowance: the charge after the override reached the limit once more.
+    assert row["charge_mc"] >= 2 * CHARGE_LIMIT_MC - 0.02
+    assert "dose limit overridden for quadriceps_l by AB: therapist at bedside, skin fine" in processes.log("stimulator")
