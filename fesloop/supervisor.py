@@ -192,13 +192,13 @@ class Supervisor:
         lines = [
             f"# Session summary: {self.config.name}",
             "",
-            "| channel | stimulated s | charge mC | pulses | peak mA | mean mA | limit reached |",
-            "|---|---|---|---|---|---|---|",
+            "| channel | stimulated s | charge mC | pulses | peak mA | mean mA | limit reached | overrides |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['channel']} | {r['stimulated_s']:.1f} | {r['charge_mc']:.3f} | {r['pulses']} | "
-                f"{r['peak_ma']:.0f} | {r['mean_ma']:.1f} | {r['limit_reached'] or '-'} |"
+                f"{r['peak_ma']:.0f} | {r['mean_ma']:.1f} | {r['limit_reached'] or '-'} | {r['overrides']} |"
             )
         faults = sorted(self._faults_seen)
         lines += ["", "Faults: " + ("; ".join(faults) if faults else "none")]

@@ -329,6 +329,22 @@ def test_mvc_not_above_rest_is_refused():
     refused(text, "muscles[0].mvc_uv", 240.0, "must be above rest_uv (300 uV)")
 
 
+@pytest.mark.parametrize(
+    "clients, key, value",
+    [
+        ('{ key = "controller", control = ["arm"] }', "security.clients[0].key", "controller"),
+        ('{ key = "operator" }, { key = "operator", control = ["arm"] }', "security.clients[1].key", "operator"),
+    ],
+)
+def test_client_keys_must_be_unique_and_not_a_process_key(clients, key, value):
+    refused(DEMO + f'\n[security]\nclients = [{clients}]\n', key, value, "unique and not a process's key")
+
+
+def test_a_client_may_not_be_allowed_an_unknown_request():
+    refused(DEMO + '\n[security]\nclients = [{ key = "monitor", control = ["status", "set_amplitude"] }]\n',
+            "security.clients[0].control[1]", "set_amplitude", "override_dose")
+
+
 def test_duplicate_muscle_name_is_refused():
     refused(edit('name = "tibialis_l"\nemg_channel', 'name = "quadriceps_l"\nemg_channel'),
             "muscles[1].name", "quadriceps_l", "unique")

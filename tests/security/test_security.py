@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -214,3 +216,21 @@ def _status_or_none(client: ControlClient) -> dict | None:
         return client.request("status", timeout_s=1.0)
     except ControlTimeout:
         return None
+
+
+@pytest.mark.timeout(90)
+def test_fesloop_run_with_keys_supervises_and_stimulates_using_the_operator_key(secured_config) -> None:
+    path = secured_config("demo.toml", LONG_CONTRACTION)
+    result = subprocess.run(
+        [sys.executable, "-m", "fesloop", "run", str(path), "--duration", "6"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| quadriceps_l |"))
+    pulses = int(row.split("|")[4])
+    assert pulses > 20, row  # the first muscle contracts from 0.5 s: stimulated under CurveZMQ
+    assert "DENIED" not in result.stdout + result.stderr  # every party used its own listed key
+    assert "Faults: none" in result.stdout
