@@ -152,7 +152,7 @@ class Stimulator:
         for message in drain(self.command_sub, self.command_counters):
             if self.kernel.accept(message.header.seq, message.body, now_s, self.acquisition_clock.offset_s):
                 self.commanded_intensity = message.body.intensity
-                if self._auto_arm_pending and self.kernel.state is StimState.DISARMED:
+                if self._auto_arm_pending and not self.kernel.arm_refusal(now_s):
                     self._auto_arm_pending = False
                     self.kernel.arm(now_s)
                 self._apply(now_s)

@@ -46,6 +46,7 @@ class _Accepted:
     intensity: np.ndarray  # float64 (n_channels,), checked finite and 0..1
     gate_open: np.ndarray  # bool (n_channels,), already closed if the EMG was stale
     received_s: float  # stimulator clock
+    emg_fresh: bool  # the EMG it was based on was within max_emg_age_ms on this clock
 
 
 class SafetyKernel:
@@ -126,7 +127,7 @@ class SafetyKernel:
         if (gate_open != (gate_reason == GateReason.OPEN)).any():
             return None
         emg_fresh = abs(emg_age_s + float(emg_clock_offset_s)) <= self._max_emg_age_s  # False for NaN
-        return _Accepted(intensity, gate_open & emg_fresh, float(received_s))
+        return _Accepted(intensity, gate_open & emg_fresh, float(received_s), emg_fresh)
 
     def _fresh_command(self, now_s: float) -> _Accepted | None:
         """The latest command if it arrived within the deadline, else None (NaN times: None)."""
@@ -157,14 +158,27 @@ class SafetyKernel:
 
     # -- control -------------------------------------------------------------------
 
-    def arm(self, now_s: float) -> None:
-        """DISARMED -> ARMED, only with a fresh controller command; output ramps up from 0."""
+    def arm_refusal(self, now_s: float) -> str:
+        """Why ``arm`` would be refused at ``now_s`` ("" when it would not)."""
         if self.state is StimState.ARMED:
-            raise SafetyRefused("already ARMED")
+            return "already ARMED"
         if self.state is not StimState.DISARMED:
-            raise SafetyRefused(f"cannot arm while {self.state.value} ({self.fault_reason}): reset first")
-        if self._fresh_command(now_s) is None:
-            raise SafetyRefused(f"no fresh command within {self._deadline_ms:g} ms: is the controller running?")
+            return f"cannot arm while {self.state.value} ({self.fault_reason}): reset first"
+        latest = self._fresh_command(now_s)
+        if latest is None:
+            return f"no fresh command within {self._deadline_ms:g} ms: is the controller running?"
+        if not latest.emg_fresh:
+            return (
+                f"the latest command's EMG is not within {self._max_emg_age_s * 1e3:g} ms on this clock "
+                "(acquisition stalled, or its clock offset not known yet)"
+            )
+        return ""
+
+    def arm(self, now_s: float) -> None:
+        """DISARMED -> ARMED, only with a fresh controller command based on fresh EMG; output ramps up from 0."""
+        refusal = self.arm_refusal(now_s)
+        if refusal:
+            raise SafetyRefused(refusal)
         self._last_update_s = now_s
         self._enter(StimState.ARMED, "armed")
 

@@ -103,6 +103,20 @@ def test_arm_refused_without_fresh_command() -> None:
         loop.kernel.arm(0.099)
 
 
+@pytest.mark.parametrize("emg_age_s, offset_s", [(0.3, 0.0), (0.005, math.nan)])
+def test_arm_refused_while_the_emg_behind_the_commands_is_not_fresh(emg_age_s: float, offset_s: float) -> None:
+    loop = Loop()
+    loop.seq += 1
+    assert loop.kernel.accept(loop.seq, command([0.5, 0.5], emg_time_s=-emg_age_s), 0.0, emg_clock_offset_s=offset_s)
+    assert "EMG is not within 250 ms" in loop.kernel.arm_refusal(0.0)
+    with pytest.raises(SafetyRefused, match="acquisition stalled, or its clock offset not known"):
+        loop.kernel.arm(0.0)
+    loop.send([0.5, 0.5])  # fresh EMG, known clock
+    assert loop.kernel.arm_refusal(0.0) == ""
+    loop.kernel.arm(0.0)
+    assert loop.kernel.state is StimState.ARMED
+
+
 def test_output_ramps_from_zero_after_arm() -> None:
     loop = Loop()
     loop.send([1.0, 1.0])
@@ -252,9 +266,10 @@ def test_a_backlog_replayed_after_reset_cannot_stimulate() -> None:
     stale_emg_s = loop.now_s
     loop.tick(0.3)  # controller frozen for longer than max_emg_age_ms: FAULT
     loop.kernel.reset()
-    # Accepted (the sequence was forgotten) but its EMG is too old: every gate closed.
+    # Accepted (the sequence was forgotten) but its EMG is too old: every gate closed, no arming.
     assert loop.kernel.accept(loop.seq, command([1.0, 1.0], emg_time_s=stale_emg_s), loop.now_s)
-    loop.kernel.arm(loop.now_s)
+    with pytest.raises(SafetyRefused, match="EMG is not within"):
+        loop.kernel.arm(loop.now_s)
     assert loop.tick(0.05).tolist() == [0.0, 0.0]
 
 
@@ -475,7 +490,7 @@ def test_output_invariants_hold_for_any_command_stream(
     max_ma = np.array([ch.max_ma for ch in channels])
 
     state, last_seq, highest_seq_sent, n_commands = "DISARMED", -1, 0, 0
-    latest: tuple[np.ndarray, np.ndarray, float] | None = None  # intensity, effective gate, received_s
+    latest: tuple[np.ndarray, np.ndarray, float, bool] | None = None  # intensity, effective gate, received_s, EMG fresh
     now_s, ramp_base_s, last_update_s = 0.0, 0.0, 0.0
 
     def fresh() -> bool:
@@ -492,9 +507,9 @@ def test_output_invariants_hold_for_any_command_stream(
             assert kernel.accept(seq, cmd, now_s) == valid
             if valid:
                 emg_fresh = abs(now_s - cmd.newest_emg_time_s) <= max_emg_age_s
-                latest, last_seq = (cmd.intensity.astype(np.float64), cmd.gate_open & emg_fresh, now_s), seq
+                latest, last_seq = (cmd.intensity.astype(np.float64), cmd.gate_open & emg_fresh, now_s, emg_fresh), seq
         elif step.action == "arm":
-            if state == "DISARMED" and fresh():
+            if state == "DISARMED" and fresh() and latest[3]:  # arming also needs the EMG behind it fresh
                 kernel.arm(now_s)
                 state, ramp_base_s = "ARMED", now_s
             else:
@@ -530,7 +545,7 @@ def test_output_invariants_hold_for_any_command_stream(
         if state != "ARMED" or latest is None or now_s - latest[2] > deadline_s:
             assert not out.any()
         else:
-            intensity, gate_open, _ = latest
+            intensity, gate_open, _, _ = latest
             level_ma = intensity_to_ma(intensity, threshold_ma, max_ma, REHASTIM2.amplitude_step_ma)
             target_ma = np.where(gate_open, np.minimum(level_ma, ceiling_ma), 0.0)
             assert not out[~gate_open].any()
