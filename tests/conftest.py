@@ -26,6 +26,7 @@ import zmq
 from fesloop.clock import LslClock
 from fesloop.clocksync import clock_reply
 from fesloop.lsl import MACHINE_SCOPE_CONFIG
+from fesloop.security import Security
 from fesloop.sockets import ControlServer, control_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,15 +151,17 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
 
 
 @contextmanager
-def clock_peer(endpoint: str) -> Iterator[None]:
+def clock_peer(endpoint: str, security: Security | None = None) -> Iterator[None]:
     """Answer ``clock`` control requests on ``endpoint`` from a thread, as a peer process on this host would.
 
     For tests that play one of the loop's processes themselves (e.g. the controller
     feeding a real stimulator, which measures the acquisition's clock before it trusts
-    EMG ages).
+    EMG ages). With ``security`` (that process's keys) it is a CURVE server.
     """
     ctx = zmq.Context()
-    server = ControlServer(control_server(ctx, endpoint))
+    if security is not None:
+        security.start(ctx)
+    server = ControlServer(control_server(ctx, endpoint, security), security=security)
     server.handlers["clock"] = lambda _request: clock_reply(LslClock())
     stop = threading.Event()
 
@@ -174,4 +177,6 @@ def clock_peer(endpoint: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(2)
+        if security is not None:
+            security.stop()
         ctx.destroy(linger=0)

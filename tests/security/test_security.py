@@ -26,7 +26,7 @@ from fesloop.config import load_config
 from fesloop.protocol import GateReason
 from fesloop.security import Security, SecurityError
 from fesloop.sockets import ControlClient, ControlTimeout, EndpointError, check_bind_endpoint
-from tests.conftest import long_contraction, wait_until
+from tests.conftest import clock_peer, long_contraction, wait_until
 
 LONG_CONTRACTION = long_contraction()
 
@@ -168,38 +168,40 @@ def test_only_the_controller_key_can_command_the_stimulator(secured_config, keys
     ctx = zmq.Context()
     clock = LslClock()
     operator = ControlClient(ctx, config.endpoints.stimulator_control, Security(config.security, "operator"), "stimulator")
-    try:
-        processes.start("stimulator", str(path), name="stimulator")
-        wait_until(lambda: _status_or_none(operator), 30, what="stimulator ready")
-        refused = {}
-        for who, keys in (
-            ("unknown key", zmq.curve_keypair()),
-            ("monitor key", zmq.auth.load_certificate(keys_dir / "monitor.key_secret")),
-        ):
-            pub = _impostor(ctx, config.endpoints.command, keys)
-            _commands(pub, 0.6, clock)
-            refused[who] = operator.request("arm", timeout_s=2.0)
-            pub.close()
-            time.sleep(0.1)
-        refused_status = operator.request("status", timeout_s=2.0)
+    acquisition = Security(config.security, "acquisition")
+    with clock_peer(config.endpoints.acquisition_control, acquisition):  # its clock, for EMG ages
+        try:
+            processes.start("stimulator", str(path), name="stimulator")
+            wait_until(lambda: _status_or_none(operator), 30, what="stimulator ready")
+            refused = {}
+            for who, keys in (
+                ("unknown key", zmq.curve_keypair()),
+                ("monitor key", zmq.auth.load_certificate(keys_dir / "monitor.key_secret")),
+            ):
+                pub = _impostor(ctx, config.endpoints.command, keys)
+                _commands(pub, 0.6, clock)
+                refused[who] = operator.request("arm", timeout_s=2.0)
+                pub.close()
+                time.sleep(0.1)
+            refused_status = operator.request("status", timeout_s=2.0)
 
-        real = _impostor(ctx, config.endpoints.command, zmq.auth.load_certificate(keys_dir / "controller.key_secret"))
-        seq, armed = 0, {}
-        for _ in range(25):  # reconnecting after the refused handshakes may take a few hundred ms
-            seq = _commands(real, 0.2, clock, seq)
-            armed = operator.request("arm", timeout_s=2.0)
-            if armed["ok"]:
-                break
-        real.close()
-        time.sleep(0.3)
-        heard_from_controller = operator.request("status", timeout_s=2.0)
-        null = _impostor(ctx, config.endpoints.command, None)
-        _commands(null, 0.6, clock)
-        null.close()
-        after_null = operator.request("status", timeout_s=2.0)
-    finally:
-        operator.close()
-        ctx.destroy(linger=0)
+            real = _impostor(ctx, config.endpoints.command, zmq.auth.load_certificate(keys_dir / "controller.key_secret"))
+            seq, armed = 0, {}
+            for _ in range(25):  # reconnecting after the refused handshakes may take a few hundred ms
+                seq = _commands(real, 0.2, clock, seq)
+                armed = operator.request("arm", timeout_s=2.0)
+                if armed["ok"]:
+                    break
+            real.close()
+            time.sleep(0.3)
+            heard_from_controller = operator.request("status", timeout_s=2.0)
+            null = _impostor(ctx, config.endpoints.command, None)
+            _commands(null, 0.6, clock)
+            null.close()
+            after_null = operator.request("status", timeout_s=2.0)
+        finally:
+            operator.close()
+            ctx.destroy(linger=0)
     for who, reply in refused.items():
         assert not reply["ok"] and "no fresh command" in reply["error"], who
     assert refused_status["commands_received"] == 0 and refused_status["output_ma"] == [0.0, 0.0]
