@@ -189,6 +189,8 @@ class Controller:
     def publish_command(self, now_s: float) -> None:
         command = self.compute(now_s)
         self.pub.send_multipart(protocol.encode(self.command_seq.next(), now_s, command))
+        for text, time_s in self.laws.take_unpublished():
+            self.telemetry.marker(text, time_s)
         self.commands_sent += 1
         self.last_command_s = now_s
         self.emg_pending = False

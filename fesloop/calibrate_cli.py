@@ -19,13 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pylsl
 import zmq
 
 from controller.calibration import Calibration, CalibrationError, muscle_calibration
 from controller.estimator import EmgEstimator
 from fesloop import protocol
 from fesloop.config import Config
+from fesloop.lsl import make_outlet
 from fesloop.sockets import StreamCounters, drain, subscriber
+from fesloop.telemetry import config_json, stream_name
 
 DEFAULT_OUT = "calibration.json"
 
@@ -59,8 +62,41 @@ def schedule(n_muscles: int, rest_s: float, trials: int, trial_s: float, pause_s
     return phases
 
 
-def record(config: Config, phases: list[Phase], timeout_s: float) -> tuple[list[list[np.ndarray]], float]:
-    """Envelope samples per phase (one (n, n_muscles) array per chunk) and the sampling rate."""
+class PhaseMarkers:
+    """The calibration's LSL Markers stream (``<config>-calibration-markers``; nothing when LSL is off).
+
+    Not one of a session's streams (``telemetry.STREAMS``): a recorder does not wait for
+    it; list it under ``[recording]`` to record it with a session.
+    """
+
+    def __init__(self, config: Config) -> None:
+        key = "calibration-markers"
+        self._outlet = (
+            make_outlet(
+                stream_name(config.name, key), "Markers", ["event"], 0.0, f"fesloop-{config.name}-{key}",
+                channel_format="string", description={"process": "calibrate", "config": config_json(config)},
+            )
+            if config.acquisition.lsl
+            else None
+        )
+
+    def mark(self, text: str, time_s: float) -> None:
+        if self._outlet is not None:
+            self._outlet.push_sample([text], time_s)
+
+
+def phase_name(phase: Phase, names: list[str]) -> str:
+    """``rest``, or ``mvc 2/3 quadriceps_l``: how markers name a phase."""
+    return "rest" if phase.muscle is None else f"mvc {phase.label.split()[-1]} {names[phase.muscle]}"
+
+
+def record(
+    config: Config, phases: list[Phase], timeout_s: float, markers: PhaseMarkers
+) -> tuple[list[list[np.ndarray]], float]:
+    """Envelope samples per phase (one (n, n_muscles) array per chunk) and the sampling rate.
+
+    Each phase's start and end go to ``markers`` stamped with the EMG sample time they refer to.
+    """
     ctx = zmq.Context()
     sock = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], hwm=10000)
     counters = StreamCounters()
@@ -79,6 +115,7 @@ def record(config: Config, phases: list[Phase], timeout_s: float) -> tuple[list[
                     estimator = EmgEstimator(config, chunk.sampling_rate_hz, chunk.data.shape[1])
                     t0_s = chunk.first_sample_time_s
                     print(f"EMG: {chunk.data.shape[1]} channels at {chunk.sampling_rate_hz:g} Hz", flush=True)
+                    markers.mark("calibration start", t0_s)
                 if not estimator.process(chunk):
                     raise CalibrationError("EMG samples were lost during calibration; repeat it")
                 n = len(estimator.envelope_uv)
@@ -88,7 +125,8 @@ def record(config: Config, phases: list[Phase], timeout_s: float) -> tuple[list[
                     if inside.any():
                         collected[i].append(estimator.envelope_uv[inside].copy())
                 now_s = times_s[-1] if n else 0.0
-                _announce(phases, names, now_s, announced)
+                for text, phase_s in _announce(phases, names, now_s, announced):
+                    markers.mark(text, t0_s + phase_s)
                 if now_s >= phases[-1].stop_s:
                     print("done", flush=True)
                     return collected, estimator.fs_hz
@@ -96,8 +134,11 @@ def record(config: Config, phases: list[Phase], timeout_s: float) -> tuple[list[
         ctx.destroy(linger=0)
 
 
-def _announce(phases: list[Phase], names: list[str], now_s: float, announced: set[tuple[int, int]]) -> None:
-    """Countdown in whole seconds before each phase, then GO and STOP."""
+def _announce(
+    phases: list[Phase], names: list[str], now_s: float, announced: set[tuple[int, int]]
+) -> list[tuple[str, float]]:
+    """Countdown in whole seconds before each phase, then GO and STOP; the phase edges passed, as markers."""
+    edges = []
     for i, phase in enumerate(phases):
         who = "" if phase.muscle is None else f" {names[phase.muscle]}: contract as hard as you can"
         remaining = int(np.ceil(phase.start_s - now_s))
@@ -107,9 +148,12 @@ def _announce(phases: list[Phase], names: list[str], now_s: float, announced: se
         if phase.start_s <= now_s and (i, 0) not in announced:
             announced.add((i, 0))
             print(f"GO: {phase.label}{who} for {phase.stop_s - phase.start_s:g} s", flush=True)
+            edges.append((f"calibration {phase_name(phase, names)} start", phase.start_s))
         if phase.stop_s <= now_s and (i, -1) not in announced:
             announced.add((i, -1))
             print("STOP, relax", flush=True)
+            edges.append((f"calibration {phase_name(phase, names)} end", phase.stop_s))
+    return edges
 
 
 def compute(config: Config, config_path: str, phases: list[Phase], collected: list[list[np.ndarray]], fs_hz: float) -> Calibration:
@@ -138,13 +182,16 @@ def main(config: Config, args: argparse.Namespace) -> int:
     if min(args.rest_s, args.trial_s) <= 0 or args.pause_s < 0 or args.trials < 1:
         sys.exit("fesloop calibrate: --rest-s and --trial-s must be positive, --pause-s >= 0, --trials >= 1")
     phases = schedule(len(config.muscles), args.rest_s, args.trials, args.trial_s, args.pause_s)
+    markers = PhaseMarkers(config)
     try:
-        collected, fs_hz = record(config, phases, args.timeout_s)
+        collected, fs_hz = record(config, phases, args.timeout_s, markers)
         calibration = compute(config, str(args.config), phases, collected, fs_hz)
     except CalibrationError as exc:
+        markers.mark(f"calibration refused: {exc}", pylsl.local_clock())
         print(f"fesloop calibrate: refused, nothing written: {exc}", file=sys.stderr)
         return 1
     write_atomically(out, calibration)
+    markers.mark(f"calibration written to {out}", pylsl.local_clock())
     for m in calibration.muscles:
         print(
             f"{m.name}: rest {m.rest_uv:.3g} uV (SD {m.rest_sd_uv:.3g}), MVC {m.mvc_uv:.3g} uV; "

@@ -2,7 +2,8 @@
 
 This is what the controller loop holds: it feeds delivered pulses (to the simulated
 ergometer) and steps every law once per control tick; a closed gate holds the law
-and gives 0. Law events are kept (most recent first out) for the status message.
+and gives 0. Law events are kept (most recent first out) for the status message and
+handed to the loop once each for the LSL markers stream.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ChannelLaws:
         self.crank = None
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.event_counts: dict[str, int] = {}
+        self.unpublished: list[tuple[str, float]] = []  # "kind channel" markers not yet taken by the loop
 
     def add_pulses(self, time_s: np.ndarray, device_channel: np.ndarray, amplitude_ma: np.ndarray) -> None:
         if self.ergometer is not None:
@@ -80,7 +82,13 @@ class ChannelLaws:
             for event in law.events:
                 self.recent_events.append({"time_s": event.time_s, "channel": self.names[i], "kind": event.kind})
                 self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
+                self.unpublished.append((f"{event.kind} {self.names[i]}", event.time_s))
             law.events.clear()
+
+    def take_unpublished(self) -> list[tuple[str, float]]:
+        """Law events since the last call, as (marker text, time) for the markers stream."""
+        events, self.unpublished = self.unpublished, []
+        return events
 
     def status(self) -> dict[str, Any]:
         crank = (

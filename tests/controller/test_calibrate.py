@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
+import numpy as np
+import pylsl
 import pytest
 
 from controller.calibration import Calibration
+from fesloop.lsl import configure_machine_scope
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -41,27 +45,60 @@ def _write(write_config, contracting: bool):
     return path
 
 
-def _calibrate(path, out, processes) -> subprocess.CompletedProcess:
+def _calibrate(path, out, processes, markers: list[tuple[str, float]] | None = None) -> subprocess.CompletedProcess:
+    """Run ``fesloop calibrate`` against a fresh acquisition; with ``markers``, collect its LSL markers."""
     calibrate = subprocess.Popen(
         [sys.executable, "-m", "fesloop", "calibrate", str(path), "--out", str(out), *SHORT],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    stop = threading.Event()
+    reader = None
     try:
+        if markers is not None:
+            configure_machine_scope()
+            found = pylsl.resolve_bypred("type='Markers' and name='demo-calibration-markers'", 1, 20)
+            assert found, "no calibration markers stream"
+            inlet = pylsl.StreamInlet(found[0])
+            inlet.open_stream(timeout=5)
+
+            def pull() -> None:
+                while not stop.is_set():
+                    samples, stamps = inlet.pull_chunk(timeout=0.1)
+                    markers.extend((sample[0], stamp) for sample, stamp in zip(samples, stamps))
+
+            reader = threading.Thread(target=pull, daemon=True)
+            reader.start()
         processes.start("acquisition", str(path), name="acquisition")
         stdout, stderr = calibrate.communicate(timeout=40)
     finally:
         if calibrate.poll() is None:
             calibrate.kill()
             calibrate.wait(5)
+        stop.set()
+        if reader is not None:
+            reader.join(2)
     return subprocess.CompletedProcess(calibrate.args, calibrate.returncode, stdout, stderr)
 
 
 def test_calibrate_measures_rest_and_mvc_from_live_emg(write_config, processes, tmp_path) -> None:
     path = _write(write_config, contracting=True)
     out = tmp_path / "calibration.json"
-    result = _calibrate(path, out, processes)
+    markers: list[tuple[str, float]] = []
+    result = _calibrate(path, out, processes, markers)
     assert result.returncode == 0, result.stdout + result.stderr + processes.log("acquisition")
     assert "GO: REST" in result.stdout and "MVC 1/1" in result.stdout
+    # Every phase edge on LSL, in order, stamped with the EMG time it refers to (SHORT's schedule).
+    texts = [text for text, _ in markers]
+    assert texts == [
+        "calibration start",
+        "calibration rest start", "calibration rest end",
+        "calibration mvc 1/1 quadriceps_l start", "calibration mvc 1/1 quadriceps_l end",
+        "calibration mvc 1/1 tibialis_l start", "calibration mvc 1/1 tibialis_l end",
+        f"calibration written to {out}",
+    ], texts
+    start_s = markers[0][1]
+    edges_s = [t - start_s for _, t in markers[1:7]]
+    assert np.allclose(edges_s, [0.5, 2.0, 2.5, 3.5, 4.0, 5.0], atol=1e-6), edges_s
     calibration = Calibration.from_dict(json.loads(out.read_text()))
     for muscle in calibration.muscles:
         # Rest noise 3 uV rms plus mains; MVC at drive 0.8 of 300 uV rms: envelope ~190 uV.
@@ -73,7 +110,9 @@ def test_calibrate_refuses_an_mvc_not_above_rest_and_overwrites_nothing(write_co
     path = _write(write_config, contracting=False)
     out = tmp_path / "calibration.json"
     out.write_text("previous calibration\n")
-    result = _calibrate(path, out, processes)
+    markers: list[tuple[str, float]] = []
+    result = _calibrate(path, out, processes, markers)
     assert result.returncode == 1
+    assert markers[-1][0].startswith("calibration refused:") and "not clearly above rest" in markers[-1][0]
     assert "not clearly above rest" in result.stderr and "nothing written" in result.stderr
     assert out.read_text() == "previous calibration\n"

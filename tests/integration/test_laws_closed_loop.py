@@ -7,11 +7,13 @@ truth, and the controller's status (law events, crank angle and cadence).
 from __future__ import annotations
 
 import numpy as np
+import pylsl
 import pytest
 
 from acquisition.patient import recruitment
 from controller.laws.cycling import DEG_PER_S_PER_RPM, window_profile
 from fesloop.config import load_config
+from fesloop.lsl import configure_machine_scope
 from stimulator.limits import DEVICES
 from stimulator.mapping import intensity_to_ma
 from tests.conftest import wait_until
@@ -50,11 +52,34 @@ def test_triggered_trains_follow_the_scripted_attempts(write_config, processes) 
     config = load_config(path)
     recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"], config.endpoints.emg: [b"truth"],
                          config.endpoints.command: [b"status"]})
+    configure_machine_scope()
+    markers: list[tuple[str, float]] = []
     try:
         processes.start_loop(path)
-        wait_until(lambda: len(law_events(recorder, "train_end")) >= 2, 40, what="two complete trains")
+        name = f"{config.name}-controller-markers"
+        found = pylsl.resolve_bypred(f"type='Markers' and name='{name}'", 1, 20)
+        assert found, f"no stream {name}"
+        inlet = pylsl.StreamInlet(found[0])
+        inlet.open_stream(timeout=5)
+
+        def trains_marked() -> bool:
+            samples, stamps = inlet.pull_chunk(timeout=0.0)
+            markers.extend((sample[0], stamp) for sample, stamp in zip(samples, stamps))
+            return sum(text.startswith("train_end") for text, _ in markers) >= 2
+
+        wait_until(trains_marked, 40, what="two complete trains marked on LSL")
+        wait_until(lambda: len(law_events(recorder, "train_end")) >= 2, 5, what="two trains in the status")
+        inlet.close_stream()
     finally:
         recorder.close()
+    # Law events reach the LSL markers stream once each, named with their channel, at their own time
+    # (the inlet may have joined after the first ones).
+    channel = config.stimulation[0].name
+    for kind in ("trigger", "train_start", "train_end"):
+        marked = np.array([t for text, t in markers if text == f"{kind} {channel}"])
+        in_status = law_events(recorder, kind)
+        assert len(marked) >= 2 and len(np.unique(marked)) == len(marked), (kind, marked)
+        assert all(np.isclose(in_status, t, atol=1e-6).any() for t in marked), (kind, marked, in_status)
     assert armed_until_s(recorder) > law_events(recorder, "train_end")[1], statuses(recorder, "stimulator")[-1]
     truth_t, drive = truth_series(recorder.get(b"truth"))
     onsets = truth_t[1:][(drive[1:, 0] > 0) & (drive[:-1, 0] == 0)]
