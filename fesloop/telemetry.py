@@ -7,9 +7,11 @@ when its outlet had a consumer at that moment (liblsl discards the others), so a
 recording of a stream holds exactly the ``pushed`` count that the process's last
 status sample reports for it (``status["lsl"][stream]``).
 
-Every process has a ``<process>-markers`` stream (type ``Markers``, strings) and a
+Every process has a ``<process>-markers`` stream (type ``Markers``, strings), a
 ``<process>-status`` stream (type ``FesloopStatus``: the process's status as JSON at
-5 Hz and once more on exit, with the final counts). Stream names are
+5 Hz and once more on exit, with the final counts) and a ``<process>-counters`` stream
+(type ``FesloopCounters``: the status' top-level numbers as float64 channels, at the
+same times). Stream names are
 ``<config name>-<key>``, source ids ``fesloop-<config name>-<key>``; every stream
 carries the resolved config (and the controller's, its calibration) as JSON under
 ``<desc><fesloop>``.
@@ -37,10 +39,14 @@ JOIN_TIMEOUT_S = 2.0
 
 # Every stream key each process publishes; the recorder waits for all of them.
 STREAMS: dict[str, tuple[str, ...]] = {
-    "acquisition": ("emg", "acquisition-markers", "acquisition-status"),
-    "controller": ("filtered-emg", "envelope", "activation", "gates", "controller-markers", "controller-status"),
-    "stimulator": ("stimulation", "pulses", "latency", "stimulator-markers", "stimulator-status"),
+    "acquisition": ("emg", "acquisition-markers", "acquisition-status", "acquisition-counters"),
+    "controller": (
+        "filtered-emg", "envelope", "activation", "gates", "controller-markers", "controller-status", "controller-counters"
+    ),
+    "stimulator": ("stimulation", "pulses", "latency", "stimulator-markers", "stimulator-status", "stimulator-counters"),
 }
+COUNTERS_TYPE = "FesloopCounters"
+NOT_COUNTERS = frozenset({"pid", "time_s", "session_start_s"})  # numbers in a status that are not counters
 
 
 def stream_name(config_name: str, key: str) -> str:
@@ -71,10 +77,13 @@ class Telemetry:
         self._queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue(QUEUE_ITEMS)
         self._markers = f"{process}-markers"
         self._status = f"{process}-status"
+        self._counters = f"{process}-counters"  # opened by the thread from the first status' numbers
+        self._counter_names: list[str] = []
         self._thread = threading.Thread(target=self._run, name=f"{process}-lsl", daemon=True)
         if self.enabled:
             self.add_stream(self._markers, "Markers", ["event"], 0.0, channel_format="string")
             self.add_stream(self._status, STATUS_TYPE, ["status_json"], 0.0, channel_format="string")
+            self.counts[self._counters] = Counts()
             self._thread.start()
 
     def add_stream(
@@ -122,9 +131,19 @@ class Telemetry:
             self._put(self._markers, text, time_s)
 
     def status(self, status: dict[str, Any]) -> None:
-        """Queue a status sample (its ``time_s`` is the timestamp); the thread adds the counts."""
+        """Queue a status sample (its ``time_s`` is the timestamp); the thread adds the counts.
+
+        Its top-level numbers (counters) also go to ``<process>-counters`` as numeric channels.
+        """
         if self.enabled:
-            self._put(self._status, status, float(status.get("time_s", pylsl.local_clock())))
+            time_s = float(status.get("time_s", pylsl.local_clock()))
+            counters = {
+                key: float(value)
+                for key, value in status.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_COUNTERS
+            }
+            self._put(self._counters, counters, time_s)
+            self._put(self._status, status, time_s)
 
     def close(self, final_status: dict[str, Any]) -> None:
         """Push what is queued and the final status, let consumers receive it, close the outlets."""
@@ -152,6 +171,9 @@ class Telemetry:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             key, data, time_s = item
+            if key == self._counters:
+                self._push_counters(data, time_s)
+                continue
             outlet = self._outlets[key]
             if not outlet.have_consumers():
                 continue
@@ -169,3 +191,17 @@ class Telemetry:
             else:
                 counts.pushed += 1
                 outlet.push_sample([data], time_s)
+
+    def _push_counters(self, counters: dict[str, float], time_s: float) -> None:
+        """One sample of the numeric counters; the first one fixes the channels (names sorted)."""
+        if self._counters not in self._outlets:
+            self._counter_names = sorted(counters)
+            self._outlets[self._counters] = make_outlet(
+                stream_name(self.config_name, self._counters), COUNTERS_TYPE, self._counter_names, 0.0,
+                f"fesloop-{self.config_name}-{self._counters}", channel_format="double64",
+                description={**self._description, "stream": self._counters},
+            )
+        outlet = self._outlets[self._counters]
+        if outlet.have_consumers():
+            self.counts[self._counters].pushed += 1
+            outlet.push_sample([counters.get(name, float("nan")) for name in self._counter_names], time_s)

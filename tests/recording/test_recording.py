@@ -84,6 +84,29 @@ def test_sample_counts_match_what_each_process_published(recording) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_counters_are_numeric_channels_equal_to_the_status_numbers(recording) -> None:
+    config, streams = recording["config"], recording["streams"]
+    for process in STREAMS:
+        counters = streams[stream_name(config.name, f"{process}-counters")]
+        names = [c["label"][0] for c in counters["info"]["desc"][0]["channels"][0]["channel"]]
+        assert counters["info"]["type"][0] == "FesloopCounters" and counters["info"]["channel_format"][0] == "double64"
+        status = streams[stream_name(config.name, f"{process}-status")]
+        status_t = np.asarray(status["time_stamps"])
+        checked = 0
+        for t, row in zip(counters["time_stamps"], counters["time_series"]):
+            nearest = int(np.argmin(np.abs(status_t - t)))  # same stamp, up to each stream's clock correction
+            if abs(status_t[nearest] - t) > 1e-3:
+                continue  # the recorder joined the two streams at slightly different moments
+            fields = json.loads(status["time_series"][nearest][0])
+            assert list(row) == [float(fields[name]) for name in names], (process, t)
+            checked += 1
+        assert checked >= 10, process
+    assert {"commands_received", "pulses_delivered", "rejected"} <= set(
+        c["label"][0] for c in streams[stream_name(config.name, "stimulator-counters")]["info"]["desc"][0]["channels"][0]["channel"]
+    )
+
+
+@pytest.mark.timeout(120)
 def test_pulses_line_up_with_their_artifacts_in_the_raw_emg(recording) -> None:
     config, streams = recording["config"], recording["streams"]
     emg = streams[stream_name(config.name, "emg")]
