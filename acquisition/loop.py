@@ -122,16 +122,18 @@ class Acquisition:
     def _open_outlet(self) -> None:
         labels = [f"ch{i}" for i in range(self.source.n_channels)]
         muscles = ["" for _ in labels]
+        placements = ["" for _ in labels]
         for muscle in self.config.muscles:
             labels[muscle.emg_channel] = muscle.name
             muscles[muscle.emg_channel] = muscle.name
+            placements[muscle.emg_channel] = muscle.placement
         self.telemetry.add_stream(
             "emg",
             "EMG",
             labels,
             self.source.sampling_rate_hz,
             unit="microvolts",
-            extra_channel_fields={"muscle": muscles},
+            extra_channel_fields={"muscle": muscles, "placement": placements},
             source_id=f"fesloop-{self.config.name}-emg-{self.source.source_id}",
         )
 

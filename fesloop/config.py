@@ -154,6 +154,7 @@ class Muscle:
     rest_sd_uv: float = bounded(0.0, 0.0, 1e6, "uV (envelope SD at rest; needed by onset mode rest_sd)")
     # The M-wave that normalizes to 1 (e.g. M-max measured beforehand); 0 = the fresh M-wave of the session.
     mwave_reference_uv: float = bounded(0.0, 0.0, 1e6, "uV (0 = the fresh M-wave)")
+    placement: str = ""  # where the electrodes sit (e.g. "SENIAM vastus lateralis, left"); goes into the LSL stream
 
     def check(self) -> None:
         if self.mvc_uv <= self.rest_uv:

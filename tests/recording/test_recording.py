@@ -65,6 +65,8 @@ def test_every_stream_is_recorded_with_its_metadata(recording) -> None:
     labels = [c["label"][0] for c in emg["info"]["desc"][0]["channels"][0]["channel"]]
     assert labels == [m.name for m in config.muscles]
     assert emg["info"]["desc"][0]["channels"][0]["channel"][0]["unit"][0] == "microvolts"
+    placements = [c["placement"][0] or "" for c in emg["info"]["desc"][0]["channels"][0]["channel"]]  # pyxdf: "" -> None
+    assert placements == [m.placement for m in config.muscles] and placements[0] == "vastus lateralis, left (SENIAM)"
     assert "calibration" in _fesloop_desc(streams[stream_name(config.name, "envelope")])
     markers = [m[0] for m in streams[stream_name(config.name, "stimulator-markers")]["time_series"]]
     assert markers[0] == "DISARMED -> ARMED: armed", "recording started after arming"
