@@ -143,3 +143,19 @@ def test_report_writes_figures_and_summary(recording, tmp_path) -> None:
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "p50" in summary and "| emg | EMG |" in summary
     assert "samples dropped on the way to LSL (full queue): 0" in summary
+
+
+@pytest.mark.timeout(120)
+def test_fesloop_record_alongside_a_running_session_records_every_stream(write_config, processes, tmp_path) -> None:
+    name = f"side{os.getpid()}"
+    path = write_config("demo.toml", {'name = "demo"': f'name = "{name}"'})
+    xdf = tmp_path / "alongside.xdf"
+    processes.start_loop(path)
+    record = processes.start("record", str(xdf), str(path), "--duration", "3", name="record")
+    assert record.wait(90) == 0, processes.log("record")
+    streams = {s["info"]["name"][0]: s for s in pyxdf.load_xdf(str(xdf), dejitter_timestamps=False)[0]}
+    for keys in STREAMS.values():
+        for key in keys:
+            assert stream_name(name, key) in streams, (key, sorted(streams))
+    emg = streams[stream_name(name, "emg")]
+    assert len(emg["time_stamps"]) > 2 * 2000.0  # about 3 s at 2 kHz
