@@ -1,7 +1,8 @@
 """LSL publishing kept off the control path: loops queue numpy data, a thread pushes it.
 
 A loop never waits on LSL: :meth:`Telemetry.push`, :meth:`~Telemetry.marker` and
-:meth:`~Telemetry.status` copy into a bounded queue and return; a full queue drops
+:meth:`~Telemetry.status` copy into a bounded queue and return (no lock, no thread
+wake-up: the thread drains the queue every ``DRAIN_PERIOD_S``); a full queue drops
 the item and counts its samples as ``dropped``. A sample counts as ``pushed`` only
 when its outlet had a consumer at that moment (liblsl discards the others), so a
 recording of a stream holds exactly the ``pushed`` count that the process's last
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import queue
+from collections import deque
 import threading
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from fesloop.lsl import make_outlet
 
 STATUS_TYPE = "FesloopStatus"
 QUEUE_ITEMS = 2048
+DRAIN_PERIOD_S = 0.01  # the publishing thread wakes this often (LSL consumers see data <= 10 ms later)
 LINGER_S = 0.2  # after the last push, before the outlets close: lets consumers receive it
 JOIN_TIMEOUT_S = 2.0
 
@@ -74,7 +76,9 @@ class Telemetry:
         self.counts: dict[str, Counts] = {}
         self._description = {"process": process, "config": config_json(config), **(description or {})}
         self._outlets: dict[str, pylsl.StreamOutlet] = {}
-        self._queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue(QUEUE_ITEMS)
+        # Appends and pops of a deque are atomic: the loop never takes a lock or wakes the thread.
+        self._queue: deque[tuple[str, Any, Any]] = deque()
+        self._closing = threading.Event()
         self._markers = f"{process}-markers"
         self._status = f"{process}-status"
         self._counters = f"{process}-counters"  # opened by the thread from the first status' numbers
@@ -150,10 +154,7 @@ class Telemetry:
         if not self.enabled:
             return
         self.status(final_status)
-        try:
-            self._queue.put(None, timeout=JOIN_TIMEOUT_S)
-        except queue.Full:
-            pass
+        self._closing.set()
         self._thread.join(JOIN_TIMEOUT_S)
         if any(outlet.have_consumers() for outlet in self._outlets.values()):
             time.sleep(LINGER_S)
@@ -163,34 +164,42 @@ class Telemetry:
         return {key: dataclasses.asdict(counts) for key, counts in self.counts.items()}
 
     def _put(self, key: str, data: Any, time_s: Any) -> None:
-        try:
-            self._queue.put_nowait((key, data, time_s))
-        except queue.Full:
+        if len(self._queue) >= QUEUE_ITEMS:
             self.counts[key].dropped += len(data) if isinstance(data, np.ndarray) else 1
+        else:
+            self._queue.append((key, data, time_s))
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            key, data, time_s = item
-            if key == self._counters:
-                self._push_counters(data, time_s)
-                continue
-            outlet = self._outlets[key]
-            if not outlet.have_consumers():
-                continue
-            counts = self.counts[key]
-            if isinstance(data, np.ndarray):
-                counts.pushed += len(data)
-                if np.ndim(time_s):
-                    for sample, t in zip(data, time_s):
-                        outlet.push_sample(sample, float(t))
-                else:
-                    outlet.push_chunk(data, time_s)
-            elif key == self._status:
-                counts.pushed += 1
-                outlet.push_sample([json.dumps({**data, "lsl": self.summary()}, default=str)], time_s)
+        """Every ``DRAIN_PERIOD_S``, push what is queued (one wake-up per period, not per item)."""
+        while True:
+            closing = self._closing.wait(DRAIN_PERIOD_S)
+            while self._queue:
+                self._push(*self._queue.popleft())
+            if closing:
+                return
+
+    def _push(self, key: str, data: Any, time_s: Any) -> None:
+        """One queued item to its outlet (counted as pushed only while the outlet has a consumer)."""
+        if key == self._counters:
+            self._push_counters(data, time_s)
+            return
+        outlet = self._outlets[key]
+        if not outlet.have_consumers():
+            return
+        counts = self.counts[key]
+        if isinstance(data, np.ndarray):
+            counts.pushed += len(data)
+            if np.ndim(time_s):
+                for sample, t in zip(data, time_s):
+                    outlet.push_sample(sample, float(t))
             else:
-                counts.pushed += 1
-                outlet.push_sample([data], time_s)
+                outlet.push_chunk(data, time_s)
+        elif key == self._status:
+            counts.pushed += 1
+            outlet.push_sample([json.dumps({**data, "lsl": self.summary()}, default=str)], time_s)
+        else:
+            counts.pushed += 1
+            outlet.push_sample([data], time_s)
 
     def _push_counters(self, counters: dict[str, float], time_s: float) -> None:
         """One sample of the numeric counters; the first one fixes the channels (names sorted)."""
