@@ -32,6 +32,8 @@ READY_TIMEOUT_S = 30.0
 STATUS_PERIOD_S = 0.2
 STOP_TIMEOUT_S = 3.0
 DEVICE_READY_TIMEOUT_S = 10.0  # a real stimulator's handshake before arming
+# Arm refusals that mean "not yet" while the loop starts (device handshake, first fresh EMG): retried.
+NOT_READY_YET = ("device not ready", "EMG is not within", "no fresh command")
 
 
 @dataclass
@@ -177,7 +179,7 @@ class Supervisor:
                 reply = self._stimulator().client.request("arm", timeout_s=2.0, confirmation=self.confirmation.as_dict())
             except ControlTimeout as exc:
                 reply = {"ok": False, "error": str(exc)}
-            waiting = str(reply.get("error", "")).startswith("device not ready")
+            waiting = any(reason in str(reply.get("error", "")) for reason in NOT_READY_YET)
             if reply.get("ok") or not waiting or time.monotonic() > deadline or self.stop_requested:
                 break
             time.sleep(0.2)

@@ -208,8 +208,7 @@ class Stimulator:
         if self.command_sub in ready:
             self._on_commands(now_s)
         if rt.control.sock in ready:
-            rt.control.serve_pending()
-        self._apply(rt.clock.now())
+            rt.control.serve_pending()  # each handler applies its change at once
         rt.publish_status_if_due(self.pub, rt.clock.now())
 
     def run(self) -> int:
