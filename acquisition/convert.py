@@ -1,4 +1,4 @@
-"""``fesloop convert``: a recording (CSV/TXT, .npy, .mat) to a BrainFlow playback file.
+"""``fesloop convert``: a recording (CSV/TXT, .npy, .mat, fesloop XDF) to a BrainFlow playback file.
 
 The output is what BrainFlow's own file streamer writes: one sample per line, one
 tab-separated column per row of the master board (``--board``). The EMG goes into the
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fesloop.xdf_input import XdfInputError, read_xdf
 
 COUNTER_MODULO = 256
 FIRST_TIMESTAMP_S = 1.0
@@ -112,36 +114,44 @@ def convert(
     scale_uv: float = 1.0,
     offset: float = 0.0,
     drop_repeats: int = 0,
+    sample_index: np.ndarray | None = None,
 ) -> Converted:
-    """Write ``samples`` (n_samples, n_channels, input units) as a BrainFlow playback file."""
+    """Write ``samples`` (n_samples, n_channels, input units) as a BrainFlow playback file.
+
+    ``sample_index``: each row's place on the recording's sample grid when samples were
+    already lost (an XDF recording); the counter and timestamps skip the gaps, so a
+    replay reports them as lost samples.
+    """
     from acquisition.brainflow_source import board_name
 
     board_id, descr = board_layout(board, samples.shape[1], fs_hz)
-    index = np.arange(samples.shape[0])
+    rows = np.arange(samples.shape[0])
+    grid = rows if sample_index is None else np.asarray(sample_index, dtype=np.int64)
     dropped = np.zeros(0, dtype=np.int64)
     if drop_repeats:
         dropped = repeated_packets(samples, drop_repeats)
         keep = np.ones(samples.shape[0], dtype=bool)
         for packet in dropped:
             keep[packet * drop_repeats : (packet + 1) * drop_repeats] = False
-        index = index[keep]
-    table = np.zeros((index.size, int(descr["num_rows"])))
-    table[:, descr["emg_channels"][: samples.shape[1]]] = (samples[index] - offset) * scale_uv
-    table[:, descr["package_num_channel"]] = index % COUNTER_MODULO
-    table[:, descr["timestamp_channel"]] = FIRST_TIMESTAMP_S + index / fs_hz
+        rows, grid = rows[keep], grid[keep]
+    table = np.zeros((rows.size, int(descr["num_rows"])))
+    table[:, descr["emg_channels"][: samples.shape[1]]] = (samples[rows] - offset) * scale_uv
+    table[:, descr["package_num_channel"]] = grid % COUNTER_MODULO
+    table[:, descr["timestamp_channel"]] = FIRST_TIMESTAMP_S + grid / fs_hz
     formats = ["%.0f"] * table.shape[1]
     for row in descr["emg_channels"][: samples.shape[1]]:
         formats[row] = "%.10g"
     formats[descr["timestamp_channel"]] = "%.6f"
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savetxt(out, table, fmt=formats, delimiter="\t")
-    return Converted(int(index.size), int(dropped.size), board_name(board_id), fs_hz)
+    return Converted(int(rows.size), int(dropped.size), board_name(board_id), fs_hz)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="recording: .csv/.txt (# comments), .npy or .mat")
+    parser.add_argument("input", type=Path, help="recording: .csv/.txt (# comments), .npy, .mat, or a fesloop .xdf")
     parser.add_argument("output", type=Path, help="BrainFlow playback file to write")
-    parser.add_argument("--fs", type=float, required=True, help="sampling rate of the recording (Hz)")
+    parser.add_argument("--fs", type=float, default=None, help="sampling rate of the recording (Hz; an .xdf has its own)")
+    parser.add_argument("--stream", default="", help=".xdf: the EMG stream's name (default: the one of type EMG)")
     parser.add_argument("--board", default="CALLIBRI_EMG_BOARD",
                         help="master board whose layout and rate the file takes (default: CALLIBRI_EMG_BOARD, 1000 Hz)")
     parser.add_argument("--columns", type=lambda s: [int(c) for c in s.split(",")], default=None,
@@ -157,14 +167,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        samples = load_samples(args.input, args.columns, args.variable)
-        first = int(round(args.start_s * args.fs))
-        stop = None if args.duration_s is None else first + int(round(args.duration_s * args.fs))
+        sample_index = None
+        if args.input.suffix.lower() == ".xdf":
+            recording = read_xdf(args.input, args.stream)
+            if args.fs is not None and args.fs != recording.fs_hz:
+                raise ConvertError(f"--fs {args.fs:g} disagrees with the recording's {recording.fs_hz:g} Hz")
+            samples, fs_hz, sample_index = recording.emg_uv, recording.fs_hz, recording.sample_index
+            if args.columns is not None:
+                samples = samples[:, args.columns]
+            for first_missing, missing in recording.gaps:
+                print(f"gap: {missing} samples lost from sample {first_missing}; the playback file skips them too")
+        elif args.fs is None or args.fs <= 0:
+            raise ConvertError("--fs HZ (a positive sampling rate) is required: the file does not carry it")
+        else:
+            samples, fs_hz = load_samples(args.input, args.columns, args.variable), args.fs
+        first = int(round(args.start_s * fs_hz))
+        stop = None if args.duration_s is None else first + int(round(args.duration_s * fs_hz))
         samples = samples[first:stop]
+        sample_index = None if sample_index is None else sample_index[first:stop]
         if samples.shape[0] == 0:
             raise ConvertError(f"{args.input}: nothing left after --start-s/--duration-s")
-        done = convert(samples, args.fs, args.board, args.output, args.scale_uv, args.offset, args.drop_repeats)
-    except (ConvertError, OSError) as exc:
+        done = convert(
+            samples, fs_hz, args.board, args.output, args.scale_uv, args.offset, args.drop_repeats, sample_index
+        )
+    except (ConvertError, XdfInputError, OSError) as exc:
         raise SystemExit(f"fesloop convert: {exc}") from None
     print(
         f"{args.output}: {done.samples_written} samples of {samples.shape[1]} channel(s) "

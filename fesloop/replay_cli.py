@@ -3,7 +3,9 @@
 Chunk by chunk through :class:`controller.estimator.EmgEstimator` (the live code path),
 one chunk per control period. Writes ``activation.csv`` (time_s, one column per
 muscle, one gate column per stimulation channel: 1 open, 0 closed) and ``events.csv``
-(time_s, channel, event). Times are seconds from the file's first sample.
+(time_s, channel, event). Times are seconds from the file's first sample. Input:
+CSV/TXT/.npy with ``--fs``, or fesloop's own XDF recordings (rate, delivered pulses
+and lost samples from the file).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from controller.estimator import EmgEstimator
 from controller.loop import load_calibration
 from fesloop.config import Config
 from fesloop.protocol import EmgChunk, GateReason
+from fesloop.xdf_input import read_xdf
 
 
 class ReplayError(ValueError):
@@ -25,9 +28,15 @@ class ReplayError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--emg", type=Path, required=True, help="recording: .csv/.txt (needs --fs) or .npy")
+    parser.add_argument(
+        "--emg", type=Path, required=True, help="recording: .csv/.txt or .npy (need --fs), or a fesloop .xdf recording"
+    )
     parser.add_argument("--fs", type=float, default=None, metavar="HZ", help="sampling rate of the recording")
-    parser.add_argument("--pulses", type=Path, default=None, help="pulse times (s from the first sample), one per line")
+    parser.add_argument(
+        "--pulses", type=Path, default=None,
+        help="pulse times (s from the first sample), one per line (an .xdf brings its own delivered pulses)",
+    )
+    parser.add_argument("--stream", default="", help=".xdf: the EMG stream's name (default: the one of type EMG)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
 
 
@@ -73,10 +82,17 @@ def replay(
     config: Config,
     emg_uv: np.ndarray,
     fs_hz: float,
-    pulses: tuple[np.ndarray, np.ndarray] | None,
+    pulses: tuple[np.ndarray, ...] | None,
     out_dir: Path,
+    sample_index: np.ndarray | None = None,
 ) -> EmgEstimator:
-    """Replay ``emg_uv`` and write the two CSV files into ``out_dir``."""
+    """Replay ``emg_uv`` and write the two CSV files into ``out_dir``.
+
+    ``pulses``: times (s from the first sample) and device channels, optionally
+    amplitudes (mA) and pulse widths (us). ``sample_index``: each sample's place on
+    the recording's grid when samples were lost (chunks never span a gap, so the
+    estimator sees the gap as live; each gap is an ``events.csv`` row ``gap``).
+    """
     needed = max(m.emg_channel for m in config.muscles) + 1
     if emg_uv.shape[1] < needed:
         raise ReplayError(f"the recording has {emg_uv.shape[1]} channels; the config's muscles need {needed}")
@@ -92,11 +108,15 @@ def replay(
         events = csv.writer(ev_file)
         activation.writerow(["time_s", *estimator.names, *(f"gate_{s.name}" for s in config.stimulation)])
         events.writerow(["time_s", "channel", "event"])
-        for start in range(0, len(emg_uv), chunk):
-            data = emg_uv[start : start + chunk]
-            estimator.process(EmgChunk(start, start / fs_hz, start / fs_hz, fs_hz, data))
+        index = np.arange(len(emg_uv)) if sample_index is None else sample_index
+        for start, stop in _chunks(index, chunk):
+            data = emg_uv[start:stop]
+            first = int(index[start])
+            if start and first != index[start - 1] + 1:
+                events.writerow([f"{(index[start - 1] + 1) / fs_hz:.6f}", "all", "gap"])
+            estimator.process(EmgChunk(first, first / fs_hz, first / fs_hz, fs_hz, data))
             estimator.gate_reasons(gate)
-            time_s = (start + len(data) - 1 - estimator.delay) / fs_hz
+            time_s = (first + len(data) - 1 - estimator.delay) / fs_hz
             activation.writerow(
                 [f"{time_s:.6f}", *(f"{a:.5f}" for a in estimator.activation), *(int(g == GateReason.OPEN) for g in gate)]
             )
@@ -106,20 +126,40 @@ def replay(
     return estimator
 
 
+def _chunks(index: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most ``size`` rows that never span a gap in ``index``."""
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    edges = np.concatenate(([0], breaks, [len(index)]))
+    return [(a, min(a + size, b)) for lo, b in zip(edges[:-1], edges[1:]) for a in range(int(lo), int(b), size)]
+
+
 def main(config: Config, args: argparse.Namespace) -> int:
     """Entry of ``fesloop replay``; returns the exit code."""
+    sample_index = None
     try:
-        if args.emg.suffix.lower() not in (".csv", ".txt", ".npy"):
-            raise ReplayError(f"{args.emg}: unsupported format (use .csv, .txt or .npy)")
-        if args.fs is None or args.fs <= 0:
-            raise ReplayError("--fs HZ (a positive sampling rate) is required: the file does not carry it")
-        emg_uv = read_emg(args.emg)
-        pulses = read_pulses(args.pulses) if args.pulses is not None else None
-        estimator = replay(config, emg_uv, args.fs, pulses, args.out)
+        suffix = args.emg.suffix.lower()
+        if suffix == ".xdf":
+            recording = read_xdf(args.emg, args.stream)
+            if args.fs is not None and args.fs != recording.fs_hz:
+                raise ReplayError(f"--fs {args.fs:g} disagrees with the recording's {recording.fs_hz:g} Hz")
+            emg_uv, fs_hz, sample_index = recording.emg_uv, recording.fs_hz, recording.sample_index
+            pulses = read_pulses(args.pulses) if args.pulses is not None else (
+                recording.pulse_time_s, recording.pulse_channel, recording.pulse_amplitude_ma, recording.pulse_width_us
+            )
+            for first, missing in recording.gaps:
+                print(f"gap: {missing} samples lost from sample {first} ({first / fs_hz:.3f} s); not filled")
+        elif suffix in (".csv", ".txt", ".npy"):
+            if args.fs is None or args.fs <= 0:
+                raise ReplayError("--fs HZ (a positive sampling rate) is required: the file does not carry it")
+            emg_uv, fs_hz = read_emg(args.emg), args.fs
+            pulses = read_pulses(args.pulses) if args.pulses is not None else None
+        else:
+            raise ReplayError(f"{args.emg}: unsupported format (use .csv, .txt, .npy or .xdf)")
+        estimator = replay(config, emg_uv, fs_hz, pulses, args.out, sample_index)
     except (OSError, ReplayError, ValueError) as exc:
         raise SystemExit(f"fesloop replay: {exc}") from None
     print(
-        f"replayed {len(emg_uv)} samples x {emg_uv.shape[1]} channels ({len(emg_uv) / args.fs:.1f} s) "
+        f"replayed {len(emg_uv)} samples x {emg_uv.shape[1]} channels ({len(emg_uv) / fs_hz:.1f} s) "
         f"to {args.out}: {estimator.artifacts_detected} artifacts detected"
     )
     return 0

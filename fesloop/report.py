@@ -37,6 +37,7 @@ class Stream:
     times_s: np.ndarray
     data: Any
     description: dict[str, str] = field(default_factory=dict)
+    rate_hz: float = 0.0  # nominal sampling rate (0: irregular)
 
 
 @dataclass
@@ -81,6 +82,7 @@ def load_session(path: Path) -> Session:
         streams[name] = Stream(
             name, _text(info, "type"), [_text(c, "label") for c in channels],
             np.asarray(s["time_stamps"], dtype=np.float64), s["time_series"], fesloop,
+            float(_text(info, "nominal_srate") or 0.0),
         )
     prefix = f"{config.get('name', '')}-"
     by_key = {n.removeprefix(prefix) if s.description else n: s for n, s in streams.items()}

@@ -63,3 +63,16 @@ def test_rate_mismatch_is_refused_with_a_way_out(tmp_path: Path) -> None:
         convert(np.zeros((10, 1)), 2000.0, "CALLIBRI_EMG_BOARD", tmp_path / "x.tsv")
     done = fesloop("convert", str(tmp_path / "missing.csv"), str(tmp_path / "x.tsv"), "--fs", "1000")
     assert done.returncode != 0 and "fesloop convert:" in done.stderr
+
+
+def test_samples_lost_before_conversion_stay_lost_in_the_counter_and_timestamps(tmp_path: Path) -> None:
+    grid = np.r_[0:100, 140:300]  # 40 samples lost upstream (e.g. a gap in an XDF recording)
+    samples = np.arange(grid.size, dtype=np.float64)[:, None]
+    out = tmp_path / "gap.tsv"
+    done = convert(samples, 250.0, "CYTON_BOARD", out, sample_index=grid)
+    descr = BoardShim.get_board_descr(BoardIds.CYTON_BOARD)
+    table = DataFilter.read_file(str(out))
+    assert done.samples_written == grid.size
+    assert np.array_equal(table[descr["package_num_channel"]], grid % 256)
+    assert np.allclose(table[descr["timestamp_channel"]], 1.0 + grid / 250.0)
+    assert np.array_equal(table[descr["emg_channels"][0]], samples[:, 0])  # nothing filled in

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +161,57 @@ def test_fesloop_record_alongside_a_running_session_records_every_stream(write_c
             assert stream_name(name, key) in streams, (key, sorted(streams))
     emg = streams[stream_name(name, "emg")]
     assert len(emg["time_stamps"]) > 2 * 2000.0  # about 3 s at 2 kHz
+
+
+@pytest.mark.timeout(120)
+def test_replay_of_the_xdf_equals_replay_of_its_samples_and_pulses(recording, tmp_path) -> None:
+    """`fesloop replay --emg FILE.xdf` takes the rate, samples and delivered pulses from the file:
+    the same output as the EMG samples and pulse times extracted independently with pyxdf."""
+    config, xdf = recording["config"], recording["xdf"]
+    config_path = xdf.parent / "rec.toml"
+    raw = {s["info"]["name"][0]: s for s in pyxdf.load_xdf(str(xdf), dejitter_timestamps=False)[0]}
+    emg = raw[stream_name(config.name, "emg")]
+    pulses = raw[stream_name(config.name, "pulses")]
+    np.save(tmp_path / "emg.npy", np.asarray(emg["time_series"], dtype=np.float32))
+    pulse_rows = np.column_stack((pulses["time_stamps"] - emg["time_stamps"][0], pulses["time_series"][:, 0]))
+    np.savetxt(tmp_path / "pulses.csv", pulse_rows, delimiter=",", fmt=["%.17g", "%d"])
+
+    def replay(*args: str) -> str:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = subprocess.run([sys.executable, "-m", "fesloop", "replay", str(config_path), *args, "--out", str(out)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return (out / "activation.csv").read_text() + (out / "events.csv").read_text()
+
+    from_xdf = replay("--emg", str(xdf))
+    from_arrays = replay("--emg", str(tmp_path / "emg.npy"), "--fs", "2000", "--pulses", str(tmp_path / "pulses.csv"))
+    assert from_xdf == from_arrays
+    assert from_xdf.count("\n") > 8 * config.controller.control_rate_hz * 0.5  # rows for the whole session
+    refused = subprocess.run(
+        [sys.executable, "-m", "fesloop", "replay", str(config_path), "--emg", str(xdf), "--stream", "nope",
+         "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode != 0 and "no stream named 'nope'" in refused.stderr and "(EMG)" in refused.stderr
+
+
+@pytest.mark.timeout(120)
+def test_convert_of_the_xdf_writes_its_emg_samples_to_a_playback_file(recording, tmp_path) -> None:
+    from brainflow.board_shim import BoardIds, BoardShim
+
+    config, xdf = recording["config"], recording["xdf"]
+    out = tmp_path / "session.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "fesloop", "convert", str(xdf), str(out), "--board", "ANT_NEURO_EE_410_BOARD"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    emg = {s["info"]["name"][0]: s for s in pyxdf.load_xdf(str(xdf), dejitter_timestamps=False)[0]}[
+        stream_name(config.name, "emg")
+    ]
+    samples = np.asarray(emg["time_series"], dtype=np.float64)
+    descr = BoardShim.get_board_descr(BoardIds.ANT_NEURO_EE_410_BOARD.value)
+    table = np.loadtxt(out, delimiter="\t", ndmin=2)
+    written = table[:, descr["emg_channels"][: samples.shape[1]]]
+    np.testing.assert_allclose(written, samples, rtol=1e-9, atol=1e-6)  # %.10g of the float32 uV values
+    counter = table[:, descr["package_num_channel"]]
+    assert np.array_equal(counter, np.arange(len(samples)) % 256)  # the recording lost nothing
