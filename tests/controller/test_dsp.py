@@ -118,3 +118,31 @@ def test_normalize_maps_rest_to_zero_and_mvc_to_one() -> None:
 def test_proportional_law_edges(activation: float, expected: float) -> None:
     law = ProportionalLaw(gain=1.5, offset=0.1, max_intensity=1.0)
     assert proportional(activation, law) == pytest.approx(expected)
+
+
+def test_tkeo_is_the_causal_teager_operator_by_hand_and_chunking_does_not_matter() -> None:
+    estimator = EnvelopeEstimator(FS_HZ, 1, FilterConfig(tkeo=True))
+    x = np.array([[1.0], [2.0], [3.0], [4.0], [5.0]])
+    # x[n-1]^2 - x[n] x[n-2] with zero history: 0 - 1*0, 1 - 2*0, 4 - 3*1, 9 - 4*2, 16 - 5*3
+    np.testing.assert_array_equal(estimator._teager(x)[:, 0], [0.0, 1.0, 1.0, 1.0, 1.0])
+    signal_uv = np.random.default_rng(3).normal(0, 50, (997, 2))
+    one_shot = EnvelopeEstimator(FS_HZ, 2, FilterConfig(tkeo=True))._teager(signal_uv)
+    chunked = EnvelopeEstimator(FS_HZ, 2, FilterConfig(tkeo=True))
+    pieces = [chunked._teager(signal_uv[s]) for s in _chunks(len(signal_uv), [1, 7, 64, 3])]
+    np.testing.assert_allclose(np.vstack(pieces), one_shot, rtol=0, atol=1e-12)
+
+
+def test_tkeo_of_a_sine_is_flat_where_the_rectified_sine_ripples() -> None:
+    """Teager's identity: for A sin(w n), x[n-1]^2 - x[n] x[n-2] = A^2 sin^2(w), a constant. So the
+    sqrt|TKEO| envelope has no ripple at twice the signal frequency, unlike |x|."""
+    amplitude_uv, f_hz = 200.0, 80.0
+    n = np.arange(4000)
+    x = amplitude_uv * np.sin(2 * np.pi * f_hz / FS_HZ * n)[:, None]
+    teager = EnvelopeEstimator(FS_HZ, 1, FilterConfig(tkeo=True))._teager(x)[2:, 0]
+    np.testing.assert_allclose(teager, amplitude_uv * np.sin(2 * np.pi * f_hz / FS_HZ), rtol=1e-9)
+    config = FilterConfig(tkeo=True, highpass_hz=10.0, notch_harmonics=1, envelope_lowpass_hz=20.0)
+    valid = np.ones(len(n), dtype=bool)
+    with_tkeo = EnvelopeEstimator(FS_HZ, 1, config).process(x, valid)[2000:, 0]
+    rectified = EnvelopeEstimator(FS_HZ, 1, FilterConfig(highpass_hz=10.0, notch_harmonics=1, envelope_lowpass_hz=20.0))
+    with_abs = rectified.process(x, valid)[2000:, 0]
+    assert np.ptp(with_tkeo) < 0.1 * np.ptp(with_abs)
