@@ -91,7 +91,8 @@ def replay(
     ``pulses``: times (s from the first sample) and device channels, optionally
     amplitudes (mA) and pulse widths (us). ``sample_index``: each sample's place on
     the recording's grid when samples were lost (chunks never span a gap, so the
-    estimator sees the gap as live; each gap is an ``events.csv`` row ``gap``).
+    estimator sees the gap as live; each gap is a contamination window of every muscle
+    in ``events.csv``, from the first missing sample to the next one received).
     """
     needed = max(m.emg_channel for m in config.muscles) + 1
     if emg_uv.shape[1] < needed:
@@ -112,8 +113,10 @@ def replay(
         for start, stop in _chunks(index, chunk):
             data = emg_uv[start:stop]
             first = int(index[start])
-            if start and first != index[start - 1] + 1:
-                events.writerow([f"{(index[start - 1] + 1) / fs_hz:.6f}", "all", "gap"])
+            if start and first != index[start - 1] + 1:  # lost samples: a contamination window on every muscle
+                for name in estimator.names:
+                    events.writerow([f"{(index[start - 1] + 1) / fs_hz:.6f}", name, "contamination_start"])
+                    events.writerow([f"{first / fs_hz:.6f}", name, "contamination_end"])
             estimator.process(EmgChunk(first, first / fs_hz, first / fs_hz, fs_hz, data))
             estimator.gate_reasons(gate)
             time_s = (first + len(data) - 1 - estimator.delay) / fs_hz

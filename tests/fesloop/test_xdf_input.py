@@ -31,15 +31,19 @@ def test_a_timestamp_step_keeps_the_lost_samples_out_as_a_gap() -> None:
     assert np.array_equal(indices, kept)
 
 
-def test_replay_chunks_never_span_a_gap_and_write_it_as_an_event(tmp_path) -> None:
+def test_replay_chunks_never_span_a_gap_and_mark_it_as_a_contamination_window(tmp_path) -> None:
     config = load_config(CONFIGS / "replay.toml")
     kept = np.r_[0:3000, 3200:6000]
     emg_uv = np.random.default_rng(2).normal(0, 20, (len(kept), 1)).astype(np.float32)
     estimator = replay(config, emg_uv, FS_HZ, None, tmp_path, sample_index=kept)
     assert estimator.gap_samples == 200
     with open(tmp_path / "events.csv") as f:
-        gaps = [row for row in csv.DictReader(f) if row["event"] == "gap"]
-    assert gaps == [{"time_s": f"{3000 / FS_HZ:.6f}", "channel": "all", "event": "gap"}]
+        windows = [row for row in csv.DictReader(f) if row["event"].startswith("contamination")]
+    muscle = config.muscles[0].name
+    assert windows == [
+        {"time_s": f"{3000 / FS_HZ:.6f}", "channel": muscle, "event": "contamination_start"},
+        {"time_s": f"{3200 / FS_HZ:.6f}", "channel": muscle, "event": "contamination_end"},
+    ]
 
 
 def _session(*streams: Stream) -> Session:
