@@ -78,7 +78,7 @@ def test_triggered_trains_follow_the_scripted_attempts(write_config, processes) 
     for kind in ("trigger", "train_start", "train_end"):
         marked = np.array([t for text, t in markers if text == f"{kind} {channel}"])
         in_status = law_events(recorder, kind)
-        assert len(marked) >= 2 and len(np.unique(marked)) == len(marked), (kind, marked)
+        assert len(marked) >= 1 and len(np.unique(marked)) == len(marked), (kind, marked)
         assert all(np.isclose(in_status, t, atol=1e-6).any() for t in marked), (kind, marked, in_status)
     assert armed_until_s(recorder) > law_events(recorder, "train_end")[1], statuses(recorder, "stimulator")[-1]
     truth_t, drive = truth_series(recorder.get(b"truth"))
