@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import make_outlet
 from fesloop.sockets import StreamCounters, drain, subscriber
-from fesloop.telemetry import config_json, stream_name
+from fesloop.telemetry import LINGER_S, config_json, stream_name
 
 DEFAULT_OUT = "calibration.json"
 
@@ -83,6 +84,12 @@ class PhaseMarkers:
     def mark(self, text: str, time_s: float) -> None:
         if self._outlet is not None:
             self._outlet.push_sample([text], time_s)
+
+    def close(self) -> None:
+        """Give connected consumers time to receive the last marker before the outlet goes."""
+        if self._outlet is not None and self._outlet.have_consumers():
+            time.sleep(LINGER_S)
+        self._outlet = None
 
 
 def phase_name(phase: Phase, names: list[str]) -> str:
@@ -188,10 +195,12 @@ def main(config: Config, args: argparse.Namespace) -> int:
         calibration = compute(config, str(args.config), phases, collected, fs_hz)
     except CalibrationError as exc:
         markers.mark(f"calibration refused: {exc}", pylsl.local_clock())
+        markers.close()
         print(f"fesloop calibrate: refused, nothing written: {exc}", file=sys.stderr)
         return 1
     write_atomically(out, calibration)
     markers.mark(f"calibration written to {out}", pylsl.local_clock())
+    markers.close()
     for m in calibration.muscles:
         print(
             f"{m.name}: rest {m.rest_uv:.3g} uV (SD {m.rest_sd_uv:.3g}), MVC {m.mvc_uv:.3g} uV; "

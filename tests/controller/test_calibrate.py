@@ -62,9 +62,12 @@ def _calibrate(path, out, processes, markers: list[tuple[str, float]] | None = N
             inlet.open_stream(timeout=5)
 
             def pull() -> None:
-                while not stop.is_set():
+                while True:
+                    done = stop.is_set()  # one more pull after the process ended: its last markers
                     samples, stamps = inlet.pull_chunk(timeout=0.1)
                     markers.extend((sample[0], stamp) for sample, stamp in zip(samples, stamps))
+                    if done:
+                        return
 
             reader = threading.Thread(target=pull, daemon=True)
             reader.start()

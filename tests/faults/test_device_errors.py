@@ -9,6 +9,7 @@ zero at once, and it does not stimulate again by itself.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -21,6 +22,13 @@ from tests.conftest import long_contraction, wait_until
 
 LONG_CONTRACTION = long_contraction(start_s=0.0, arm_at_start=False)
 CAUSES = {-1: "emergency", -2: "electrode", -3: "module"}
+
+
+def _rehastim2_config(write_config, emulator: PtyEmulator) -> Path:
+    """The demo with a long contraction, driving the RehaStim2 emulator's port."""
+    return write_config(
+        "demo.toml", {**LONG_CONTRACTION, 'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'}
+    )
 
 
 def _confirmation() -> dict:
@@ -42,10 +50,7 @@ def _arm_and_stimulate(stim: ControlClient, emulator: PtyEmulator) -> None:
 @pytest.mark.parametrize("code", sorted(CAUSES))
 def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config, processes, code: int) -> None:
     with PtyEmulator() as emulator:
-        path = write_config(
-            "demo.toml",
-            {**LONG_CONTRACTION, 'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'},
-        )
+        path = _rehastim2_config(write_config, emulator)
         config = load_config(path)
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
@@ -76,10 +81,7 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
     keeps answering, and arming again is refused."""
     emulator = PtyEmulator()
     try:
-        path = write_config(
-            "demo.toml",
-            {**LONG_CONTRACTION, 'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'},
-        )
+        path = _rehastim2_config(write_config, emulator)
         config = load_config(path)
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
