@@ -169,9 +169,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         sample_index = None
         if args.input.suffix.lower() == ".xdf":
-            recording = read_xdf(args.input, args.stream)
-            if args.fs is not None and args.fs != recording.fs_hz:
-                raise ConvertError(f"--fs {args.fs:g} disagrees with the recording's {recording.fs_hz:g} Hz")
+            recording = read_xdf(args.input, args.stream, args.fs)
             samples, fs_hz, sample_index = recording.emg_uv, recording.fs_hz, recording.sample_index
             if args.columns is not None:
                 samples = samples[:, args.columns]

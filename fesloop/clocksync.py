@@ -25,13 +25,16 @@ from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
 from fesloop.clock import Clock
 from fesloop.sockets import ControlClient, ControlTimeout
+
+if TYPE_CHECKING:
+    from fesloop.security import Security
 
 PROBE_WINDOW = 8  # probes kept; the shortest round trip among them gives the offset
 SYNC_PERIOD_S = 1.0  # between probes once synchronized (steady clocks drift ~1e-5)
@@ -106,8 +109,8 @@ class PeerOffset:
     def known(self) -> bool:
         return not math.isnan(self.offset_s)
 
-    def to_local(self, peer_time_s: float) -> float:
-        """A peer timestamp on the local clock (NaN while the offset is unknown)."""
+    def to_local(self, peer_time_s: np.ndarray | float) -> np.ndarray | float:
+        """Peer timestamps on the local clock (NaN while the offset is unknown)."""
         return peer_time_s - self.offset_s
 
     def status(self) -> dict[str, Any]:
@@ -128,7 +131,9 @@ class ClockSync:
     replaced atomically), so the control path never waits on a probe.
     """
 
-    def __init__(self, ctx: zmq.Context, clock: Clock, peers: dict[str, str], security: Any = None) -> None:
+    def __init__(
+        self, ctx: zmq.Context, clock: Clock, peers: dict[str, str], security: Security | None = None
+    ) -> None:
         self._ctx = ctx
         self._clock = clock
         self._endpoints = dict(peers)
@@ -149,7 +154,7 @@ class ClockSync:
 
     def to_local(self, peer: str, time_s: np.ndarray) -> np.ndarray:
         """Times stamped by ``peer`` on this process's clock (NaN while its offset is unknown)."""
-        return time_s - self.peers[peer].offset_s
+        return self.peers[peer].to_local(time_s)
 
     def translate(self, from_peer: str, to_peer: str, time_s: np.ndarray) -> np.ndarray:
         """Times stamped by ``from_peer`` on ``to_peer``'s clock (NaN while either offset is unknown)."""

@@ -142,9 +142,7 @@ def main(config: Config, args: argparse.Namespace) -> int:
     try:
         suffix = args.emg.suffix.lower()
         if suffix == ".xdf":
-            recording = read_xdf(args.emg, args.stream)
-            if args.fs is not None and args.fs != recording.fs_hz:
-                raise ReplayError(f"--fs {args.fs:g} disagrees with the recording's {recording.fs_hz:g} Hz")
+            recording = read_xdf(args.emg, args.stream, args.fs)
             emg_uv, fs_hz, sample_index = recording.emg_uv, recording.fs_hz, recording.sample_index
             pulses = read_pulses(args.pulses) if args.pulses is not None else (
                 recording.pulse_time_s, recording.pulse_channel, recording.pulse_amplitude_ma, recording.pulse_width_us

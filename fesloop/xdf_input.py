@@ -64,12 +64,17 @@ def _emg_stream(session: Session, name: str) -> Stream:
     return emg[0]
 
 
-def read_xdf(path: Path, stream_name: str = "") -> XdfEmg:
-    """The EMG stream of ``path`` (type EMG, or ``stream_name``) and the stimulator's pulses."""
+def read_xdf(path: Path, stream_name: str = "", fs_hz: float | None = None) -> XdfEmg:
+    """The EMG stream of ``path`` (type EMG, or ``stream_name``) and the stimulator's pulses.
+
+    ``fs_hz`` (a rate the user gave) must agree with the stream's nominal rate.
+    """
     session = load_session(path)
     emg = _emg_stream(session, stream_name)
     if emg.rate_hz <= 0 or not len(emg.times_s):
         raise XdfInputError(f"stream {emg.name!r} has no samples at a nominal rate")
+    if fs_hz is not None and fs_hz != emg.rate_hz:
+        raise XdfInputError(f"--fs {fs_hz:g} disagrees with the recording's {emg.rate_hz:g} Hz")
     data = np.asarray(emg.data, dtype=np.float32)
     pulses = next((s for s in session.streams.values() if s.type == "StimulationPulses"), None)
     rows = np.asarray(pulses.data, dtype=np.float64).reshape(-1, 3) if pulses is not None else np.zeros((0, 3))

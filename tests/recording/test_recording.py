@@ -192,6 +192,12 @@ def test_replay_of_the_xdf_equals_replay_of_its_samples_and_pulses(recording, tm
          "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=60,
     )
     assert refused.returncode != 0 and "no stream named 'nope'" in refused.stderr and "(EMG)" in refused.stderr
+    wrong_rate = subprocess.run(
+        [sys.executable, "-m", "fesloop", "replay", str(config_path), "--emg", str(xdf), "--fs", "1000",
+         "--out", str(tmp_path / "wrong_rate")], capture_output=True, text=True, timeout=60,
+    )
+    assert wrong_rate.returncode != 0 and "--fs 1000 disagrees with the recording's 2000 Hz" in wrong_rate.stderr
+    assert not (tmp_path / "wrong_rate").exists()
 
 
 @pytest.mark.timeout(120)
