@@ -11,11 +11,14 @@ Recovery policy: once the source has been stale for ``recover_after_ms`` it is
 closed and opened again (BrainFlow: release and prepare the session; LSL: resolve
 the stream again), then again after 2x, 4x ... that interval, capped at
 ``recover_backoff_max_s``, until samples flow. Every attempt and its outcome is
-logged and counted in status.
+logged and counted in status. The reopening runs in a worker thread: preparing a
+device that is not back can block for seconds, and meanwhile the loop keeps
+answering control requests, publishing the FAULT status and draining pulses.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -31,6 +34,7 @@ from fesloop.telemetry import Telemetry
 
 RECENT_GAPS = 8
 GAP_LOG_PERIOD_S = 5.0
+RESTART_JOIN_S = 2.0  # at exit, how long to wait for a reopening that is still blocked
 
 
 class Recovery:
@@ -62,6 +66,48 @@ class Recovery:
         self.next_s = float("inf")
 
 
+class BackgroundRestart:
+    """``source.restart`` in a daemon worker thread, one at a time.
+
+    Sources are not thread-safe: while ``busy`` the loop does not read the source
+    (``on_pulses`` excepted: only the simulated patient acts on it, and its restart
+    does nothing). Daemon, so a device that never comes back cannot keep the process from exiting.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self._thread: threading.Thread | None = None
+        self._error: SourceError | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, now_s: float) -> None:
+        self._error = None
+        self._thread = threading.Thread(target=self._run, args=(now_s,), name="source-restart", daemon=True)
+        self._thread.start()
+
+    def _run(self, now_s: float) -> None:
+        try:
+            self._source.restart(now_s)
+        except SourceError as exc:
+            self._error = exc
+
+    def finished(self) -> tuple[bool, SourceError | None]:
+        """(True, its error or None) once after a restart ends; (False, None) otherwise."""
+        if self._thread is None or self._thread.is_alive():
+            return False, None
+        self._thread = None
+        return True, self._error
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for a running restart; False if it is still blocked after ``timeout_s``."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return not self.busy
+
+
 class Acquisition:
     def __init__(self, config: Config, source: Source | None = None) -> None:
         self.config = config
@@ -91,6 +137,7 @@ class Acquisition:
         self.stale_since_s = 0.0
         self.last_data_s = 0.0
         self.recovery = Recovery(acq.recover_after_ms * 1e-3, acq.recover_backoff_max_s)
+        self.restart = BackgroundRestart(self.source)
         self.pacer: Pacer | None = None
         self.telemetry = self.rt.telemetry = Telemetry(config, "acquisition")
         self._gaps_logged = (0, 0)
@@ -112,6 +159,7 @@ class Acquisition:
             "recent_gaps": list(self.recent_gaps),
             "duplicate_samples": self.source.duplicate_samples,
             "recovery_attempts": self.recovery.total_attempts,
+            "reopening": self.restart.busy,
             "chunk_age_ms": self.chunk_age.summary_ms(),
             "overruns": self.pacer.overruns if self.pacer else 0,
             "pulses_received": self.pulse_counters.received,
@@ -218,7 +266,7 @@ class Acquisition:
             self.recovery.recovered()
             self.source_error = ""
             self._publish_status_now(now_s)
-        if self.state == "FAULT" and self.recovery.due(now_s):
+        if self.state == "FAULT" and not self.restart.busy and self.recovery.due(now_s):
             self._reopen(now_s)
 
     def _reopen(self, now_s: float) -> None:
@@ -227,13 +275,24 @@ class Acquisition:
             "EMG stale for %.0f ms: reopening the source (attempt %d; next in %.1f s if still stale)",
             (now_s - self.stale_since_s) * 1e3, self.recovery.attempts, wait_s,
         )
-        try:
-            self.source.restart(now_s)
-        except SourceError as exc:
-            self.source_error = str(exc)
-            self.rt.log.error("reopening failed: %s", exc)
+        self.restart.start(now_s)
+
+    def _reopened(self) -> None:
+        """Log a reopening that has ended, and its outcome."""
+        done, error = self.restart.finished()
+        if not done:
             return
-        self.rt.log.info("source reopened: waiting for samples")
+        if error is not None:
+            self.source_error = str(error)
+            self.rt.log.error("reopening failed: %s", error)
+        else:
+            self.rt.log.info("source reopened: waiting for samples")
+
+    def _stop_source(self) -> None:
+        if self.restart.join(RESTART_JOIN_S):
+            self.source.stop()
+        else:
+            self.rt.log.error("the source is still reopening after %.0f s: exiting without releasing it", RESTART_JOIN_S)
 
     def run(self) -> int:
         rt = self.rt
@@ -267,7 +326,8 @@ class Acquisition:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()
                 if pacer.due(now_s):
-                    blocks = self._read(now_s)
+                    self._reopened()
+                    blocks = [] if self.restart.busy else self._read(now_s)
                     for block in blocks:
                         self._publish(block, now_s)
                     if blocks:
@@ -276,7 +336,7 @@ class Acquisition:
                     self._log_gaps(now_s)
                 rt.publish_status_if_due(self.pub, now_s)
         finally:
-            self.source.stop()
+            self._stop_source()
             rt.log.info("stopped: %d samples sent, %d lost in %d gaps, %d duplicates dropped",
                         self.samples_sent, self.lost_samples, self.gaps, self.source.duplicate_samples)
             rt.close()

@@ -7,6 +7,8 @@ recovery policy, its log.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,58 @@ def test_stalled_playback_faults_at_once_then_recovers_by_reopening(processes, t
     assert "EMG stale: no samples for" in log
     assert "reopening the source (attempt 1; next in 0.8 s if still stale)" in log
     assert "EMG flowing again after" in log
+
+
+def test_a_reopening_that_blocks_does_not_block_the_loop(processes, tmp_path: Path) -> None:
+    """After the file ends, its path becomes a FIFO with no writer: BrainFlow's prepare_session
+    blocks in open() like a device that is not back. Meanwhile the process still answers control
+    requests and publishes its FAULT status at 5 Hz; once a writer feeds the FIFO, samples flow."""
+    import zmq
+
+    from fesloop.sockets import ControlClient
+
+    playback = tmp_path / "short.tsv"
+    ramp_playback(playback, 300)
+    content = playback.read_text()
+    text = playback_config_text(
+        playback, loop=False, acquisition="stale_ms = 100.0\nrecover_after_ms = 300.0\nrecover_backoff_max_s = 2.0"
+    )
+    config, tap = start(processes, tmp_path, text)
+    ctx = zmq.Context()
+    control = ControlClient(ctx, config.endpoints.acquisition_control)
+    try:
+        wait_until(lambda: any(s["samples_sent"] >= 300 for s in tap.statuses()), 15, what="the file played")
+        playback.unlink()
+        os.mkfifo(playback)
+        wait_until(lambda: any(s.get("reopening") for s in tap.statuses()), 10, what="a reopening under way")
+        blocked_from_s = time.monotonic()
+        replies_ms = []
+        while time.monotonic() - blocked_from_s < 2.0:
+            t0 = time.monotonic()
+            reply = control.request("status", timeout_s=1.0)
+            replies_ms.append((time.monotonic() - t0) * 1e3)
+            assert reply["reopening"] and reply["state"] == "FAULT"
+            time.sleep(0.1)
+        during = [m for m in tap.get(b"status") if m.body.fields.get("reopening")]
+        with open(playback, "w") as fifo:  # the device is back: prepare_session's open() returns
+            playback.unlink()
+            playback.write_text(content)  # what start_stream opens next
+            fifo.write(content)  # prepare_session reads to the end first
+        wait_until(lambda: any(s["state"] == "RUNNING" and s["samples_sent"] >= 600 for s in tap.statuses()), 15,
+                   what="samples after the blocked reopening")
+    finally:
+        control.close()
+        ctx.destroy(linger=0)
+        tap.close()
+
+    print(f"control replies while reopening: max {max(replies_ms):.1f} ms over {len(replies_ms)} requests")
+    assert len(replies_ms) >= 10  # answered all along, each within its 1 s timeout
+    send_s = [m.header.send_time_s for m in during]
+    assert send_s[-1] - send_s[0] >= 1.8 and np.max(np.diff(send_s)) < 0.5  # 5 Hz status kept flowing
+    assert all(m.body.fields["state"] == "FAULT" for m in during)
+    log = processes.log("acquisition")
+    assert log.count("reopening the source (attempt") == 1  # no second attempt while the first one blocks
+    assert "source reopened: waiting for samples" in log
 
 
 def test_lsl_outlet_describes_the_stream(processes, tmp_path: Path) -> None:
