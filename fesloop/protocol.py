@@ -31,6 +31,7 @@ class Kind(enum.IntEnum):
     PULSES = 3
     STATUS = 4
     TRUTH = 5
+    CRANK = 6
 
 
 TOPICS: dict[Kind, bytes] = {
@@ -39,6 +40,7 @@ TOPICS: dict[Kind, bytes] = {
     Kind.PULSES: b"pulses",
     Kind.STATUS: b"status",
     Kind.TRUTH: b"truth",
+    Kind.CRANK: b"crank",
 }
 _KIND_BY_TOPIC = {topic: kind for kind, topic in TOPICS.items()}
 
@@ -107,13 +109,23 @@ class Pulses:
 
 
 @dataclass(frozen=True, slots=True)
+class Crank:
+    """Ergometer crank readings (the MOTOmed's ActualValues, relayed by the stimulator): one entry each."""
+
+    time_s: np.ndarray  # float64, when the reading arrived (sender's clock)
+    angle_deg: np.ndarray  # float32, 0 <= angle < 360
+    cadence_rpm: np.ndarray  # float32, signed (backwards negative)
+    torque_nm: np.ndarray  # float32, signed
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """Heartbeat and counters: a JSON object (small, not on the hot path)."""
 
     fields: dict[str, Any]
 
 
-Body = EmgChunk | Command | Pulses | Status
+Body = EmgChunk | Command | Pulses | Crank | Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +137,7 @@ class Message:
 _EMG_HEAD = struct.Struct("<QdddII")
 _COMMAND_HEAD = struct.Struct("<dI")
 _PULSES_HEAD = struct.Struct("<I")
+_CRANK_HEAD = struct.Struct("<I")
 MAX_CHANNELS = 1024
 MAX_SAMPLES = 1 << 16
 MAX_PULSES = 1 << 12
@@ -173,6 +186,18 @@ def encode_pulses(seq: int, send_time_s: float, pulses: Pulses) -> bytes:
     )
 
 
+def encode_crank(seq: int, send_time_s: float, crank: Crank) -> bytes:
+    n = len(crank.time_s)
+    return (
+        _header(Kind.CRANK, seq, send_time_s)
+        + _CRANK_HEAD.pack(n)
+        + np.asarray(crank.time_s, dtype="<f8").tobytes()
+        + np.asarray(crank.angle_deg, dtype="<f4").tobytes()
+        + np.asarray(crank.cadence_rpm, dtype="<f4").tobytes()
+        + np.asarray(crank.torque_nm, dtype="<f4").tobytes()
+    )
+
+
 def encode_status(seq: int, send_time_s: float, fields: dict[str, Any]) -> bytes:
     body = json.dumps(fields, allow_nan=False, separators=(",", ":")).encode()
     return _header(Kind.STATUS, seq, send_time_s) + body
@@ -189,6 +214,8 @@ def encode(seq: int, send_time_s: float, body: Body, kind: Kind | None = None) -
         kind, payload = Kind.COMMAND, encode_command(seq, send_time_s, body)
     elif isinstance(body, Pulses):
         kind, payload = Kind.PULSES, encode_pulses(seq, send_time_s, body)
+    elif isinstance(body, Crank):
+        kind, payload = Kind.CRANK, encode_crank(seq, send_time_s, body)
     elif isinstance(body, Status):
         kind, payload = Kind.STATUS, encode_status(seq, send_time_s, body.fields)
     else:
@@ -268,6 +295,27 @@ def _decode_pulses(body: memoryview) -> Pulses:
     return Pulses(channel, time_s, amplitude, width)
 
 
+def _decode_crank(body: memoryview) -> Crank:
+    if len(body) < _CRANK_HEAD.size:
+        raise MalformedMessage(f"crank body truncated: {len(body)} bytes")
+    (n,) = _CRANK_HEAD.unpack_from(body)
+    if n > MAX_PULSES:
+        raise MalformedMessage(f"crank reading count {n} out of range")
+    expected = _CRANK_HEAD.size + 20 * n
+    if len(body) != expected:
+        raise MalformedMessage(f"crank body is {len(body)} bytes, expected {expected}")
+    offset = _CRANK_HEAD.size
+    time_s = np.frombuffer(body, dtype="<f8", count=n, offset=offset)
+    angle = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 8 * n)
+    cadence = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 12 * n)
+    torque = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 16 * n)
+    for name, values in (("crank time", time_s), ("angle", angle), ("cadence", cadence), ("torque", torque)):
+        _finite(name, values)
+    if ((angle < 0) | (angle >= 360)).any():
+        raise MalformedMessage("crank angle outside 0..360 degrees")
+    return Crank(time_s, angle, cadence, torque)
+
+
 def _decode_status(body: memoryview) -> Status:
     if len(body) > MAX_STATUS_BYTES:
         raise MalformedMessage(f"status body too large: {len(body)} bytes")
@@ -300,6 +348,7 @@ _DECODERS = {
     Kind.TRUTH: _decode_emg,
     Kind.COMMAND: _decode_command,
     Kind.PULSES: _decode_pulses,
+    Kind.CRANK: _decode_crank,
     Kind.STATUS: _decode_status,
 }
 

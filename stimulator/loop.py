@@ -60,6 +60,7 @@ class Stimulator:
         )
         self.command_counters = StreamCounters()
         self.pulse_seq = Sequencer()
+        self.crank_seq = Sequencer()
         self.latency = LatencyWindow()
         self.commanded_intensity = np.zeros(len(channels), dtype=np.float32)
         self._auto_arm_pending = config.stimulator.arm_at_start and not os.environ.get(HOLD_AUTO_ARM_ENV)
@@ -183,6 +184,9 @@ class Stimulator:
             self.telemetry.push(
                 "pulses", np.column_stack((pulses.channel, pulses.amplitude_ma, pulses.pulse_width_us)), pulses.time_s
             )
+        crank = self.driver.take_crank()
+        if crank is not None:
+            self.pub.send_multipart(protocol.encode(self.crank_seq.next(), now_s, crank))
         self._publish_events(now_s)
 
     def _publish_events(self, now_s: float) -> None:

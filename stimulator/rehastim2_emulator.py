@@ -8,6 +8,8 @@ list repeated every main interval, each channel in its 1.5 ms slot, low-frequenc
 channels skipping lists; its 1200 ms watchdog (no valid packet -> stimulation
 stopped, all modes reset, Init again); injected StimulationErrors (-1/-2/-3) and
 lost acks. Pulses it "delivers" are kept with their times, so tests see the output.
+With a MOTOmed attached (:class:`EmulatedMotomed`, a motor turning the crank at a
+set cadence), it sends ActualValues every 20 ms once connected.
 
 Where the PDF is silent the emulator takes the cautious reading: StopChannelListMode
 returns to start mode (a new InitChannelListMode is needed), and commands before
@@ -37,6 +39,7 @@ from stimulator.sciencemode2 import Cmd, StimulationMode
 INIT_REPETITION_S = 0.5
 WATCHDOG_TIMEOUT_S = 1.2
 PROTOCOL_VERSION = 1  # the PDF gives no number; the driver accepts any
+ACTUAL_VALUES_INTERVAL_S = 0.020
 _ACK_OF = {
     Cmd.GET_STIMULATION_MODE: Cmd.GET_STIMULATION_MODE_ACK,
     Cmd.INIT_CHANNEL_LIST_MODE: Cmd.INIT_CHANNEL_LIST_MODE_ACK,
@@ -54,10 +57,27 @@ class EmulatedPulse:
     pulse_width_us: int
 
 
+@dataclass
+class EmulatedMotomed:
+    """A MOTOmed whose motor turns the crank at ``cadence_rpm`` (settable) with ``torque_nm`` on it."""
+
+    cadence_rpm: float = 40.0
+    torque_nm: int = 0
+    angle_deg: float = 0.0
+    time_s: float | None = None
+
+    def advance(self, now_s: float) -> sm2.ActualValues:
+        """The crank at ``now_s``, as the device reports it (whole degrees and rpm)."""
+        if self.time_s is not None:
+            self.angle_deg = (self.angle_deg + 6.0 * self.cadence_rpm * (now_s - self.time_s)) % 360.0
+        self.time_s = now_s
+        return sm2.ActualValues(int(self.angle_deg) % 360, round(self.cadence_rpm), self.torque_nm)
+
+
 class RehaStim2Emulator:
     """The device side of ScienceMode2; ``receive`` and ``tick`` fill ``outbox``."""
 
-    def __init__(self) -> None:
+    def __init__(self, motomed: EmulatedMotomed | None = None) -> None:
         self.decoder = sm2.Decoder()
         self.outbox = bytearray()
         self.connected = False
@@ -74,6 +94,9 @@ class RehaStim2Emulator:
         self._number = 0
         self._first_list_s = math.inf
         self._next_list = 0
+        self.motomed = motomed
+        self.actual_values: collections.deque[tuple[float, sm2.ActualValues]] = collections.deque(maxlen=200_000)
+        self._next_actual_s = -math.inf
 
     @property
     def stimulating(self) -> bool:
@@ -103,6 +126,12 @@ class RehaStim2Emulator:
         if not self.connected and now_s >= self._next_init_s:
             self._send(self._own_number(), Cmd.INIT, bytes((PROTOCOL_VERSION,)))
             self._next_init_s = now_s + INIT_REPETITION_S
+        if self.motomed is not None and self.connected and now_s >= self._next_actual_s:
+            reading = self.motomed.advance(now_s)
+            self.actual_values.append((now_s, reading))
+            self._send(self._own_number(), Cmd.ACTUAL_VALUES, reading.to_bytes())
+            following_s = self._next_actual_s + ACTUAL_VALUES_INTERVAL_S  # on the 20 ms grid, unless it fell behind
+            self._next_actual_s = following_s if following_s > now_s else now_s + ACTUAL_VALUES_INTERVAL_S
 
     def inject_stimulation_error(self, code: int, now_s: float) -> None:
         """Emergency switch (-1), electrode (-2) or module (-3) error: stop, start mode, report."""
@@ -285,13 +314,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("device", choices=["rehastim2"], help="the device to emulate")
     parser.add_argument("--error", type=int, choices=[-1, -2, -3], help="inject this StimulationError ...")
     parser.add_argument("--after", type=float, default=5.0, metavar="S", help="... S seconds after stimulation starts")
+    parser.add_argument("--motomed-rpm", type=float, metavar="RPM",
+                        help="attach a MOTOmed turning at RPM: ActualValues every 20 ms")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run an emulator until Ctrl+C, printing its pty path and what it does."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with PtyEmulator() as emulator:
+    motomed = EmulatedMotomed(args.motomed_rpm) if args.motomed_rpm is not None else None
+    with PtyEmulator(RehaStim2Emulator(motomed)) as emulator:
         print(f"RehaStim2 emulator on {emulator.path} (set stimulator.serial_port to it); Ctrl+C stops", flush=True)
         shown = 0
         try:

@@ -52,6 +52,7 @@ class Cmd(enum.IntEnum):
     SINGLE_PULSE = 36
     SINGLE_PULSE_ACK = 37
     STIMULATION_ERROR = 38
+    ACTUAL_VALUES = 60  # MOTOmed angle, speed and torque, sent by the device every 20 ms
 
 
 class StimulationMode(enum.IntEnum):
@@ -329,3 +330,35 @@ def parse_start_data(data: bytes, n_active: int) -> list[ChannelSetting]:
             raise ParameterError(f"channel {i}: current {current} mA > {MAX_CURRENT_MA} mA")
         settings.append(ChannelSetting(mode, max(width, MIN_PULSE_WIDTH_US), current))
     return settings
+
+
+@dataclass(frozen=True)
+class ActualValues:
+    """MOTOmed crank state from the ActualValues packet (command 60, every 20 ms).
+
+    Data: three two-byte fields, MSB first like every two-byte field of the protocol
+    tables: angle (0..359 degrees), speed (rpm, signed) and torque (N m, signed).
+    The digest of the PDF lists the command and its 20 ms interval but not its bytes;
+    this layout is the one public decoders (pysciencemode) read. Check it against the
+    PDF before relying on a real MOTOmed.
+    """
+
+    angle_deg: int
+    speed_rpm: int
+    torque_nm: int
+
+    def to_bytes(self) -> bytes:
+        return (
+            self.angle_deg.to_bytes(2, "big")
+            + self.speed_rpm.to_bytes(2, "big", signed=True)
+            + self.torque_nm.to_bytes(2, "big", signed=True)
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ActualValues:
+        if len(data) != 6:
+            raise ParameterError(f"ActualValues needs 6 data bytes, got {len(data)}")
+        angle = int.from_bytes(data[0:2], "big")
+        if angle >= 360:
+            raise ParameterError(f"ActualValues angle {angle} is not within 0..359 degrees")
+        return cls(angle, int.from_bytes(data[2:4], "big", signed=True), int.from_bytes(data[4:6], "big", signed=True))

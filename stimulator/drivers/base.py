@@ -45,6 +45,10 @@ class Driver(Protocol):
         """Service the device and return the pulses delivered up to ``now_s``; DriverFault on failure."""
         ...
 
+    def take_crank(self) -> protocol.Crank | None:
+        """Ergometer readings the device sent since the last call (MOTOmed on a RehaStim2), or None."""
+        ...
+
     def next_event_s(self) -> float:
         """When the loop should call ``deliver_due`` next at the latest."""
         ...

@@ -18,6 +18,11 @@ stimulating or a link error -> DriverFault naming the cause and the channels. Af
 an ack timeout the driver falls silent until the device, reset by its own watchdog,
 sends Init again.
 
+A MOTOmed on the RehaStim2 sends ActualValues (crank angle, speed, torque) every
+20 ms on its own; the driver keeps each reading with the time it was read, for the
+loop to relay as ``crank`` messages (:meth:`take_crank`). A malformed reading is
+counted and dropped.
+
 Published pulses follow the channel-list timing the device was given: list k starts
 at (first Start ack read) + k * t1, each channel in its 1.5 ms slot; parameters
 apply from when their ack was read.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -47,6 +53,7 @@ KEEP_ALIVE_AFTER_S = 0.25  # a Watchdog goes out if nothing was sent for this lo
 WRITE_TIMEOUT_S = 0.010  # a packet is < 130 bytes: under 3 ms at 460800 baud
 READ_CHUNK_BYTES = 4096
 MAX_LISTS_PER_CALL = 256  # pulses published per call at most, if the loop was late
+MAX_CRANK_READINGS = 256  # kept until taken (5 s of ActualValues): older ones are dropped
 
 
 class Link(Protocol):
@@ -148,6 +155,9 @@ class RehaStim2Driver:
         self.stale_acks = 0
         self.watchdogs_sent = 0
         self.unexpected_packets = 0
+        self._crank: deque[tuple[float, sm2.ActualValues]] = deque(maxlen=MAX_CRANK_READINGS)
+        self.actual_values = 0
+        self.bad_actual_values = 0
 
     # -- Driver interface -------------------------------------------------------------
 
@@ -187,6 +197,19 @@ class RehaStim2Driver:
             raise DriverFault(self.silent_reason, self._on(self._device_ma))
         self._advance(now_s)
         return self._pulses(now_s)
+
+    def take_crank(self) -> protocol.Crank | None:
+        """MOTOmed readings since the last call (time = when read), or None."""
+        if not self._crank:
+            return None
+        readings = list(self._crank)
+        self._crank.clear()
+        return protocol.Crank(
+            np.array([t for t, _ in readings]),
+            np.array([v.angle_deg for _, v in readings], dtype=np.float32),
+            np.array([v.speed_rpm for _, v in readings], dtype=np.float32),
+            np.array([v.torque_nm for _, v in readings], dtype=np.float32),
+        )
 
     def next_event_s(self) -> float:
         times = [self._first_list_s + self._next_list * self.plan.period_s]
@@ -229,6 +252,8 @@ class RehaStim2Driver:
             "garbage_bytes": self.decoder.garbage_bytes,
             "unexpected_packets": self.unexpected_packets,
             "pulses_unpublished": self.pulses_unpublished,
+            "actual_values": self.actual_values,
+            "bad_actual_values": self.bad_actual_values,
         }
 
     # -- protocol -----------------------------------------------------------------------
@@ -306,6 +331,12 @@ class RehaStim2Driver:
         command = packet.command
         if command == sm2.Cmd.INIT:
             self._on_init(packet, now_s)
+        elif command == sm2.Cmd.ACTUAL_VALUES:
+            try:
+                self._crank.append((now_s, sm2.ActualValues.from_bytes(packet.data)))
+                self.actual_values += 1
+            except sm2.ParameterError:
+                self.bad_actual_values += 1
         elif command == sm2.Cmd.STIMULATION_ERROR:
             code = sm2.to_signed(packet.data[0]) if packet.data else 0
             cause = sm2.STIMULATION_ERROR_TEXT.get(code, "unknown stimulation error")

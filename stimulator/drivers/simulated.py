@@ -50,6 +50,10 @@ class SimulatedDriver:
         self.amplitude_ma[:] = 0.0
         self.next_pulse_s[:] = math.inf
 
+    def take_crank(self) -> protocol.Crank | None:
+        """No ergometer behind the simulated stimulator (the controller simulates its own)."""
+        return None
+
     def next_event_s(self) -> float:
         return float(self.next_pulse_s.min()) if len(self.next_pulse_s) else math.inf
 

@@ -27,6 +27,7 @@ from fesloop.protocol import (
     TOPICS,
     VERSION,
     Command,
+    Crank,
     EmgChunk,
     GateReason,
     Kind,
@@ -42,6 +43,7 @@ HEADER = struct.Struct("<4sBBHQd")
 EMG_HEAD = struct.Struct("<QdddII")
 COMMAND_HEAD = struct.Struct("<dI")
 PULSES_HEAD = struct.Struct("<I")
+CRANK_HEAD = struct.Struct("<I")
 NON_FINITE = [math.nan, math.inf, -math.inf]
 
 # ---------------------------------------------------------------- strategies
@@ -91,6 +93,17 @@ def pulse_sets(draw, max_pulses: int = 64) -> Pulses:
     )
 
 
+@st.composite
+def crank_sets(draw, max_readings: int = 64) -> Crank:
+    n = draw(st.integers(0, max_readings))
+    return Crank(
+        time_s=draw(hnp.arrays(np.float64, n, elements=finite64)),
+        angle_deg=draw(hnp.arrays(np.float32, n, elements=st.floats(0.0, 360.0, exclude_max=True, width=32))),
+        cadence_rpm=draw(hnp.arrays(np.float32, n, elements=finite32)),
+        torque_nm=draw(hnp.arrays(np.float32, n, elements=finite32)),
+    )
+
+
 json_scalars = (
     st.none()
     | st.booleans()
@@ -111,6 +124,7 @@ bodies = st.one_of(
     st.tuples(st.just(Kind.TRUTH), emg_chunks(16, 8)),
     st.tuples(st.just(Kind.COMMAND), commands(32)),
     st.tuples(st.just(Kind.PULSES), pulse_sets(32)),
+    st.tuples(st.just(Kind.CRANK), crank_sets(32)),
     st.tuples(st.just(Kind.STATUS), statuses),
 )
 messages = st.builds(
@@ -174,6 +188,17 @@ def pulses_payload(channel, time_s, amplitude, width, n: int | None = None) -> b
     )
 
 
+def crank_payload(time_s, angle, cadence, torque, n: int | None = None) -> bytes:
+    return (
+        header(Kind.CRANK)
+        + CRANK_HEAD.pack(len(time_s) if n is None else n)
+        + np.asarray(time_s, dtype="<f8").tobytes()
+        + np.asarray(angle, dtype="<f4").tobytes()
+        + np.asarray(cadence, dtype="<f4").tobytes()
+        + np.asarray(torque, dtype="<f4").tobytes()
+    )
+
+
 def status_frames(body: bytes) -> list[bytes]:
     return [b"status", header(Kind.STATUS) + body]
 
@@ -203,6 +228,13 @@ def assert_safe(message: Message) -> None:
         for values in (body.time_s, body.amplitude_ma, body.pulse_width_us):
             assert np.isfinite(values).all()
         assert (body.amplitude_ma >= 0).all() and (body.pulse_width_us >= 0).all()
+    elif isinstance(body, Crank):
+        assert message.header.kind is Kind.CRANK
+        n = len(body.time_s)
+        assert len(body.angle_deg) == len(body.cadence_rpm) == len(body.torque_nm) == n
+        for values in (body.time_s, body.angle_deg, body.cadence_rpm, body.torque_nm):
+            assert np.isfinite(values).all()
+        assert ((body.angle_deg >= 0) & (body.angle_deg < 360)).all()
     else:
         assert isinstance(body, Status)
         assert message.header.kind is Kind.STATUS
@@ -264,6 +296,20 @@ def test_pulses_round_trip(seq, send_time, pulses):
     same_array(body.time_s, pulses.time_s, np.float64)
     same_array(body.amplitude_ma, pulses.amplitude_ma, np.float32)
     same_array(body.pulse_width_us, pulses.pulse_width_us, np.float32)
+
+
+@given(seq=seqs, send_time=finite64, crank=crank_sets())
+def test_crank_round_trip(seq, send_time, crank):
+    frames = encode(seq, send_time, crank)
+    assert frames[0] == b"crank"
+    message = decode(frames)
+    assert message.header == type(message.header)(Kind.CRANK, seq, send_time)
+    body = message.body
+    assert isinstance(body, Crank)
+    same_array(body.time_s, crank.time_s, np.float64)
+    same_array(body.angle_deg, crank.angle_deg, np.float32)
+    same_array(body.cadence_rpm, crank.cadence_rpm, np.float32)
+    same_array(body.torque_nm, crank.torque_nm, np.float32)
 
 
 @given(seq=seqs, send_time=finite64, status=statuses)
@@ -515,6 +561,24 @@ def test_pulse_count_mismatch_is_rejected(claimed):
 def test_empty_pulse_list_is_accepted():
     body = decode([b"pulses", pulses_payload([], [], [], [])]).body
     assert isinstance(body, Pulses) and len(body.channel) == 0
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+@pytest.mark.parametrize("field", ["time_s", "angle", "cadence", "torque"])
+def test_non_finite_crank_values_are_rejected(field, bad):
+    values = {"time_s": [1.0, 2.0], "angle": [10.0, 20.0], "cadence": [40.0, 40.0], "torque": [1.0, 1.0]}
+    values[field] = [values[field][0], bad]
+    rejected([b"crank", crank_payload(values["time_s"], values["angle"], values["cadence"], values["torque"])])
+
+
+@pytest.mark.parametrize("angle", [-1e-3, 360.0, 720.0])
+def test_crank_angle_outside_a_turn_is_rejected(angle):
+    rejected([b"crank", crank_payload([1.0], [angle], [40.0], [0.0])])
+
+
+@pytest.mark.parametrize("claimed", [0, 2, MAX_PULSES + 1, 2**32 - 1])
+def test_crank_count_mismatch_is_rejected(claimed):
+    rejected([b"crank", crank_payload([1.0], [10.0], [40.0], [0.0], n=claimed)])
 
 
 # ---------------------------------------------------------------- status body

@@ -12,7 +12,13 @@ from fesloop.config import StimulationChannel
 from stimulator import sciencemode2 as sm2
 from stimulator.drivers.base import DriverFault
 from stimulator.drivers.rehastim2 import ACK_TIMEOUT_S, RehaStim2Driver, SerialLink
-from stimulator.rehastim2_emulator import WATCHDOG_TIMEOUT_S, EmulatedPulse, PtyEmulator
+from stimulator.rehastim2_emulator import (
+    WATCHDOG_TIMEOUT_S,
+    EmulatedMotomed,
+    EmulatedPulse,
+    PtyEmulator,
+    RehaStim2Emulator,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -302,3 +308,34 @@ def test_a_vanished_port_faults_once_naming_the_channels_then_stays_closed(
     with pytest.raises(DriverFault, match="device not ready: serial link lost"):
         driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())
     driver.set_output(np.zeros(2), WIDTHS_US, time.monotonic())  # zero is always accepted
+
+
+def test_motomed_actual_values_reach_take_crank_every_20_ms() -> None:
+    with PtyEmulator(RehaStim2Emulator(EmulatedMotomed(cadence_rpm=45.0))) as emulator:
+        driver = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
+        try:
+            loop = connected(Loop(driver))
+            readings = []
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                loop.run(0.01)
+                crank = driver.take_crank()
+                if crank is not None:
+                    readings.append(crank)
+            emulator.inject_line_bytes(sm2.encode(200, sm2.Cmd.ACTUAL_VALUES, bytes([0x01, 0x68, 0, 45, 0, 0])))
+            loop.run(0.05)
+            status = driver.status()
+        finally:
+            driver.close()
+        with emulator.lock:
+            sent = list(emulator.device.actual_values)
+    angle = np.concatenate([c.angle_deg for c in readings])
+    received_s = np.concatenate([c.time_s for c in readings])
+    assert len(angle) >= 20  # 0.5 s at one reading per 20 ms
+    assert [(v.angle_deg, v.speed_rpm, v.torque_nm) for _, v in sent[: len(angle)]] == [
+        (int(a), 45, 0) for a in angle
+    ]
+    assert np.all(np.concatenate([c.cadence_rpm for c in readings]) == 45.0)
+    np.testing.assert_allclose(np.median(np.diff(received_s)), 0.020, atol=0.003)
+    assert status["bad_actual_values"] == 1  # the angle-360 reading: counted and dropped
+    assert status["actual_values"] >= len(angle)

@@ -190,3 +190,19 @@ def test_encode_refuses_what_the_protocol_cannot_carry() -> None:
         sm2.encode(0, 32, bytes(61))
     with pytest.raises(ValueError, match="must be bytes"):
         sm2.encode(256, 32)
+
+
+def test_actual_values_bytes_msb_first_and_signed() -> None:
+    values = sm2.ActualValues(angle_deg=300, speed_rpm=-16, torque_nm=5)
+    assert values.to_bytes() == bytes([0x01, 0x2C, 0xFF, 0xF0, 0x00, 0x05])  # 300 = 0x012C, -16 = 0xFFF0
+    assert sm2.ActualValues.from_bytes(values.to_bytes()) == values
+    framed = sm2.encode(7, Cmd.ACTUAL_VALUES, values.to_bytes())  # 0xF0 inside the data is stuffed
+    assert b"\x81\xa5" in framed and sm2.Decoder().feed(framed)[0].data == values.to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "match"), [(bytes(5), "6 data bytes"), (bytes([0x01, 0x68, 0, 0, 0, 0]), "angle 360")]
+)
+def test_actual_values_out_of_range_is_a_parameter_error(data: bytes, match: str) -> None:
+    with pytest.raises(sm2.ParameterError, match=match):
+        sm2.ActualValues.from_bytes(data)
