@@ -18,30 +18,10 @@ from acquisition.gaps import scan_timestamps, segments
 from acquisition.sources import Block, SourceError, n_channels_needed
 from fesloop import protocol
 from fesloop.config import Config
-from fesloop.lsl import configure_machine_scope
+from fesloop.lsl import NUMPY_DTYPES, configure_machine_scope, stream_query
 
 MAX_PULL_SAMPLES = 4096
 RESTART_RESOLVE_S = 0.5
-_DTYPES = {
-    pylsl.cf_float32: np.float32,
-    pylsl.cf_double64: np.float64,
-    pylsl.cf_int32: np.int32,
-    pylsl.cf_int16: np.int16,
-    pylsl.cf_int8: np.int8,
-}
-
-
-def stream_query(name: str, stream_type: str, source_id: str) -> str:
-    """The XPath predicate selecting streams by every non-empty field, fesloop's own excluded."""
-    fields = (("name", name), ("type", stream_type), ("source_id", source_id))
-    parts = [f"{key}='{value}'" for key, value in fields if value]
-    if not parts:
-        raise SourceError("acquisition.lsl_inlet: set at least one of name, type, source_id")
-    for part in parts:
-        if part.count("'") != 2:
-            raise SourceError(f"acquisition.lsl_inlet: {part} must not contain quotes")
-    parts.append("not(starts-with(source_id, 'fesloop-'))")  # never our own outlets: no feedback loop
-    return " and ".join(parts)
 
 
 class LslSource:
@@ -50,7 +30,10 @@ class LslSource:
     def __init__(self, config: Config) -> None:
         cfg = config.acquisition.lsl_inlet
         self._cfg = cfg
-        self._query = stream_query(cfg.name, cfg.type, cfg.source_id)
+        try:
+            self._query = stream_query(cfg.name, cfg.type, cfg.source_id)
+        except ValueError as exc:
+            raise SourceError(f"acquisition.lsl_inlet: {exc}") from None
         self.n_channels = n_channels_needed(config)
         self.sampling_rate_hz = 0.0  # known once the stream is resolved
         self.source_id = f"lsl-{cfg.source_id or cfg.name or cfg.type}"
@@ -81,7 +64,7 @@ class LslSource:
             raise SourceError(
                 f"LSL stream {info.name()!r} has {info.channel_count()} channels, the muscles need {self.n_channels}"
             )
-        dtype = _DTYPES.get(info.channel_format())
+        dtype = NUMPY_DTYPES.get(info.channel_format())
         if dtype is None:
             raise SourceError(f"LSL stream {info.name()!r}: channel format {info.channel_format()} is not numeric")
         inlet = pylsl.StreamInlet(

@@ -21,6 +21,7 @@ import zmq
 
 from controller.calibration import Calibration, CalibrationError
 from controller.estimator import EmgEstimator
+from controller.crank import LslCrank
 from controller.laws.channels import ChannelLaws
 from fesloop import protocol
 from fesloop.config import Config
@@ -52,8 +53,11 @@ class Controller:
         self.emg_sub = subscriber(
             ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], security=self.rt.security, server="acquisition"
         )
+        stimulator_topics = [protocol.TOPICS[protocol.Kind.PULSES]]
+        if config.controller.crank.source == "motomed":
+            stimulator_topics.append(protocol.TOPICS[protocol.Kind.CRANK])
         self.pulses_sub = subscriber(
-            ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]], security=self.rt.security, server="stimulator"
+            ctx, config.endpoints.pulses, stimulator_topics, security=self.rt.security, server="stimulator"
         )
         self.emg_counters = StreamCounters()
         self.pulse_counters = StreamCounters()
@@ -68,6 +72,10 @@ class Controller:
         self.sent_since_tick = False
         self.n_stim = len(config.stimulation)
         self.laws = ChannelLaws(config)
+        self.lsl_crank = (
+            LslCrank(config.controller.crank) if self.laws.tracker is not None and config.controller.crank.source == "lsl" else None
+        )
+        self.crank_unsynced = 0  # MOTOmed readings received before the stimulator's clock offset was known
         self.intensity = np.zeros(self.n_stim, dtype=np.float32)
         self.gate_reason = np.full(self.n_stim, GateReason.NO_EMG, dtype=np.uint8)
         self.event_counts: dict[str, int] = {}
@@ -111,6 +119,7 @@ class Controller:
             "pulses_unsynced": self.pulses_unsynced,
             "mwave": self.estimator.mwave.status(self.estimator.names) if self.estimator else {},
             **self.laws.status(),
+            **self._crank_source_status(),
             "calibration": self.config.controller.calibration_file or "config",
             "calibration_error": self.calibration_error,
         }
@@ -128,6 +137,20 @@ class Controller:
                 pulses.amplitude_ma,
                 pulses.pulse_width_us,
             )
+
+    def on_crank(self, crank: protocol.Crank) -> None:
+        """MOTOmed readings relayed by the stimulator, put on this clock; counted and dropped until it is known."""
+        if not self.clocks.peers["stimulator"].known:
+            self.crank_unsynced += len(crank.time_s)
+            return
+        self.laws.add_crank(self.clocks.to_local("stimulator", crank.time_s), crank.angle_deg, crank.cadence_rpm)
+
+    def _crank_source_status(self) -> dict[str, Any]:
+        if self.lsl_crank is not None:
+            return {"crank_source": f"lsl {self.lsl_crank.query}: {self.lsl_crank.state}"}
+        if self.config.controller.crank.source == "motomed":
+            return {"crank_source": "motomed", "crank_unsynced": self.crank_unsynced}
+        return {}
 
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
         needed = max(m.emg_channel for m in self.config.muscles) + 1
@@ -178,8 +201,10 @@ class Controller:
         else:
             reason = GateReason.OPEN
         self.gate_reason[:] = reason
+        self.laws.advance_crank(now_s)
         if reason == GateReason.OPEN:
             self.estimator.gate_reasons(self.gate_reason)
+            self.laws.crank_gates(self.gate_reason)
         activation = self.estimator.activation if self.estimator is not None else None
         mwave = self.estimator.mwave.normalized if self.estimator is not None else None
         gate_open = self.gate_reason == GateReason.OPEN
@@ -213,7 +238,13 @@ class Controller:
                 ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
                 if self.pulses_sub in ready:
                     for message in drain(self.pulses_sub, self.pulse_counters):
-                        self.on_pulses(message.body)
+                        if isinstance(message.body, protocol.Crank):
+                            self.on_crank(message.body)
+                        else:
+                            self.on_pulses(message.body)
+                if self.lsl_crank is not None:
+                    for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():
+                        self.laws.add_crank(time_s, angle_deg, cadence_rpm)
                 if self.emg_sub in ready:
                     for message in drain(self.emg_sub, self.emg_counters):
                         self.on_emg(message.body, rt.clock.now())
@@ -232,6 +263,8 @@ class Controller:
                 rt.publish_status_if_due(self.pub, now_s)
         finally:
             rt.log.info("stopped: %d commands sent, %d overruns", self.commands_sent, pacer.overruns)
+            if self.lsl_crank is not None:
+                self.lsl_crank.close()
             rt.close()
         return rt.exit_code
 

@@ -269,6 +269,27 @@ class ErgometerConfig:
 
 
 @dataclass(frozen=True)
+class CrankConfig:
+    """Where the cycling laws read crank angle and cadence.
+
+    ``simulated``: the ergometer of [controller.ergometer], inside the controller.
+    ``lsl``: a stream (name/type/source_id) carrying the angle in degrees in
+    ``angle_channel`` and the cadence in rpm in ``cadence_channel`` (-1: from the
+    angle's rate of change). ``motomed``: the MOTOmed on the RehaStim2, whose
+    ActualValues the stimulator relays. A crank reading older than ``stale_ms`` closes
+    the gate of every cycling channel (NO_CRANK): the phase is no longer known.
+    """
+
+    source: Literal["simulated", "lsl", "motomed"] = "simulated"
+    stale_ms: float = bounded(200.0, 20.0, 5000.0, "ms")
+    name: str = ""
+    type: str = "Crank"
+    source_id: str = ""
+    angle_channel: int = bounded(0, 0, 1023, "channel index")
+    cadence_channel: int = bounded(-1, -1, 1023, "channel index (-1: cadence from the angle)")
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     control_rate_hz: float = bounded(200.0, 10.0, 2000.0, "Hz")
     stale_ms: float = bounded(100.0, 10.0, 5000.0, "ms")
@@ -281,6 +302,7 @@ class ControllerConfig:
     # Written by `fesloop calibrate`; when set, its rest/MVC levels replace the muscles' own.
     calibration_file: str = ""
     ergometer: ErgometerConfig = field(default_factory=ErgometerConfig)
+    crank: CrankConfig = field(default_factory=CrankConfig)
 
 
 def check_not_above(key: str, value: float, limit_key: str, limit: float) -> None:
@@ -574,6 +596,18 @@ class Config:
                 )
             except LimitError as exc:
                 raise ConfigError(f"{key}.{exc.key}", exc.value, exc.limit) from None
+        crank = self.controller.crank
+        if crank.source == "motomed" and self.stimulator.driver != "rehastim2":
+            raise ConfigError(
+                "controller.crank.source", "motomed", f"needs stimulator.driver = 'rehastim2' (is {self.stimulator.driver!r})"
+            )
+        if crank.source == "lsl":
+            from fesloop.lsl import stream_query
+
+            try:
+                stream_query(crank.name, crank.type, crank.source_id)
+            except ValueError as exc:
+                raise ConfigError("controller.crank", {"name": crank.name, "type": crank.type, "source_id": crank.source_id}, str(exc)) from None
         if self.stimulator.arm_at_start and self.stimulator.driver != "simulated":
             raise ConfigError("stimulator.arm_at_start", True, "only the simulated driver may arm at start")
         if self.stimulator.driver == "rehastim2" and self.stimulation:

@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pylsl
 
 MACHINE_SCOPE_CONFIG = """\
@@ -28,6 +29,15 @@ level = -2
 
 _configured = False
 
+# Numeric LSL channel formats and the numpy dtype pull_chunk(dest_obj=...) fills.
+NUMPY_DTYPES = {
+    pylsl.cf_float32: np.float32,
+    pylsl.cf_double64: np.float64,
+    pylsl.cf_int32: np.int32,
+    pylsl.cf_int16: np.int16,
+    pylsl.cf_int8: np.int8,
+}
+
 
 def configure_machine_scope() -> None:
     """Keep LSL on this machine (idempotent). ``LSLAPICFG`` set by the user wins."""
@@ -37,6 +47,22 @@ def configure_machine_scope() -> None:
     if not os.environ.get("LSLAPICFG"):
         pylsl.set_config_content(MACHINE_SCOPE_CONFIG)
     _configured = True
+
+
+def stream_query(name: str, stream_type: str, source_id: str) -> str:
+    """The XPath predicate selecting streams by every non-empty field, fesloop's own excluded.
+
+    ValueError when no field is set or a field holds a quote.
+    """
+    fields = (("name", name), ("type", stream_type), ("source_id", source_id))
+    parts = [f"{key}='{value}'" for key, value in fields if value]
+    if not parts:
+        raise ValueError("set at least one of name, type, source_id")
+    for part in parts:
+        if part.count("'") != 2:
+            raise ValueError(f"{part} must not contain quotes")
+    parts.append("not(starts-with(source_id, 'fesloop-'))")  # never our own outlets: no feedback loop
+    return " and ".join(parts)
 
 
 def machine_scope_env() -> dict[str, str]:

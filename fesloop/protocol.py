@@ -56,6 +56,7 @@ class GateReason(enum.IntEnum):
     NOT_CALIBRATED = 5
     SHUTDOWN = 6
     CLOCK_UNSYNCED = 7  # a peer's clock offset is not known yet: pulse and EMG times cannot be compared
+    NO_CRANK = 8  # cycling: no fresh crank reading (LSL stream or MOTOmed), the phase is unknown
 
 
 class MalformedMessage(ValueError):

@@ -1,8 +1,9 @@
-"""The law of every stimulation channel, and the crank source the cycling laws read.
+"""The law of every stimulation channel, and the crank the cycling laws read.
 
 This is what the controller loop holds: it feeds delivered pulses (to the simulated
-ergometer) and steps every law once per control tick; a closed gate holds the law
-and gives 0. Law events are kept (most recent first out) for the status message and
+ergometer) or external crank readings (LSL, MOTOmed), advances the crank, closes the
+gates of cycling channels while the crank is unknown (NO_CRANK), and steps every law
+once per control tick; a closed gate holds the law and gives 0. Law events are kept (most recent first out) for the status message and
 handed to the loop once each for the LSL markers stream.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from acquisition.patient import recruitment
+from controller.crank import CrankTracker
 from controller.ergometer import SimulatedErgometer
 from controller.laws.base import Law, LawInputs
 from controller.laws.cycling import Cycling, window_centre_deg
@@ -21,6 +23,7 @@ from controller.laws.proportional import Proportional
 from controller.laws.tracking import Tracking
 from controller.laws.triggered import Triggered
 from fesloop.config import Config, CyclingLaw, ProportionalLaw, TrackingLaw, TriggeredLaw
+from fesloop.protocol import GateReason
 
 RECENT_EVENTS = 32
 
@@ -37,6 +40,8 @@ class ChannelLaws:
         self.laws = [build_law(s.law) for s in config.stimulation]
         self._muscle = [config.muscle_index(s.muscle) for s in config.stimulation]
         cycling = [isinstance(s.law, CyclingLaw) for s in config.stimulation]
+        self.cycling = np.array(cycling, dtype=bool)
+        crank = config.controller.crank
         self.ergometer = (
             SimulatedErgometer(
                 config.controller.ergometer,
@@ -45,9 +50,10 @@ class ChannelLaws:
                 np.array(cycling),
                 lambda amplitude_ma: recruitment(amplitude_ma, config.acquisition.simulated),
             )
-            if any(cycling)
+            if any(cycling) and crank.source == "simulated"
             else None
         )
+        self.tracker = CrankTracker(crank.stale_ms * 1e-3) if any(cycling) and crank.source != "simulated" else None
         self.crank = None
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.event_counts: dict[str, int] = {}
@@ -56,6 +62,23 @@ class ChannelLaws:
     def add_pulses(self, time_s: np.ndarray, device_channel: np.ndarray, amplitude_ma: np.ndarray) -> None:
         if self.ergometer is not None:
             self.ergometer.add_pulses(time_s, device_channel, amplitude_ma)
+
+    def add_crank(self, time_s: np.ndarray, angle_deg: np.ndarray, cadence_rpm: np.ndarray | None) -> None:
+        """External crank readings on this process's clock (ignored with the simulated ergometer)."""
+        if self.tracker is not None:
+            self.tracker.add(time_s, angle_deg, cadence_rpm)
+
+    def advance_crank(self, now_s: float) -> None:
+        """The crank at ``now_s``, for the gates and the laws of this tick."""
+        if self.ergometer is not None:
+            self.crank = self.ergometer.advance(now_s)
+        elif self.tracker is not None:
+            self.crank = self.tracker.state(now_s)
+
+    def crank_gates(self, gate_reason: np.ndarray) -> None:
+        """Close the open gates of cycling channels (NO_CRANK) while the crank is unknown."""
+        if self.tracker is not None and self.crank is None:
+            gate_reason[self.cycling & (gate_reason == GateReason.OPEN)] = GateReason.NO_CRANK
 
     def step(
         self,
@@ -67,10 +90,9 @@ class ChannelLaws:
     ) -> None:
         """Write each channel's intensity into ``out`` (0 where the gate is closed).
 
+        Cycling laws read the crank of the last :meth:`advance_crank`.
         ``mwave``: normalized M-wave amplitude per muscle, NaN where none is known yet.
         """
-        if self.ergometer is not None:
-            self.crank = self.ergometer.advance(now_s)
         for i, law in enumerate(self.laws):
             if gate_open[i] and activation is not None:
                 muscle = self._muscle[i]
@@ -96,4 +118,10 @@ class ChannelLaws:
             if self.crank is not None
             else None
         )
-        return {"law_events": list(self.recent_events), "law_event_counts": dict(self.event_counts), "crank": crank}
+        status: dict[str, Any] = {
+            "law_events": list(self.recent_events), "law_event_counts": dict(self.event_counts), "crank": crank
+        }
+        if self.tracker is not None:
+            status["crank_readings"] = self.tracker.readings
+            status["crank_out_of_order"] = self.tracker.out_of_order
+        return status
