@@ -29,7 +29,7 @@ from acquisition.sources import Block, Source, SourceError, open_source
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.runtime import LatencyWindow, Pacer, ProcessRuntime
-from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
+from fesloop.sockets import Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 
 RECENT_GAPS = 8
@@ -115,11 +115,10 @@ class Acquisition:
         self.rt = ProcessRuntime("acquisition", config.endpoints.acquisition_control, security=config.security)
         self.source = source or open_source(config)
         self.pub = publisher(self.rt.ctx, config.endpoints.emg, self.rt.security)
-        self.pulses_sub = subscriber(
+        self.pulses_link = Link(
             self.rt.ctx, config.endpoints.pulses, [protocol.TOPICS[protocol.Kind.PULSES]],
-            security=self.rt.security, server="stimulator",
+            config.endpoints.link_timeout_ms * 1e-3, self.rt.log, security=self.rt.security, server="stimulator",
         )
-        self.pulse_counters = StreamCounters()
         self.pulses_unsynced = 0  # pulses received before the stimulator's clock offset was known
         self.stimulator_clock = self.rt.sync_clocks({"stimulator": config.endpoints.stimulator_control}).peers[
             "stimulator"
@@ -162,9 +161,10 @@ class Acquisition:
             "reopening": self.restart.busy,
             "chunk_age_ms": self.chunk_age.summary_ms(),
             "overruns": self.pacer.overruns if self.pacer else 0,
-            "pulses_received": self.pulse_counters.received,
+            "pulses_received": self.pulses_link.counters.received,
             "pulses_unsynced": self.pulses_unsynced,
-            "rejected": self.pulse_counters.rejected,
+            "rejected": self.pulses_link.counters.rejected,
+            "links": {"stimulator": self.pulses_link.status()},
         }
 
     def _open_outlet(self) -> None:
@@ -310,7 +310,7 @@ class Acquisition:
         self.pacer = pacer = Pacer(self.config.acquisition.chunk_ms * 1e-3, now_s)
         poller = zmq.Poller()
         poller.register(rt.control.sock, zmq.POLLIN)
-        poller.register(self.pulses_sub, zmq.POLLIN)
+        poller.register(self.pulses_link.sock, zmq.POLLIN)
         rt.log.info("running: %s, %d channels at %g Hz", self.source.source_id, self.source.n_channels,
                     self.source.sampling_rate_hz)
         try:
@@ -319,12 +319,13 @@ class Acquisition:
                 if timeout_ms < 1.0:  # zmq polls whole ms: poll(0) would spin until the deadline
                     time.sleep(timeout_ms * 1e-3)
                 ready = dict(poller.poll(int(timeout_ms)))
-                if self.pulses_sub in ready:
-                    for message in drain(self.pulses_sub, self.pulse_counters):
+                if self.pulses_link.sock in ready:
+                    for message in self.pulses_link.drain(rt.clock.now()):
                         self._on_pulses(message.body)
                 if rt.control.sock in ready:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()
+                self.pulses_link.keep(now_s)
                 if pacer.due(now_s):
                     self._reopened()
                     blocks = [] if self.restart.busy else self._read(now_s)

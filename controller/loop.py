@@ -27,7 +27,7 @@ from fesloop import protocol
 from fesloop.config import Config
 from fesloop.protocol import GateReason
 from fesloop.runtime import Pacer, ProcessRuntime
-from fesloop.sockets import Sequencer, StreamCounters, drain, publisher, subscriber
+from fesloop.sockets import Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 
 MAX_COMMAND_RATE_HZ = 1000.0  # event-driven commands are spaced at least 1 ms apart
@@ -50,17 +50,18 @@ class Controller:
         self.rt = ProcessRuntime("controller", config.endpoints.controller_control, security=config.security)
         ctx = self.rt.ctx
         self.pub = publisher(ctx, config.endpoints.command, self.rt.security)
-        self.emg_sub = subscriber(
-            ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], security=self.rt.security, server="acquisition"
+        link_timeout_s = config.endpoints.link_timeout_ms * 1e-3
+        self.emg_link = Link(
+            ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], link_timeout_s, self.rt.log,
+            security=self.rt.security, server="acquisition",
         )
         stimulator_topics = [protocol.TOPICS[protocol.Kind.PULSES]]
         if config.controller.crank.source == "motomed":
             stimulator_topics.append(protocol.TOPICS[protocol.Kind.CRANK])
-        self.pulses_sub = subscriber(
-            ctx, config.endpoints.pulses, stimulator_topics, security=self.rt.security, server="stimulator"
+        self.pulses_link = Link(
+            ctx, config.endpoints.pulses, stimulator_topics, link_timeout_s, self.rt.log,
+            security=self.rt.security, server="stimulator",
         )
-        self.emg_counters = StreamCounters()
-        self.pulse_counters = StreamCounters()
         self.command_seq = Sequencer()
         self.estimator: EmgEstimator | None = None
         self.last_emg_rx_s: float | None = None
@@ -106,9 +107,10 @@ class Controller:
             "intensity": [round(float(x), 4) for x in self.intensity],
             "gate": [GateReason(int(r)).name for r in self.gate_reason],
             "commands_sent": self.commands_sent,
-            "emg_received": self.emg_counters.received,
-            "pulses_received": self.pulse_counters.received,
-            "rejected": self.emg_counters.rejected + self.pulse_counters.rejected,
+            "emg_received": self.emg_link.counters.received,
+            "pulses_received": self.pulses_link.counters.received,
+            "rejected": self.emg_link.counters.rejected + self.pulses_link.counters.rejected,
+            "links": {"acquisition": self.emg_link.status(), "stimulator": self.pulses_link.status()},
             "gap_samples": self.estimator.gap_samples if self.estimator else 0,
             "blanked_samples": self.estimator.blanker.blanked_samples if self.estimator and self.estimator.blanker else 0,
             "artifacts_detected": self.estimator.artifacts_detected if self.estimator else 0,
@@ -155,8 +157,8 @@ class Controller:
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
         needed = max(m.emg_channel for m in self.config.muscles) + 1
         if chunk.data.shape[1] < needed:
-            self.emg_counters.rejected += 1
-            self.emg_counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles need {needed}"
+            self.emg_link.counters.rejected += 1
+            self.emg_link.counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles need {needed}"
             return
         if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
             self.estimator = EmgEstimator(
@@ -226,7 +228,7 @@ class Controller:
         min_interval_s = 1.0 / MAX_COMMAND_RATE_HZ
         pacer = Pacer(1.0 / self.config.controller.control_rate_hz, rt.clock.now())
         poller = zmq.Poller()
-        for sock in (rt.control.sock, self.emg_sub, self.pulses_sub):
+        for sock in (rt.control.sock, self.emg_link.sock, self.pulses_link.sock):
             poller.register(sock, zmq.POLLIN)
         rt.log.info("running: %d muscles, %d stimulation channels", len(self.config.muscles), self.n_stim)
         try:
@@ -236,8 +238,8 @@ class Controller:
                 if self.emg_pending:  # rate-limited: due once the minimum interval has passed
                     timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + min_interval_s - now_s) * 1e3))
                 ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
-                if self.pulses_sub in ready:
-                    for message in drain(self.pulses_sub, self.pulse_counters):
+                if self.pulses_link.sock in ready:
+                    for message in self.pulses_link.drain(rt.clock.now()):
                         if isinstance(message.body, protocol.Crank):
                             self.on_crank(message.body)
                         else:
@@ -245,12 +247,14 @@ class Controller:
                 if self.lsl_crank is not None:
                     for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():
                         self.laws.add_crank(time_s, angle_deg, cadence_rpm)
-                if self.emg_sub in ready:
-                    for message in drain(self.emg_sub, self.emg_counters):
+                if self.emg_link.sock in ready:
+                    for message in self.emg_link.drain(rt.clock.now()):
                         self.on_emg(message.body, rt.clock.now())
                 if rt.control.sock in ready:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()
+                self.emg_link.keep(now_s)
+                self.pulses_link.keep(now_s)
                 if self.emg_pending and now_s - self.last_command_s >= min_interval_s:
                     self.publish_command(now_s)
                 if pacer.due(now_s):

@@ -29,6 +29,8 @@ class Endpoints:
     acquisition_control: str = "tcp://127.0.0.1:5611"
     controller_control: str = "tcp://127.0.0.1:5612"
     stimulator_control: str = "tcp://127.0.0.1:5613"
+    # A subscriber that hears nothing (not even the 5 Hz status) for this long reconnects.
+    link_timeout_ms: float = bounded(1000.0, 400.0, 60000.0, "ms (above two 200 ms status periods)")
 
 
 @dataclass(frozen=True)

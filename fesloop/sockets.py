@@ -8,18 +8,28 @@ With a :class:`~fesloop.security.Security`, servers (PUB, REP) are CURVE servers
 ZAP and clients (SUB, REQ) are CURVE clients of a named process; without one, every
 endpoint must be loopback or ipc://.
 
+Links: every server publishes ``status`` at 5 Hz, and every SUB (a :class:`Link`)
+subscribes to it besides its data topics, as the heartbeat. A link silent for
+``endpoints.link_timeout_ms`` disconnects and connects again: after a network
+outage both ends of a TCP connection may stay "established" with nothing flowing
+(a half-open connection that TCP notices only after minutes), and without a new
+connection the stream would never come back. Freshness of the data itself is each
+process's business (command deadline, EMG staleness): those close the gates within
+their own bounds, long before a link is rebuilt.
+
 No ZMTP heartbeats: with them (100/300 ms, on every socket or on bound sockets only)
 the controller, frozen by SIGSTOP and resumed, aborted inside libzmq 4.3.5 in about
-half the runs (``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``, a
-heartbeat timeout on a connection that already had an I/O error); the stimulator
-then never heard it again. A dead peer is noticed by application freshness instead:
-the stimulator's command deadline, the controller's EMG staleness, and every
-process's 5 Hz status.
+half the runs (``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``).
+This is libzmq's known bug: a heartbeat timeout on a connection whose input is
+stopped by backpressure (a full receive queue, as in a frozen process) errors the
+engine, and the next read asserts (zeromq/libzmq#4364, #3937, #4767; fix proposed in
+PR #4830, not released). The application heartbeat above does the same job.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -113,7 +123,8 @@ def control_server(ctx: zmq.Context, endpoint: str, security: Security | None = 
 
 @dataclass
 class StreamCounters:
-    received: int = 0
+    received: int = 0  # data messages (heartbeats counted apart)
+    heartbeats: int = 0
     rejected: int = 0
     last_error: str = ""
 
@@ -129,20 +140,83 @@ class Sequencer:
         return self.seq
 
 
-def drain(sock: zmq.Socket, counters: StreamCounters) -> list[protocol.Message]:
-    """Read every message waiting on ``sock`` without blocking; drop malformed ones."""
+def drain(
+    sock: zmq.Socket, counters: StreamCounters, heartbeat: protocol.Kind | None = None
+) -> list[protocol.Message]:
+    """Read every message waiting on ``sock`` without blocking; drop malformed ones.
+
+    Messages of kind ``heartbeat`` are counted in ``counters.heartbeats`` and not returned.
+    """
     messages: list[protocol.Message] = []
     while True:
         try:
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
         except zmq.Again:
             return messages
-        counters.received += 1
         try:
-            messages.append(protocol.decode(frames))
+            message = protocol.decode(frames)
         except protocol.MalformedMessage as exc:
+            counters.received += 1
             counters.rejected += 1
             counters.last_error = exc.reason
+            continue
+        if message.header.kind is heartbeat:
+            counters.heartbeats += 1
+        else:
+            counters.received += 1
+            messages.append(message)
+
+
+class Link:
+    """A SUB socket to one server that reconnects when the server falls silent (see module doc)."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        topics: list[bytes],
+        timeout_s: float,
+        log: logging.Logger,
+        hwm: int = STREAM_HWM,
+        security: Security | None = None,
+        server: str = "",
+    ) -> None:
+        status = protocol.TOPICS[protocol.Kind.STATUS]
+        self.sock = subscriber(ctx, endpoint, [*topics, status], hwm, security, server)
+        self.endpoint = endpoint
+        self.server = server or endpoint
+        self.timeout_s = timeout_s
+        self.counters = StreamCounters()
+        self.relinks = 0
+        self._log = log
+        self._heard_s: float | None = None  # last message; None before the first check
+        self._ever_heard = False
+
+    def drain(self, now_s: float) -> list[protocol.Message]:
+        """The data messages waiting (the server's status heartbeats are counted, not returned)."""
+        before = self.counters.received + self.counters.heartbeats
+        messages = drain(self.sock, self.counters, heartbeat=protocol.Kind.STATUS)
+        if self.counters.received + self.counters.heartbeats != before:
+            self._heard_s, self._ever_heard = now_s, True
+        return messages
+
+    def keep(self, now_s: float) -> None:
+        """Reconnect if nothing came for ``timeout_s`` (logged once the server had been heard)."""
+        if self._heard_s is None:
+            self._heard_s = now_s
+        if now_s - self._heard_s <= self.timeout_s:
+            return
+        if self._ever_heard:
+            self._log.warning(
+                "nothing from %s (%s) for %.1f s: reconnecting", self.server, self.endpoint, now_s - self._heard_s
+            )
+        self.sock.disconnect(self.endpoint)
+        self.sock.connect(self.endpoint)
+        self.relinks += 1
+        self._heard_s = now_s
+
+    def status(self) -> dict[str, Any]:
+        return {"heartbeats": self.counters.heartbeats, "relinks": self.relinks}
 
 
 OPEN_REQUESTS = frozenset({"clock"})  # read-only, harmless: any admitted key may send them

@@ -20,7 +20,7 @@ from fesloop import protocol
 from fesloop.config import Config
 from fesloop.runtime import HOLD_AUTO_ARM_ENV, LatencyWindow, ProcessRuntime, setup_logging
 from fesloop.session import ConfirmationMissing, check_confirmation
-from fesloop.sockets import ControlRefused, Sequencer, StreamCounters, drain, publisher, subscriber
+from fesloop.sockets import ControlRefused, Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 from stimulator.drivers.base import Driver, DriverFault
 from stimulator.dose import DoseTracker
@@ -54,11 +54,11 @@ class Stimulator:
         self._pulse_width_modulated = np.array([c.modulation == "pulse_width" for c in channels], dtype=bool)
         self.driver = open_driver(config, self.rt.clock.now)
         self.pub = publisher(ctx, config.endpoints.pulses, self.rt.security)
-        self.command_sub = subscriber(
-            ctx, config.endpoints.command, [protocol.TOPICS[protocol.Kind.COMMAND]], hwm=COMMAND_RCVHWM,
+        self.command_link = Link(
+            ctx, config.endpoints.command, [protocol.TOPICS[protocol.Kind.COMMAND]],
+            config.endpoints.link_timeout_ms * 1e-3, self.rt.log, hwm=COMMAND_RCVHWM,
             security=self.rt.security, server="controller",
         )
-        self.command_counters = StreamCounters()
         self.pulse_seq = Sequencer()
         self.crank_seq = Sequencer()
         self.latency = LatencyWindow()
@@ -137,8 +137,9 @@ class Stimulator:
             "session_start_s": self.dose.session_start_s,
             "skin_check_due": self.dose.skin_check_due,
             "device": self.driver.status(),
-            "commands_received": self.command_counters.received,
-            "rejected": self.command_counters.rejected + self.kernel.rejected,
+            "commands_received": self.command_link.counters.received,
+            "rejected": self.command_link.counters.rejected + self.kernel.rejected,
+            "links": {"controller": self.command_link.status()},
         }
 
     def _open_outlets(self) -> None:
@@ -150,7 +151,7 @@ class Stimulator:
         self.telemetry.add_stream("latency", "Latency", ["e2e_latency_ms"], 0.0, unit="ms")
 
     def _on_commands(self, now_s: float) -> None:
-        for message in drain(self.command_sub, self.command_counters):
+        for message in self.command_link.drain(now_s):
             if self.kernel.accept(message.header.seq, message.body, now_s, self.acquisition_clock.offset_s):
                 self.commanded_intensity = message.body.intensity
                 if self._auto_arm_pending and not self.kernel.arm_refusal(now_s):
@@ -209,8 +210,9 @@ class Stimulator:
         # that was itself frozen must latch FAULT, not take its backlog as fresh.
         self._apply(rt.clock.now())
         now_s = rt.clock.now()
-        if self.command_sub in ready:
+        if self.command_link.sock in ready:
             self._on_commands(now_s)
+        self.command_link.keep(now_s)
         if rt.control.sock in ready:
             rt.control.serve_pending()  # each handler applies its change at once
         rt.publish_status_if_due(self.pub, rt.clock.now())
@@ -221,7 +223,7 @@ class Stimulator:
             self._open_outlets()
         poller = zmq.Poller()
         poller.register(rt.control.sock, zmq.POLLIN)
-        poller.register(self.command_sub, zmq.POLLIN)
+        poller.register(self.command_link.sock, zmq.POLLIN)
         rt.log.info("running: %s driver, state %s", self.config.stimulator.driver, self.kernel.state.value)
         try:
             while rt.running:

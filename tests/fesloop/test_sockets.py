@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
+import numpy as np
 import pytest
 import zmq
 
-from fesloop.sockets import ControlClient, ControlRefused, ControlServer, control_server
+from fesloop import protocol
+from fesloop.sockets import ControlClient, ControlRefused, ControlServer, Link, Sequencer, control_server, publisher
 from tests.conftest import free_ports
+from tests.netfaults import OutageProxy
 
 
 @pytest.fixture
@@ -72,3 +77,44 @@ def test_refusals_and_bad_requests_are_answered(server_and_client) -> None:
         thread.join(5)
         assert reply["ok"] is False and expected in reply["error"] and not errors
     assert server.rejected == 1
+
+
+def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_comes_back() -> None:
+    """Through a relay that turns every open connection into a black hole: the link hears
+    nothing, reconnects after timeout_s (logged, counted), and once the network is back the
+    new connection carries the stream. Status messages count as heartbeats, not data."""
+    ctx = zmq.Context()
+    upstream, = free_ports(1)
+    pub = publisher(ctx, f"tcp://127.0.0.1:{upstream}")
+    proxy = OutageProxy(upstream)
+    log = logging.getLogger("test-link")
+    link = Link(ctx, f"tcp://127.0.0.1:{proxy.port}", [b"pulses"], 0.5, log, server="stimulator")
+    seq = Sequencer()
+
+    def publish_for(seconds: float) -> list[protocol.Message]:
+        """Status at 5 Hz and a pulse every 20 ms; everything the link handed over."""
+        got, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            now = time.monotonic()
+            pub.send_multipart(protocol.encode(seq.next(), now, protocol.Pulses(
+                np.zeros(1, np.uint16), np.array([now]), np.ones(1, np.float32), np.ones(1, np.float32))))
+            if seq.seq % 10 == 0:
+                pub.send_multipart(protocol.encode(seq.next(), now, protocol.Status({"state": "RUNNING"})))
+            time.sleep(0.02)
+            got += link.drain(time.monotonic())
+            link.keep(time.monotonic())
+        return got
+
+    try:
+        before = publish_for(1.0)
+        assert before and all(isinstance(m.body, protocol.Pulses) for m in before)
+        assert link.counters.heartbeats >= 3 and link.relinks == 0
+        proxy.cut()
+        during = publish_for(1.2)
+        assert during == [] and link.relinks >= 1  # reconnected after 0.5 s of silence (refused while cut)
+        proxy.heal()
+        after = publish_for(1.5)
+        assert len(after) > 20  # the new connection carries the stream
+    finally:
+        proxy.close()
+        ctx.destroy(linger=0)
