@@ -71,13 +71,12 @@ class EmgEstimator:
         )
         self.envelope = EnvelopeEstimator(fs_hz, n_muscles, cc.filters)
         residual = cc.residual
-        self.cancellers = (
-            [
-                ResponseCanceller(int(round(residual.window_ms * 1e-3 * fs_hz)), residual.method, residual.taps, residual.step)
-                for _ in range(n_muscles)
-            ]
+        self.canceller = (
+            ResponseCanceller(
+                n_muscles, int(round(residual.window_ms * 1e-3 * fs_hz)), residual.method, residual.taps, residual.step
+            )
             if residual.method != "none"
-            else []
+            else None
         )
         self._muscle_of_device = {s.device_channel: config.muscle_index(s.muscle) for s in config.stimulation}
         self.mwave = MWaveEstimator(
@@ -134,7 +133,7 @@ class EmgEstimator:
         self.mwave.add_pulses(time_s, device_channel, charge_nc)
         if self.blanker is not None:
             self.blanker.add_pulses(time_s)
-        if self.cancellers:
+        if self.canceller is not None:
             self._pending_pulses.append((np.asarray(time_s, dtype=np.float64), np.asarray(device_channel)))
 
     def gate_reasons(self, out: np.ndarray) -> None:
@@ -163,16 +162,16 @@ class EmgEstimator:
             self.artifacts_detected += len(new_artifacts)
             for index in new_artifacts:
                 self.events.append(Event(time_of(int(index)), ALL_CHANNELS, "artifact"))
-                for canceller in self.cancellers:
-                    canceller.add_pulse(int(index))
+                if self.canceller is not None:
+                    self.canceller.add_pulse(int(index))
         else:
             valid = np.ones(n, dtype=bool)
         if self.blanker is not None:
             valid &= self.blanker.valid_mask(time_of(first), self.fs_hz, n)
         held_uv = self.envelope.hold(raw_uv, valid)
         filtered_uv = self.envelope.band(held_uv)
-        for j, canceller in enumerate(self.cancellers):
-            filtered_uv[:, j] = canceller.process(filtered_uv[:, j], first)
+        if self.canceller is not None:
+            filtered_uv = self.canceller.process(filtered_uv, first)
         envelope_uv = self.envelope.envelope(filtered_uv, valid)
         self.envelope_uv = envelope_uv
         self.filtered_uv = filtered_uv
@@ -185,13 +184,13 @@ class EmgEstimator:
         return contiguous
 
     def _lock_pending_pulses(self, chunk: protocol.EmgChunk) -> None:
-        """Give the cancellers the pulses of their own muscle, as absolute sample indices."""
+        """Give the canceller the pulses of each muscle, as absolute sample indices."""
         for time_s, device_channel in self._pending_pulses:
             indices = chunk.first_sample_index + np.round((time_s - chunk.first_sample_time_s) * self.fs_hz)
             for index, channel in zip(indices.astype(int), device_channel):
                 muscle = self._muscle_of_device.get(int(channel))
                 if muscle is not None:
-                    self.cancellers[muscle].add_pulse(int(index))
+                    self.canceller.add_pulse(int(index), muscle)
         self._pending_pulses.clear()
 
     def _contamination_events(self, flags: np.ndarray, first: int, time_of: Callable[[int], float]) -> None:
