@@ -83,10 +83,12 @@ def loop(write_config, processes):
         running.close()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_frozen_controller_zeroes_output_latches_fault_and_never_replays(loop) -> None:
+    """Frozen 150 ms, 1 s and 10 s (fault matrix row 2). The 10 s freeze outlasts the stimulator's
+    link timeout: its command link reconnects meanwhile, and after SIGCONT arming works again."""
     results = []
-    for freeze_s in (0.15, 1.0):
+    for freeze_s in (0.15, 1.0, 10.0):
         loop.arm_and_stimulate()
         t_stop = pylsl.local_clock()
         os.kill(loop.pids["controller"], signal.SIGSTOP)
@@ -95,11 +97,13 @@ def test_frozen_controller_zeroes_output_latches_fault_and_never_replays(loop) -
         time.sleep(0.5)
         status = loop.status()
         results.append((freeze_s, loop.last_pulse_after(t_stop), status))
+    loop.arm_and_stimulate()  # the loop is usable again after the longest freeze
     for freeze_s, last_pulse_s, status in results:
         print(f"freeze {freeze_s}s: last pulse {last_pulse_s * 1e3:.0f} ms after SIGSTOP")
         assert last_pulse_s <= ZERO_WITHIN_S  # no pulse after the freeze, nor after SIGCONT (no replay)
         assert status["state"] == "FAULT" and "fresh command" in status["fault_reason"]
         assert status["output_ma"] == [0.0, 0.0]
+    assert results[-1][2]["links"]["controller"]["relinks"] >= 5  # silent 10 s, timeout 1 s
 
 
 @pytest.mark.timeout(90)
