@@ -171,6 +171,7 @@ class Controller:
             last_s = chunk.first_sample_time_s + (len(chunk.data) - 1 - self.estimator.delay) / chunk.sampling_rate_hz
             self.telemetry.push("filtered-emg", self.estimator.filtered_uv, last_s)
             self.telemetry.push("envelope", self.estimator.envelope_uv, last_s)
+        self._push_mwaves()
         for event in self.estimator.events:
             self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
             self.telemetry.marker(f"{event.kind} {event.channel}", event.time_s)
@@ -181,12 +182,22 @@ class Controller:
         self.newest_emg_time_s = chunk.arrival_time_s
         self.emg_pending = True
 
+    def _push_mwaves(self) -> None:
+        """Each pulse's M-wave to LSL at the pulse time: its muscle's channel, NaN in the others."""
+        measurements = self.estimator.mwave.take_measurements()
+        if measurements:
+            samples = np.full((len(measurements), len(self.config.muscles)), np.nan)
+            for row, measurement in enumerate(measurements):
+                samples[row, measurement.muscle] = measurement.amplitude_uv
+            self.telemetry.push("mwave", samples, np.array([m.pulse_time_s for m in measurements]))
+
     def _open_emg_outlets(self, fs_hz: float) -> None:
-        """LSL filtered EMG and envelope per muscle, at the EMG rate (known from the first chunk)."""
+        """LSL filtered EMG and envelope per muscle at the EMG rate (known from the first chunk), and M-waves."""
         if "envelope" not in self.telemetry.counts:
             names = [m.name for m in self.config.muscles]
             self.telemetry.add_stream("filtered-emg", "EMGFiltered", names, fs_hz, unit="microvolts")
             self.telemetry.add_stream("envelope", "EMGEnvelope", names, fs_hz, unit="microvolts")
+            self.telemetry.add_stream("mwave", "MWave", names, 0.0, unit="microvolts")
 
     def compute(self, now_s: float) -> protocol.Command:
         """Intensities and gates from the newest activation and EMG freshness."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import signal
@@ -33,6 +33,15 @@ def window_amplitude_uv(x_uv: np.ndarray, method: str) -> float:
     if method == "rms":
         return float(np.sqrt(np.mean(x_uv * x_uv)))
     return float(np.max(x_uv) - np.min(x_uv))
+
+
+class Measurement(NamedTuple):
+    """One pulse's M-wave: when the pulse came, which muscle, its window's amplitude and that normalized."""
+
+    pulse_time_s: float
+    muscle: int
+    amplitude_uv: float
+    normalized: float  # NaN until the muscle has a reference
 
 
 class MWaveEstimator:
@@ -59,7 +68,8 @@ class MWaveEstimator:
         self._history_uv = np.full((self._capacity, n_muscles), np.nan)
         self._next_index: int | None = None
         self._new_pulses: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._pending: list[tuple[int, int, int, float]] = []  # (first, last sample index, muscle, charge)
+        self._pending: list[tuple[int, int, int, float, float]] = []  # (first, last index, muscle, charge, pulse time)
+        self.measurements: list[Measurement] = []  # every window measured, until taken
         self.recent_uv: list[deque[float]] = [deque(maxlen=cfg.smoothing_pulses) for _ in range(n_muscles)]
         self._steady_uv: list[list[float]] = [[] for _ in range(n_muscles)]
         self._steady_charge = np.full(n_muscles, np.nan)
@@ -110,7 +120,7 @@ class MWaveEstimator:
             offset = first_index + (time_s - first_time_s) * self.fs_hz
             first = np.ceil(offset + self._start_samples - _SNAP_SAMPLES).astype(np.int64)
             last = np.floor(offset + self._end_samples + _SNAP_SAMPLES).astype(np.int64)
-            self._pending.extend(zip(first.tolist(), last.tolist(), muscle.tolist(), charge.tolist()))
+            self._pending.extend(zip(first.tolist(), last.tolist(), muscle.tolist(), charge.tolist(), time_s.tolist()))
         self._new_pulses.clear()
         self._pending.sort()
 
@@ -118,9 +128,10 @@ class MWaveEstimator:
         """Measure every pending window whose last sample (before ``next_index``) has arrived, in pulse order."""
         oldest = next_index - self._capacity
         waiting = []
-        for first, last, muscle, charge in self._pending:
+        for window in self._pending:
+            first, last, muscle, charge, time_s = window
             if last >= next_index:
-                waiting.append((first, last, muscle, charge))
+                waiting.append(window)
                 continue
             amplitude_uv = math.nan
             if first >= oldest:
@@ -130,7 +141,15 @@ class MWaveEstimator:
                 self.missed[muscle] += 1
             else:
                 self._record(muscle, amplitude_uv, charge)
+                self.measurements.append(
+                    Measurement(time_s, muscle, amplitude_uv, amplitude_uv / self.reference_uv[muscle])
+                )
         self._pending = waiting
+
+    def take_measurements(self) -> list[Measurement]:
+        """The windows measured since the last call (the consumer publishes or writes them)."""
+        taken, self.measurements = self.measurements, []
+        return taken
 
     def _record(self, muscle: int, amplitude_uv: float, charge: float) -> None:
         self.measured[muscle] += 1

@@ -86,7 +86,7 @@ def replay(
     out_dir: Path,
     sample_index: np.ndarray | None = None,
 ) -> EmgEstimator:
-    """Replay ``emg_uv`` and write the two CSV files into ``out_dir``.
+    """Replay ``emg_uv`` and write activation.csv, events.csv and mwave.csv into ``out_dir``.
 
     ``pulses``: times (s from the first sample) and device channels, optionally
     amplitudes (mA) and pulse widths (us). ``sample_index``: each sample's place on
@@ -104,11 +104,17 @@ def replay(
     n_stim = len(config.stimulation)
     gate = np.zeros(n_stim, dtype=np.uint8)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "activation.csv", "w", newline="") as act_file, open(out_dir / "events.csv", "w", newline="") as ev_file:
+    with (
+        open(out_dir / "activation.csv", "w", newline="") as act_file,
+        open(out_dir / "events.csv", "w", newline="") as ev_file,
+        open(out_dir / "mwave.csv", "w", newline="") as mwave_file,
+    ):
         activation = csv.writer(act_file)
         events = csv.writer(ev_file)
+        mwaves = csv.writer(mwave_file)
         activation.writerow(["time_s", *estimator.names, *(f"gate_{s.name}" for s in config.stimulation)])
         events.writerow(["time_s", "channel", "event"])
+        mwaves.writerow(["time_s", "muscle", "amplitude_uv", "normalized"])
         index = np.arange(len(emg_uv)) if sample_index is None else sample_index
         for start, stop in _chunks(index, chunk):
             data = emg_uv[start:stop]
@@ -126,6 +132,9 @@ def replay(
             for event in estimator.events:
                 events.writerow([f"{event.time_s:.6f}", event.channel, event.kind])
             estimator.events.clear()
+            for m in estimator.mwave.take_measurements():
+                mwaves.writerow([f"{m.pulse_time_s:.6f}", estimator.names[m.muscle], f"{m.amplitude_uv:.3f}",
+                                 f"{m.normalized:.5f}"])
     return estimator
 
 

@@ -78,6 +78,11 @@ def test_each_pulse_is_measured_as_the_one_shot_reference(method: str) -> None:
     # The high-pass leaves a one-cycle 167 Hz M-wave almost untouched: 2 x peak, or peak / sqrt(2) over 6 of 15.5 ms.
     scale = 2.0 if method == "peak_to_peak" else np.sqrt(0.5 * 12 / (END - START + 1))
     np.testing.assert_allclose(expected, scale * PEAKS_UV, rtol=0.03)
+    taken = estimator.take_measurements()  # each pulse's own window, for LSL and replay
+    assert [(m.pulse_time_s, m.muscle) for m in taken] == [(p / FS_HZ, 0) for p in PULSES]
+    np.testing.assert_allclose([m.amplitude_uv for m in taken], expected, rtol=1e-12)
+    np.testing.assert_allclose([m.normalized for m in taken], expected / 1000.0, rtol=1e-12)
+    assert estimator.take_measurements() == []
     assert np.isnan(estimator.amplitude_uv[1]) and np.isnan(estimator.normalized[1])
 
 
@@ -210,3 +215,23 @@ def test_emg_estimator_measures_the_patients_m_wave_before_blanking_without_touc
     assert estimator.mwave.measured[0] == len(pulse_s)
     assert estimator.mwave.amplitude_uv[0] == pytest.approx(expected_uv.mean(), rel=0.08)
     assert estimator.blanker is not None and estimator.blanker.blanked_samples > 0
+
+
+def test_replay_writes_each_pulses_m_wave(tmp_path) -> None:
+    """`fesloop replay` with a pulse file writes mwave.csv: one row per pulse, at the pulse time, with
+    the window's amplitude (the one-shot reference) and its normalization once the fresh reference exists."""
+    from fesloop.replay_cli import replay
+
+    config = load_config(CONFIGS / "tracking_mwave.toml")
+    emg = _scripted(2000, PULSES, PEAKS_UV)[:, :1].astype(np.float32)
+    replay(config, emg, FS_HZ, (PULSES / FS_HZ, np.zeros(len(PULSES), dtype=int)), tmp_path)
+    rows = np.genfromtxt(tmp_path / "mwave.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
+    expected = _reference(emg.astype(np.float64), PULSES, 0)
+    np.testing.assert_allclose(rows["time_s"], PULSES / FS_HZ, atol=1e-6)
+    assert set(rows["muscle"]) == {config.muscles[0].name}
+    np.testing.assert_allclose(rows["amplitude_uv"], expected, atol=1e-3)
+    reference_pulses = config.controller.mwave.reference_pulses
+    assert np.isnan(rows["normalized"][: reference_pulses - 1]).all()
+    fresh_uv = expected[:reference_pulses].mean()
+    np.testing.assert_allclose(rows["normalized"][reference_pulses - 1 :], expected[reference_pulses - 1 :] / fresh_uv,
+                               atol=1e-4)

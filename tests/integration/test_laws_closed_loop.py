@@ -147,11 +147,30 @@ def test_tracking_mwave_raises_the_amplitude_to_hold_the_fatiguing_m_wave_on_tar
             if (m := s.get("mwave", {}).get(muscle)) and m["normalized"] is not None and s["time_s"] < end_s
         ]
 
+    configure_machine_scope()
+    lsl_mwaves: list[tuple[float, float]] = []
     try:
         processes.start_loop(path)
-        wait_until(lambda: (r := mwave_rows()) and r[-1][0] - r[0][0] > 15.0, 50, what="15 s of M-wave tracking")
+        found = pylsl.resolve_bypred(f"type='MWave' and name='{config.name}-mwave'", 1, 20)
+        assert found, "no MWave stream"
+        inlet = pylsl.StreamInlet(found[0])
+        inlet.open_stream(timeout=5)
+
+        def tracked_for_15_s() -> bool:
+            samples, stamps = inlet.pull_chunk(timeout=0.0)
+            lsl_mwaves.extend((stamp, sample[0]) for sample, stamp in zip(samples, stamps))
+            return bool((r := mwave_rows()) and r[-1][0] - r[0][0] > 15.0)
+
+        wait_until(tracked_for_15_s, 50, what="15 s of M-wave tracking")
+        inlet.close_stream()
     finally:
         recorder.close()
+    # Each pulse's M-wave on LSL, stamped with its pulse's time (one host: one clock).
+    channels, pulse_s, pulse_ma = pulses_array(recorder.get(b"pulses"))
+    mwave_s, mwave_uv = np.array(lsl_mwaves).T
+    assert len(mwave_s) > 300 and np.all(mwave_uv > 0)
+    delivered_s = pulse_s[(channels == stim.device_channel) & (pulse_ma > 0)]
+    assert all(np.isclose(delivered_s, t, rtol=0, atol=1e-6).any() for t in mwave_s)
     t, normalized, reference_uv = np.array(mwave_rows()).T
     start_s = t[0]
     t -= start_s
