@@ -151,20 +151,26 @@ class Stimulator:
         self.telemetry.add_stream("latency", "Latency", ["e2e_latency_ms"], 0.0, unit="ms")
 
     def _on_commands(self, now_s: float) -> None:
+        """Accept what queued up, then act once, on the newest accepted command."""
+        newest = None
         for message in self.command_link.drain(now_s):
             if self.kernel.accept(message.header.seq, message.body, now_s, self.acquisition_clock.offset_s):
-                self.commanded_intensity = message.body.intensity
-                if self._auto_arm_pending and not self.kernel.arm_refusal(now_s):
-                    self._auto_arm_pending = False
-                    self.kernel.arm(now_s)
-                self._apply(now_s)
-                self.telemetry.push("stimulation", np.concatenate((self.commanded_intensity, self.amplitude_ma)), now_s)
-                if self.kernel.state is StimState.ARMED or self.kernel.state is StimState.DISARMED:
-                    self.driver.keep_alive(now_s)
-                if message.body.gate_open.any() and self.acquisition_clock.known:
-                    latency_s = self.rt.clock.now() - self.acquisition_clock.to_local(message.body.newest_emg_time_s)
-                    self.latency.add(latency_s)
-                    self.telemetry.push("latency", [latency_s * 1e3], now_s)
+                newest = message.body
+        if newest is not None:
+            self.commanded_intensity = newest.intensity
+            if self._auto_arm_pending and not self.kernel.arm_refusal(now_s):
+                self._auto_arm_pending = False
+                self.kernel.arm(now_s)
+        self._apply(now_s)
+        if newest is None:
+            return
+        self.telemetry.push("stimulation", np.concatenate((self.commanded_intensity, self.amplitude_ma)), now_s)
+        if self.kernel.state is StimState.ARMED or self.kernel.state is StimState.DISARMED:
+            self.driver.keep_alive(now_s)
+        if newest.gate_open.any() and self.acquisition_clock.known:
+            latency_s = self.rt.clock.now() - self.acquisition_clock.to_local(newest.newest_emg_time_s)
+            self.latency.add(latency_s)
+            self.telemetry.push("latency", [latency_s * 1e3], now_s)
 
     def _apply(self, now_s: float) -> None:
         """Kernel output to the driver, then fire what is due."""
@@ -206,12 +212,12 @@ class Stimulator:
         timeout_s = min(MAX_POLL_S, max(0.0, self.driver.next_event_s() - now_s))
         # zmq polls whole milliseconds: round up, or the last millisecond before a pulse spins.
         ready = dict(poller.poll(math.ceil(timeout_s * 1e3)))
-        # Judge the deadline on the time now, before reading what queued up: a stimulator
-        # that was itself frozen must latch FAULT, not take its backlog as fresh.
-        self._apply(rt.clock.now())
         now_s = rt.clock.now()
         if self.command_link.sock in ready:
-            self._on_commands(now_s)
+            self.kernel.check_deadline(now_s)  # on the time now, before reading what queued up
+            self._on_commands(now_s)  # applies once
+        else:
+            self._apply(now_s)
         self.command_link.keep(now_s)
         if rt.control.sock in ready:
             rt.control.serve_pending()  # each handler applies its change at once

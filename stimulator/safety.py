@@ -138,13 +138,20 @@ class SafetyKernel:
 
     # -- output --------------------------------------------------------------------
 
+    def check_deadline(self, now_s: float) -> None:
+        """FAULT if ARMED without a command fresh at ``now_s``.
+
+        The loop calls it before reading queued commands: a stimulator that was itself
+        frozen must latch FAULT, not take its backlog as fresh.
+        """
+        if self.state is StimState.ARMED and self._fresh_command(now_s) is None:
+            self.fault(f"no fresh command within {self._deadline_ms:g} ms")
+
     def update(self, now_s: float) -> np.ndarray:
         """The output (mA per channel) to hand the driver at ``now_s``."""
-        if self.state is not StimState.ARMED:
-            return self.output_ma.copy()
+        self.check_deadline(now_s)
         latest = self._fresh_command(now_s)
-        if latest is None:
-            self.fault(f"no fresh command within {self._deadline_ms:g} ms")
+        if self.state is not StimState.ARMED or latest is None:
             return self.output_ma.copy()
         level_ma = intensity_to_ma(latest.intensity, self._threshold_ma, self._max_ma, self._step_ma)
         target_ma = np.where(latest.gate_open, np.minimum(level_ma, self.clamp_ma), 0.0)

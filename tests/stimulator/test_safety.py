@@ -197,6 +197,23 @@ def test_deadline_fault_is_latched() -> None:
         loop.kernel.arm(loop.now_s)
 
 
+def test_the_deadline_is_judged_before_a_queued_backlog_is_read() -> None:
+    """A stimulator frozen past its deadline wakes to commands that queued meanwhile: judged on the
+    time now, before they are accepted, it latches FAULT, and the backlog (stamped with the time it
+    is read) cannot bring the output back."""
+    loop = Loop()
+    loop.armed_at_full()
+    woke_s = loop.now_s + 0.3
+    loop.kernel.check_deadline(woke_s - 0.25)
+    assert loop.kernel.state is StimState.ARMED  # within the deadline: nothing happens
+    loop.kernel.check_deadline(woke_s)
+    assert loop.kernel.state is StimState.FAULT and loop.kernel.fault_reason == "no fresh command within 100 ms"
+    loop.now_s = woke_s
+    for _ in range(5):
+        loop.send([1.0, 1.0])
+    assert loop.kernel.update(woke_s).tolist() == [0.0, 0.0]
+
+
 def test_rejected_commands_do_not_feed_the_watchdog() -> None:
     loop = Loop()
     loop.armed_at_full()
