@@ -10,7 +10,7 @@ Pipeline latency is the stimulator's own figure: the time it handed an update to
 the driver minus the time the newest EMG sample behind it reached acquisition. The
 relay's is source send -> sink receipt over the same two hops.
 
-    python benchmarks/latency.py [--duration 10] [--quick] [--json out.json]
+    python benchmarks/latency.py [--duration 10] [--quick] [--chunk-ms 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fesloop.lsl import MACHINE_SCOPE_CONFIG  # noqa: E402
 from fesloop.sockets import ControlClient, ControlTimeout  # noqa: E402
 
 CASES = [(16, 2000.0), (64, 2000.0), (16, 4000.0), (64, 4000.0)]
-CHUNK_MS = 2.0
+CHUNK_MS = 2.0  # the demo's acquisition chunk
 WARMUP_S = 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -52,7 +52,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def pipeline_config(n_channels: int, fs_hz: float) -> str:
+def pipeline_config(n_channels: int, fs_hz: float, chunk_ms: float = CHUNK_MS) -> str:
     ports = free_ports(6)
     muscles = "".join(
         f'\n[[muscles]]\nname = "m{i}"\nemg_channel = {i}\nrest_uv = 3.0\nmvc_uv = 240.0\n' for i in range(n_channels)
@@ -78,7 +78,7 @@ controller_control = "tcp://127.0.0.1:{ports[4]}"
 stimulator_control = "tcp://127.0.0.1:{ports[5]}"
 [acquisition]
 source = "simulated"
-chunk_ms = {CHUNK_MS}
+chunk_ms = {chunk_ms}
 lsl = false
 [acquisition.simulated]
 sampling_rate_hz = {fs_hz}
@@ -122,9 +122,9 @@ def stop_pipeline(procs: dict[str, subprocess.Popen], clients: dict[str, Control
     ctx.destroy(linger=0)
 
 
-def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path) -> dict:
+def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path, chunk_ms: float) -> dict:
     path = workdir / f"bench-{n_channels}-{int(fs_hz)}.toml"
-    path.write_text(pipeline_config(n_channels, fs_hz))
+    path.write_text(pipeline_config(n_channels, fs_hz, chunk_ms))
     from fesloop.config import load_config
 
     config = load_config(path)
@@ -163,12 +163,12 @@ def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path
     }
 
 
-def run_relay(n_channels: int, fs_hz: float, duration_s: float) -> dict:
-    samples = int(round(fs_hz * CHUNK_MS * 1e-3))
+def run_relay(n_channels: int, fs_hz: float, duration_s: float, chunk_ms: float) -> dict:
+    samples = int(round(fs_hz * chunk_ms * 1e-3))
     p = free_ports(2)
     a, b = f"tcp://127.0.0.1:{p[0]}", f"tcp://127.0.0.1:{p[1]}"
     script = str(Path(__file__).with_name("relay.py"))
-    common = [str(n_channels), str(samples), str(CHUNK_MS * 1e-3), str(duration_s + WARMUP_S)]
+    common = [str(n_channels), str(samples), str(chunk_ms * 1e-3), str(duration_s + WARMUP_S)]
     roles = {"sink": ["sink", b, "-"], "relay": ["relay", a, b], "source": ["source", "-", a]}
     procs = {
         role: subprocess.Popen([sys.executable, script, *args, *common], stdout=subprocess.PIPE, text=True)
@@ -184,7 +184,7 @@ def run_relay(n_channels: int, fs_hz: float, duration_s: float) -> dict:
     for proc in procs.values():
         proc.wait(30)
     latencies = np.asarray(json.loads(out)["latencies_ms"])
-    skip = int(WARMUP_S / (CHUNK_MS * 1e-3))
+    skip = int(WARMUP_S / (chunk_ms * 1e-3))
     return {
         "latency_ms": percentiles(latencies[skip:]),
         "cpu_share": {k: round(v, 4) for k, v in cpu.items()},
@@ -226,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per case")
     parser.add_argument("--quick", action="store_true", help="16 channels x 2 kHz only")
+    parser.add_argument("--chunk-ms", type=float, default=CHUNK_MS, help="acquisition chunk (and relay message period)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,10 +237,10 @@ def main() -> None:
         for n_channels, fs_hz in CASES[:1] if args.quick else CASES:
             case = f"{n_channels} ch x {fs_hz / 1000:g} kHz"
             print(f"running {case} ...", file=sys.stderr)
-            pipeline = run_pipeline(n_channels, fs_hz, args.duration, Path(tmp))
-            relay = run_relay(n_channels, fs_hz, args.duration)
+            pipeline = run_pipeline(n_channels, fs_hz, args.duration, Path(tmp), args.chunk_ms)
+            relay = run_relay(n_channels, fs_hz, args.duration, args.chunk_ms)
             results.append({"case": case, "pipeline": pipeline, "relay": relay})
-    report = {"machine": machine(), "duration_s": args.duration, "chunk_ms": CHUNK_MS, "results": results}
+    report = {"machine": machine(), "duration_s": args.duration, "chunk_ms": args.chunk_ms, "results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(table(results))
