@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -189,31 +190,39 @@ class Link:
         self.counters = StreamCounters()
         self.relinks = 0
         self._log = log
-        self._heard_s: float | None = None  # last message; None before the first check
+        self._heard_s: float | None = None  # last message (None before the first check)
+        self._relinked_s = -math.inf  # last reconnect
         self._ever_heard = False
+        self._silent_relinks = 0  # reconnects since the server was last heard
 
     def drain(self, now_s: float) -> list[protocol.Message]:
         """The data messages waiting (the server's status heartbeats are counted, not returned)."""
         before = self.counters.received + self.counters.heartbeats
         messages = drain(self.sock, self.counters, heartbeat=protocol.Kind.STATUS)
         if self.counters.received + self.counters.heartbeats != before:
-            self._heard_s, self._ever_heard = now_s, True
+            self._heard_s, self._ever_heard, self._silent_relinks = now_s, True, 0
         return messages
 
     def keep(self, now_s: float) -> None:
-        """Reconnect if nothing came for ``timeout_s`` (logged once the server had been heard)."""
+        """Reconnect if nothing came for ``timeout_s``.
+
+        Logged once the server had been heard, on the 1st, 2nd, 4th, 8th ... reconnect of a
+        silence, so a long outage does not flood the log.
+        """
         if self._heard_s is None:
             self._heard_s = now_s
-        if now_s - self._heard_s <= self.timeout_s:
+        if now_s - max(self._heard_s, self._relinked_s) <= self.timeout_s:
             return
-        if self._ever_heard:
+        self._silent_relinks += 1
+        if self._ever_heard and self._silent_relinks & (self._silent_relinks - 1) == 0:
             self._log.warning(
-                "nothing from %s (%s) for %.1f s: reconnecting", self.server, self.endpoint, now_s - self._heard_s
+                "nothing from %s (%s) for %.1f s: reconnecting (%d in this silence)",
+                self.server, self.endpoint, now_s - self._heard_s, self._silent_relinks,
             )
         self.sock.disconnect(self.endpoint)
         self.sock.connect(self.endpoint)
         self.relinks += 1
-        self._heard_s = now_s
+        self._relinked_s = now_s
 
     def status(self) -> dict[str, Any]:
         return {"heartbeats": self.counters.heartbeats, "relinks": self.relinks}

@@ -79,7 +79,7 @@ def test_refusals_and_bad_requests_are_answered(server_and_client) -> None:
     assert server.rejected == 1
 
 
-def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_comes_back() -> None:
+def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_comes_back(caplog) -> None:
     """Through a relay that turns every open connection into a black hole: the link hears
     nothing, reconnects after timeout_s (logged, counted), and once the network is back the
     new connection carries the stream. Status messages count as heartbeats, not data."""
@@ -88,6 +88,7 @@ def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_com
     pub = publisher(ctx, f"tcp://127.0.0.1:{upstream}")
     proxy = OutageProxy(upstream)
     log = logging.getLogger("test-link")
+    caplog.set_level(logging.WARNING, logger="test-link")
     link = Link(ctx, f"tcp://127.0.0.1:{proxy.port}", [b"pulses"], 0.5, log, server="stimulator")
     seq = Sequencer()
 
@@ -115,6 +116,9 @@ def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_com
         proxy.heal()
         after = publish_for(1.5)
         assert len(after) > 20  # the new connection carries the stream
+        logged = [r.getMessage() for r in caplog.records if "reconnecting" in r.getMessage()]
+        assert logged and "nothing from stimulator" in logged[0] and "(1 in this silence)" in logged[0]
+        assert len(logged) <= link.relinks  # the 1st, 2nd, 4th ... reconnect of a silence
     finally:
         proxy.close()
         ctx.destroy(linger=0)
