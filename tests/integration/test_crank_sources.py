@@ -28,8 +28,8 @@ from tests.streams import Recorder, pulses_array
 pytestmark = pytest.mark.timeout(90)
 
 CADENCE_RPM = 35.0
-# Pulses after the last reading: crank stale_ms (200), one 30 Hz period, command-to-pulse latency.
-STOP_BOUND_S = 0.2 + 0.034 + 0.1
+# Pulses after the last reading: crank stale_ms (200) + the fault matrix's 250 ms to zero output.
+STOP_BOUND_S = 0.2 + 0.25
 
 
 def angle_at(t_s: np.ndarray, start_s: float, start_deg: float, cadence_rpm: float) -> np.ndarray:
