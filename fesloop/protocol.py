@@ -137,8 +137,9 @@ class Message:
 
 _EMG_HEAD = struct.Struct("<QdddII")
 _COMMAND_HEAD = struct.Struct("<dI")
-_PULSES_HEAD = struct.Struct("<I")
-_CRANK_HEAD = struct.Struct("<I")
+_COUNT_HEAD = struct.Struct("<I")  # entries in a body of columns (pulses, crank readings)
+_PULSES_COLUMNS = ("<u2", "<f8", "<f4", "<f4")  # channel, time, amplitude, pulse width
+_CRANK_COLUMNS = ("<f8", "<f4", "<f4", "<f4")  # time, angle, cadence, torque
 MAX_CHANNELS = 1024
 MAX_SAMPLES = 1 << 16
 MAX_PULSES = 1 << 12
@@ -175,28 +176,23 @@ def encode_command(seq: int, send_time_s: float, command: Command) -> bytes:
     )
 
 
-def encode_pulses(seq: int, send_time_s: float, pulses: Pulses) -> bytes:
-    n = len(pulses.channel)
+def _encode_columns(kind: Kind, seq: int, send_time_s: float, dtypes: tuple[str, ...], columns: tuple) -> bytes:
+    """A count, then each column whole (little endian): the layout of pulses and crank bodies."""
     return (
-        _header(Kind.PULSES, seq, send_time_s)
-        + _PULSES_HEAD.pack(n)
-        + np.asarray(pulses.channel, dtype="<u2").tobytes()
-        + np.asarray(pulses.time_s, dtype="<f8").tobytes()
-        + np.asarray(pulses.amplitude_ma, dtype="<f4").tobytes()
-        + np.asarray(pulses.pulse_width_us, dtype="<f4").tobytes()
+        _header(kind, seq, send_time_s)
+        + _COUNT_HEAD.pack(len(columns[0]))
+        + b"".join(np.asarray(column, dtype=dtype).tobytes() for column, dtype in zip(columns, dtypes))
     )
+
+
+def encode_pulses(seq: int, send_time_s: float, pulses: Pulses) -> bytes:
+    columns = (pulses.channel, pulses.time_s, pulses.amplitude_ma, pulses.pulse_width_us)
+    return _encode_columns(Kind.PULSES, seq, send_time_s, _PULSES_COLUMNS, columns)
 
 
 def encode_crank(seq: int, send_time_s: float, crank: Crank) -> bytes:
-    n = len(crank.time_s)
-    return (
-        _header(Kind.CRANK, seq, send_time_s)
-        + _CRANK_HEAD.pack(n)
-        + np.asarray(crank.time_s, dtype="<f8").tobytes()
-        + np.asarray(crank.angle_deg, dtype="<f4").tobytes()
-        + np.asarray(crank.cadence_rpm, dtype="<f4").tobytes()
-        + np.asarray(crank.torque_nm, dtype="<f4").tobytes()
-    )
+    columns = (crank.time_s, crank.angle_deg, crank.cadence_rpm, crank.torque_nm)
+    return _encode_columns(Kind.CRANK, seq, send_time_s, _CRANK_COLUMNS, columns)
 
 
 def encode_status(seq: int, send_time_s: float, fields: dict[str, Any]) -> bytes:
@@ -275,43 +271,35 @@ def _decode_command(body: memoryview) -> Command:
     return Command(newest, intensity, gate.astype(bool), reason)
 
 
-def _decode_pulses(body: memoryview) -> Pulses:
-    if len(body) < _PULSES_HEAD.size:
-        raise MalformedMessage(f"pulses body truncated: {len(body)} bytes")
-    (n,) = _PULSES_HEAD.unpack_from(body)
+def _decode_columns(body: memoryview, what: str, dtypes: tuple[str, ...]) -> list[np.ndarray]:
+    """The columns of a count-prefixed body, each checked finite."""
+    if len(body) < _COUNT_HEAD.size:
+        raise MalformedMessage(f"{what} body truncated: {len(body)} bytes")
+    (n,) = _COUNT_HEAD.unpack_from(body)
     if n > MAX_PULSES:
-        raise MalformedMessage(f"pulse count {n} out of range")
-    expected = _PULSES_HEAD.size + 18 * n
+        raise MalformedMessage(f"{what} count {n} out of range")
+    sizes = [np.dtype(dtype).itemsize * n for dtype in dtypes]
+    expected = _COUNT_HEAD.size + sum(sizes)
     if len(body) != expected:
-        raise MalformedMessage(f"pulses body is {len(body)} bytes, expected {expected}")
-    offset = _PULSES_HEAD.size
-    channel = np.frombuffer(body, dtype="<u2", count=n, offset=offset)
-    time_s = np.frombuffer(body, dtype="<f8", count=n, offset=offset + 2 * n)
-    amplitude = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 10 * n)
-    width = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 14 * n)
-    for name, values in (("pulse time", time_s), ("amplitude", amplitude), ("pulse width", width)):
-        _finite(name, values)
+        raise MalformedMessage(f"{what} body is {len(body)} bytes, expected {expected}")
+    columns, offset = [], _COUNT_HEAD.size
+    for dtype, size in zip(dtypes, sizes):
+        column = np.frombuffer(body, dtype=dtype, count=n, offset=offset)
+        _finite(what, column)
+        columns.append(column)
+        offset += size
+    return columns
+
+
+def _decode_pulses(body: memoryview) -> Pulses:
+    channel, time_s, amplitude, width = _decode_columns(body, "pulses", _PULSES_COLUMNS)
     if (amplitude < 0).any() or (width < 0).any():
         raise MalformedMessage("negative pulse amplitude or width")
     return Pulses(channel, time_s, amplitude, width)
 
 
 def _decode_crank(body: memoryview) -> Crank:
-    if len(body) < _CRANK_HEAD.size:
-        raise MalformedMessage(f"crank body truncated: {len(body)} bytes")
-    (n,) = _CRANK_HEAD.unpack_from(body)
-    if n > MAX_PULSES:
-        raise MalformedMessage(f"crank reading count {n} out of range")
-    expected = _CRANK_HEAD.size + 20 * n
-    if len(body) != expected:
-        raise MalformedMessage(f"crank body is {len(body)} bytes, expected {expected}")
-    offset = _CRANK_HEAD.size
-    time_s = np.frombuffer(body, dtype="<f8", count=n, offset=offset)
-    angle = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 8 * n)
-    cadence = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 12 * n)
-    torque = np.frombuffer(body, dtype="<f4", count=n, offset=offset + 16 * n)
-    for name, values in (("crank time", time_s), ("angle", angle), ("cadence", cadence), ("torque", torque)):
-        _finite(name, values)
+    time_s, angle, cadence, torque = _decode_columns(body, "crank", _CRANK_COLUMNS)
     if ((angle < 0) | (angle >= 360)).any():
         raise MalformedMessage("crank angle outside 0..360 degrees")
     return Crank(time_s, angle, cadence, torque)
