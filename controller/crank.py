@@ -83,6 +83,7 @@ class LslCrank:
     """Crank readings from the LSL stream ``[controller.crank]`` names, gathered by a thread."""
 
     def __init__(self, cfg: CrankConfig) -> None:
+        configure_machine_scope()  # here, before the thread makes this process's first LSL call
         self._cfg = cfg
         self.query = stream_query(cfg.name, cfg.type, cfg.source_id)
         self.state = "resolving"
@@ -103,7 +104,6 @@ class LslCrank:
         self._thread.join(2.0)
 
     def _run(self) -> None:
-        configure_machine_scope()
         inlet: pylsl.StreamInlet | None = None
         buffer = np.empty((0, 0))
         while not self._stop.is_set():
