@@ -106,7 +106,7 @@ def test_cycling_follows_an_lsl_crank_stream_and_stops_when_it_stops(write_confi
 def test_cycling_follows_the_motomed_behind_the_rehastim2(write_config, processes) -> None:
     motomed = EmulatedMotomed(cadence_rpm=CADENCE_RPM)
     with PtyEmulator(RehaStim2Emulator(motomed)) as emulator:
-        path = write_config("cycling_motomed.toml", {'"/dev/ttyUSB0"': f'"{emulator.path}"'})
+        path = write_config("cycling_motomed.toml", {**TOLERANT_DEADLINE, '"/dev/ttyUSB0"': f'"{emulator.path}"'})
         config = load_config(path)
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
@@ -114,7 +114,20 @@ def test_cycling_follows_the_motomed_behind_the_rehastim2(write_config, processe
         try:
             processes.start_loop(path)
             _arm_and_stimulate(stim, emulator)
-            wait_until(lambda: len(emulator.device.pulses) > 300, 30, what="the device to stimulate")
+
+            def stimulated() -> bool:
+                if len(emulator.device.pulses) > 300:
+                    return True
+                status = stim.request("status", timeout_s=2.0)
+                assert status["state"] == "ARMED", (status, controller_gates(recorder, 0.0)[-3:])
+                return False
+
+            try:
+                wait_until(stimulated, 30, what="300 pulses on the device")
+            except pytest.fail.Exception:
+                status = stim.request("status", timeout_s=2.0)
+                pytest.fail(f"{len(emulator.device.pulses)} pulses in 30 s; controller gates "
+                            f"{controller_gates(recorder, 0.0)[-3:]}; stimulator {status}")
             time.sleep(3.0)
             with emulator.lock:
                 emulator.device.motomed = None  # the MOTOmed is unplugged: no more ActualValues
