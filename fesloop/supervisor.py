@@ -44,6 +44,31 @@ class Child:
     last_status: dict[str, Any] = field(default_factory=dict)
 
 
+def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, Any], acq: dict[str, Any]) -> str:
+    """One line from the latest status of each process: what the operator watches.
+
+    Closed gates are named with their reason (why a channel gives nothing), and the crank
+    is shown when a cycling law reads one.
+    """
+    activation = " ".join(f"{k} {v:.2f}" for k, v in ctl.get("activation", {}).items())
+    channels = stim.get("channels", [])
+    output = " ".join(f"{name} {ma:.1f}" for name, ma in zip(channels, stim.get("output_ma", [])))
+    closed = [f"{name} {reason}" for name, reason in zip(channels, ctl.get("gate", [])) if reason != "OPEN"]
+    gates = f"gates closed: {', '.join(closed)}" if closed else "gates open"
+    crank = ctl.get("crank")
+    crank_text = f" | crank {crank['angle_deg']:.0f} deg {crank['cadence_rpm']:.1f} rpm" if crank else ""
+    latency = stim.get("latency_ms", {})
+    p50, p99 = latency.get("p50"), latency.get("p99")
+    lat = f"{p50:.1f}/{p99:.1f} ms" if p50 is not None else "-"
+    state = stim.get("state", "?") + (f" ({stim['fault_reason']})" if stim.get("fault_reason") else "")
+    lost = acq.get("lost_samples", 0)
+    rejected = sum(s.get("rejected", 0) for s in (ctl, stim, acq))
+    return (
+        f"{elapsed_s:6.1f}s | activation {activation} | mA {output} | {gates}{crank_text} | stim {state} | "
+        f"e2e p50/p99 {lat} | lost {lost} rejected {rejected}"
+    )
+
+
 class Supervisor:
     def __init__(
         self,
@@ -110,21 +135,7 @@ class Supervisor:
 
     def status_line(self, elapsed_s: float) -> str:
         by_role = {c.role: c.last_status for c in self.children}
-        ctl, stim, acq = by_role["controller"], by_role["stimulator"], by_role["acquisition"]
-        activation = " ".join(f"{k} {v:.2f}" for k, v in ctl.get("activation", {}).items())
-        output = " ".join(
-            f"{name} {ma:.1f}" for name, ma in zip(stim.get("channels", []), stim.get("output_ma", []))
-        )
-        latency = stim.get("latency_ms", {})
-        p50, p99 = latency.get("p50"), latency.get("p99")
-        lat = f"{p50:.1f}/{p99:.1f} ms" if p50 is not None else "-"
-        state = stim.get("state", "?") + (f" ({stim['fault_reason']})" if stim.get("fault_reason") else "")
-        lost = acq.get("lost_samples", 0)
-        rejected = sum(s.get("rejected", 0) for s in by_role.values())
-        return (
-            f"{elapsed_s:6.1f}s | activation {activation} | mA {output} | stim {state} | "
-            f"e2e p50/p99 {lat} | lost {lost} rejected {rejected}"
-        )
+        return format_status_line(elapsed_s, by_role["controller"], by_role["stimulator"], by_role["acquisition"])
 
     def _note_faults(self) -> None:
         stim = next(c for c in self.children if c.role == "stimulator").last_status
