@@ -8,7 +8,13 @@ was seen, even across chunk boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from controller.buffers import Columns, Rows, column_steps, ramp
+
+NO_ARTIFACTS: tuple[int, ...] = ()
 
 
 class ArtifactFinder:
@@ -33,43 +39,78 @@ class ArtifactFinder:
         self._slope_per_sample = None if slope_uv_per_ms is None else slope_uv_per_ms * 1e3 / fs_hz
         self._sync_threshold = sync_threshold
         self._buffer = np.zeros((self.delay, n_channels))
-        self._previous: np.ndarray | None = None
+        self._previous = np.zeros(n_channels)
         self._previous_sync = np.inf
         self._last_artifact = -(1 << 62)
         self._primed = False
+        self._joined = Columns(n_channels)
+        self._steps = Columns(n_channels)
+        self._delayed = Columns(n_channels)
+        self._steepest = Rows()
+        self._hit = Rows(dtype=bool)
+        self._rising = Rows(dtype=bool)
+        self._above = Rows(dtype=bool)
+        self._last = Rows(dtype=np.int64)
+        self._valid = Rows(dtype=bool)
 
     def process(
         self, emg_uv: np.ndarray, first_index: int, sync: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(delayed emg, valid mask of the delayed samples, indices of new artifacts)."""
+    ) -> tuple[np.ndarray, np.ndarray, Sequence[int]]:
+        """(delayed emg, valid mask of the delayed samples, indices of new artifacts).
+
+        The arrays are views of buffers that the next call overwrites.
+        """
         n = emg_uv.shape[0]
         if not self._primed and n:
             self._buffer[:] = emg_uv[0]
-            self._previous = emg_uv[0].copy()
+            self._previous[:] = emg_uv[0]
             self._primed = True
-        hit = np.zeros(n, dtype=bool)
+        hit = self._hit(n)
+        hit[:] = False
         if self._slope_per_sample is not None and n:
-            steps = np.abs(np.diff(emg_uv, axis=0, prepend=self._previous[np.newaxis]))
-            hit |= (steps > self._slope_per_sample).any(axis=1)
+            steps = self._steps(n)
+            column_steps(emg_uv, self._previous, steps)
+            np.abs(steps, out=steps)
+            steepest = self._steepest(n)
+            np.fmax.reduce(steps, axis=1, out=steepest)  # fmax: a NaN channel does not hide the others
+            np.greater(steepest, self._slope_per_sample, out=hit)
             self._previous[:] = emg_uv[-1]
         if sync is not None and self._sync_threshold is not None and n:
-            level = np.asarray(sync, dtype=np.float64)
-            above = level > self._sync_threshold
-            before = np.concatenate(([self._previous_sync > self._sync_threshold], above[:-1]))
-            hit |= above & ~before
-            self._previous_sync = float(level[-1])
-        index = np.arange(first_index, first_index + n)
-        hits = index[hit]
-        window = self.delay + self._post
-        new = hits[np.diff(hits, prepend=self._last_artifact) > window]
-        last = np.maximum.accumulate(np.where(hit, index, self._last_artifact))
-        if n:
-            self._last_artifact = int(last[-1])
-        valid = (index - self.delay) - last > self._post
-        if self.delay:
-            joined = np.concatenate((self._buffer, emg_uv))
-            delayed = joined[:n]
-            self._buffer[:] = joined[n:]
+            above = self._above(n + 1)
+            above[0] = self._previous_sync > self._sync_threshold
+            np.greater(sync, self._sync_threshold, out=above[1:])
+            rising = self._rising(n)
+            np.greater(above[1:], above[:-1], out=rising)
+            np.logical_or(hit, rising, out=hit)
+            self._previous_sync = float(sync[-1])
+        valid = self._valid(n)
+        any_hit = bool(hit.any())
+        new = self._new_artifacts(hit, first_index) if any_hit else NO_ARTIFACTS
+        if any_hit:
+            last = self._last(n)  # per sample: the newest artifact up to it, relative to first_index
+            last[:] = self._last_artifact - first_index  # < 0: the artifact before this block ...
+            np.copyto(last, ramp(0, n), where=hit)  # ... or one in it
+            np.maximum.accumulate(last, out=last)
+            self._last_artifact = first_index + int(last[-1])
+            np.subtract(ramp(0, n), last, out=last)
+            np.greater(last, self.delay + self._post, out=valid)
         else:
-            delayed = emg_uv
+            np.greater(ramp(0, n), self.delay + self._post + self._last_artifact - first_index, out=valid)
+        if not self.delay:
+            return emg_uv, valid, new
+        joined, delayed = self._joined(self.delay + n), self._delayed(n)
+        joined[: self.delay] = self._buffer
+        joined[self.delay :] = emg_uv
+        self._buffer[:] = joined[n:]
+        np.copyto(delayed, joined[:n])
         return delayed, valid, new
+
+    def _new_artifacts(self, hit: np.ndarray, first_index: int) -> list[int]:
+        """Steep samples that open a window: more than one window after the previous artifact."""
+        window = self.delay + self._post
+        new, previous = [], self._last_artifact
+        for index in (np.flatnonzero(hit) + first_index).tolist():
+            if index - previous > window:
+                new.append(index)
+            previous = index
+        return new

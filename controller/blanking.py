@@ -12,6 +12,8 @@ from collections import deque
 
 import numpy as np
 
+from controller.buffers import Rows
+
 
 class Blanker:
     """Remembers recent pulse times and marks the samples their windows cover."""
@@ -21,13 +23,15 @@ class Blanker:
         self.post_s = post_s
         self._pulse_times_s: deque[float] = deque(maxlen=capacity)
         self.blanked_samples = 0
+        self._valid = Rows(dtype=bool)
 
     def add_pulses(self, times_s: np.ndarray) -> None:
         self._pulse_times_s.extend(float(t) for t in times_s)
 
     def valid_mask(self, first_sample_time_s: float, fs_hz: float, n_samples: int) -> np.ndarray:
-        """True for samples outside every artifact window, shape (n_samples,)."""
-        valid = np.ones(n_samples, dtype=bool)
+        """True for samples outside every artifact window, shape (n_samples,): a view the next call overwrites."""
+        valid = self._valid(n_samples)
+        valid[:] = True
         last_time_s = first_sample_time_s + (n_samples - 1) / fs_hz
         # Half a sample of slack: float rounding must not drop a window's last sample.
         while self._pulse_times_s and self._pulse_times_s[0] + self.post_s < first_sample_time_s - 0.5 / fs_hz:

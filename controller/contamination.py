@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import signal
 
+from controller.buffers import Columns, RowIndex, column_steps
 from controller.dsp import StreamingSos
 from fesloop.config import ContaminationConfig
 
@@ -37,33 +38,64 @@ class ContaminationDetector:
         self._last_moving = np.full(n_channels, NEVER)
         self._last_bad = np.full(n_channels, NEVER)
         self.contaminated = np.zeros(n_channels, dtype=bool)
+        self._bad = Columns(n_channels, dtype=bool)
+        self._test = Columns(n_channels, dtype=bool)
+        self._steps = Columns(n_channels)
+        self._last = Columns(n_channels, dtype=np.int64)
+        self._flags = Columns(n_channels, dtype=bool)
+        self._none_yet = Columns(n_channels, dtype=bool)
+        self._row = RowIndex(n_channels)
+        self._before = np.zeros(n_channels, dtype=np.int64)
 
     @property
     def enabled(self) -> bool:
         return self._rail_uv is not None or self._flat_uv is not None or self._motion is not None
 
     def process(self, raw_uv: np.ndarray, held_uv: np.ndarray, first_index: int) -> np.ndarray:
-        """Contaminated flags (n_samples, n_channels) from the raw and the blanked (held) signal."""
+        """Contaminated flags (n_samples, n_channels) from the raw and the blanked (held) signal.
+
+        The flags are a view of a buffer that the next call overwrites.
+        """
         n = raw_uv.shape[0]
-        index = np.arange(first_index, first_index + n)[:, np.newaxis]
-        bad = np.zeros(raw_uv.shape, dtype=bool)
+        bad, test = self._bad(n), self._test(n)
+        bad[:] = False
         if self._rail_uv is not None:
-            bad |= np.abs(raw_uv) >= self._rail_uv
+            np.greater_equal(np.abs(raw_uv, out=self._steps(n)), self._rail_uv, out=bad)
         if self._flat_uv is not None and n:
             if self._previous is None:
                 self._previous = raw_uv[0].copy()
                 self._last_moving[:] = first_index
-            moving = np.abs(np.diff(raw_uv, axis=0, prepend=self._previous[np.newaxis])) > self._flat_uv
+            steps = self._steps(n)
+            column_steps(raw_uv, self._previous, steps)
+            np.abs(steps, out=steps)
+            np.greater(steps, self._flat_uv, out=test)  # moving
             self._previous[:] = raw_uv[-1]
-            last_moving = np.maximum.accumulate(np.where(moving, index, self._last_moving), axis=0)
-            self._last_moving[:] = last_moving[-1]
-            bad |= index - last_moving >= self._flat
+            since_moving = self._running_last(test, self._last_moving, first_index, n)
+            np.greater_equal(since_moving, self._flat, out=test)
+            np.logical_or(bad, test, out=bad)
         if self._motion is not None:
-            bad |= np.abs(self._motion.process(held_uv)) > self._motion_uv
-        last_bad = np.maximum.accumulate(np.where(bad, index, self._last_bad), axis=0)
-        if n:
-            self._last_bad[:] = last_bad[-1]
-        flags = index - last_bad <= self._holdoff
+            motion = self._motion.process(held_uv)
+            np.abs(motion, out=motion)
+            np.greater(motion, self._motion_uv, out=test)
+            np.logical_or(bad, test, out=bad)
+        since_bad = self._running_last(bad, self._last_bad, first_index, n)
+        flags = self._flags(n)
+        np.less_equal(since_bad, self._holdoff, out=flags)
         if n:
             self.contaminated[:] = flags[-1]
         return flags
+
+    def _running_last(self, happened: np.ndarray, last: np.ndarray, first_index: int, n: int) -> np.ndarray:
+        """Per sample and channel: samples since ``happened`` was last true (``last``: before the block, updated)."""
+        running, row = self._last(n), self._row(n)
+        running[:] = -1  # row of the newest time it happened in this block (-1: not yet) ...
+        np.copyto(running, row, where=happened)
+        np.maximum.accumulate(running, axis=0, out=running)
+        np.subtract(last, first_index, out=self._before)
+        none_yet = self._none_yet(n)
+        np.less(running, 0, out=none_yet)
+        np.copyto(running, self._before, where=none_yet)  # ... or the last time before it (< 0)
+        if n:
+            np.add(running[-1], first_index, out=last)
+        np.subtract(row, running, out=running)
+        return running

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import signal
 from scipy.signal._sosfilt import _sosfilt  # the kernel behind signal.sosfilt, without its per-call overhead
 
+from controller.buffers import Columns, Rows
 from fesloop.config import FilterConfig
 
 NYQUIST_MARGIN = 0.45  # cutoffs are clipped to this fraction of the sampling rate
@@ -61,37 +62,28 @@ class StreamingSos:
 
     def __init__(self, sos: np.ndarray, n_channels: int, steady_start: bool = False) -> None:
         self.sos = np.ascontiguousarray(sos, dtype=np.float64)
-        self._zi_unit = signal.sosfilt_zi(self.sos)[np.newaxis]  # (1, n_sections, 2)
+        self._zi_unit = signal.sosfilt_zi(self.sos)  # (n_sections, 2)
         self._zi = np.zeros((n_channels, self.sos.shape[0], 2))  # channel-major, as the kernel wants it
+        self._out = Columns(n_channels)
         self._steady_start = steady_start
         self._started = False
 
     def process(self, x: np.ndarray) -> np.ndarray:
-        if not len(x):
-            return np.zeros(x.shape)
+        """The filtered block (n_samples, n_channels): a view the next call overwrites."""
+        y = self._out(x.shape[0])
+        np.copyto(y, x)
+        self.filter_in_place(y)
+        return y
+
+    def filter_in_place(self, y: np.ndarray) -> None:
+        """Filter a float64 (n_samples, n_channels) block in the :class:`Columns` layout, in place."""
+        if not y.shape[0]:
+            return
         if not self._started:
             self._started = True
             if self._steady_start:
-                self._zi[:] = self._zi_unit * x[0][:, np.newaxis, np.newaxis]
-        y = np.array(x.T, dtype=np.float64, order="C")  # the output: (n_channels, n_samples), filtered in place
-        sosfilt_channels(self.sos, y, self._zi)
-        return y.T
-
-
-def forward_fill(x: np.ndarray, valid: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    """Replace invalid samples by the last valid sample of their channel.
-
-    ``previous`` is the last valid value before this block, per channel; it is updated
-    in place. Holding the raw value keeps blanked artifacts out of the IIR filters
-    without the step a zero-fill would cause on a DC-offset signal.
-    """
-    n = x.shape[0]
-    index = np.where(valid, np.arange(n)[:, np.newaxis], -1)
-    np.maximum.accumulate(index, axis=0, out=index)
-    filled = np.where(index >= 0, np.take_along_axis(x, np.maximum(index, 0), axis=0), previous)
-    has_valid = index[-1] >= 0
-    previous[has_valid] = filled[-1, has_valid]
-    return filled
+                np.multiply(self._zi_unit, y[0, :, np.newaxis, np.newaxis], out=self._zi)
+        sosfilt_channels(self.sos, y.T, self._zi)
 
 
 class EnvelopeEstimator:
@@ -103,6 +95,8 @@ class EnvelopeEstimator:
     heavy blanking the low-pass therefore sees fewer samples per second: its delay in
     real time grows by 1 / (share of valid samples). ``valid`` is one mask per sample,
     shared by all channels (an artifact reaches every electrode on the limb).
+
+    The arrays returned are views of buffers that the next block overwrites.
     """
 
     def __init__(self, fs_hz: float, n_channels: int, cfg: FilterConfig) -> None:
@@ -114,19 +108,42 @@ class EnvelopeEstimator:
         self._held_uv = np.zeros(n_channels)
         self._have_held = False
         self.last_envelope_uv = np.zeros(n_channels)
+        self._edges = Rows(dtype=bool)
+        self._held = Columns(n_channels)
+        self._rectified = Columns(n_channels)
+        self._valid_only = Columns(n_channels)
+        self._envelope = Columns(n_channels)
+        self._teager_terms = (Columns(n_channels), Columns(n_channels), Columns(n_channels))
+
+    def _valid_runs(self, valid: np.ndarray) -> list[int]:
+        """Edges of the runs of valid samples: [start, stop, start, stop, ...] (a few per block)."""
+        n = len(valid)
+        edges = self._edges(n + 1)
+        edges[0], edges[n] = valid[0], valid[-1]
+        np.not_equal(valid[1:], valid[:-1], out=edges[1:n])
+        return np.flatnonzero(edges).tolist()
 
     def hold(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Raw EMG with blanked samples held at the last valid raw value."""
         x = np.asarray(emg_uv, dtype=np.float64)
+        n = x.shape[0]
         if valid.all():  # the common case: nothing to hold
-            if len(x):
+            if n:
                 self._held_uv[:] = x[-1]
                 self._have_held = True
             return x
-        if not self._have_held and valid.any():
-            self._held_uv[:] = x[int(np.argmax(valid))]
+        runs = self._valid_runs(valid)
+        if not self._have_held and runs:
+            self._held_uv[:] = x[runs[0]]
             self._have_held = True
-        return forward_fill(x, np.broadcast_to(valid[:, np.newaxis], x.shape), self._held_uv)
+        held = self._held(n)
+        np.copyto(held, x)
+        for start, stop in zip([0, *runs[1::2]], [*runs[::2], n]):  # the blanked stretches
+            if start:
+                self._held_uv[:] = held[start - 1]  # (a row of held itself would make numpy copy the whole fill)
+            held[start:stop] = self._held_uv
+        self._held_uv[:] = held[-1]
+        return held
 
     def band(self, held_uv: np.ndarray) -> np.ndarray:
         """High-pass, notches and band-pass, state kept across blocks."""
@@ -134,28 +151,67 @@ class EnvelopeEstimator:
 
     def envelope(self, filtered_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Rectified (or sqrt|TKEO|) and low-passed over valid samples; held across the others."""
-        rectified = self._teager(filtered_uv) if self._tkeo else np.abs(filtered_uv)
+        n = filtered_uv.shape[0]
+        if self._tkeo:
+            rectified = self._teager(filtered_uv)
+        else:
+            rectified = self._rectified(n)
+            np.abs(filtered_uv, out=rectified)
         if valid.all():  # the common case: nothing to hold
-            smoothed = self._lowpass.process(rectified)
-            if len(smoothed):
-                self.last_envelope_uv[:] = smoothed[-1]
-            return smoothed
-        smoothed = self._lowpass.process(rectified[valid])
-        held = np.vstack((self.last_envelope_uv[np.newaxis], smoothed))
-        self.last_envelope_uv[:] = held[-1]
-        return held[np.cumsum(valid)]
+            self._lowpass.filter_in_place(rectified)
+            if n:
+                self.last_envelope_uv[:] = rectified[-1]
+            return rectified
+        runs = self._valid_runs(valid)
+        smoothed = self._valid_only(sum(runs[1::2]) - sum(runs[::2]))  # the valid samples, back to back
+        at = 0
+        for start, stop in zip(runs[::2], runs[1::2]):
+            smoothed[at : at + stop - start] = rectified[start:stop]
+            at += stop - start
+        self._lowpass.filter_in_place(smoothed)
+        envelope = self._envelope(n)
+        at, previous = 0, 0  # previous: where the last valid run ended
+        for start, stop in zip(runs[::2], runs[1::2]):
+            envelope[previous:start] = self.last_envelope_uv  # held across the blanked stretch
+            envelope[start:stop] = smoothed[at : at + stop - start]
+            at, previous = at + stop - start, stop
+            self.last_envelope_uv[:] = envelope[stop - 1]
+        envelope[previous:] = self.last_envelope_uv
+        return envelope
 
     def _teager(self, x: np.ndarray) -> np.ndarray:
         """Causal sqrt|TKEO|: sqrt|x[n-1]^2 - x[n] x[n-2]| (one sample late), in uV."""
-        joined = np.concatenate((self._tkeo_history, x))
-        self._tkeo_history[:] = joined[-2:]
-        return np.sqrt(np.abs(joined[1:-1] ** 2 - joined[2:] * joined[:-2]))
+        n = x.shape[0]
+        joined, product, square = (terms(n + 2) for terms in self._teager_terms)
+        joined[:2] = self._tkeo_history  # rows 0, 1: the last two samples of the previous block
+        joined[2:] = x
+        self._tkeo_history[:] = joined[n:]
+        # On the channels laid end to end (contiguous, so numpy needs no buffer): entry i of a
+        # channel is sample i - 2. The two entries that straddle channels are never read.
+        flat, flat_product, flat_square = (np.reshape(a.T, -1, copy=False) for a in (joined, product, square))
+        np.multiply(flat[2:], flat[:-2], out=flat_product[:-2])
+        np.square(flat[1:-1], out=flat_square[:-2])
+        used = flat_square[:-2]
+        np.subtract(used, flat_product[:-2], out=used)
+        np.abs(used, out=used)
+        np.sqrt(used, out=used)
+        out = self._rectified(n)
+        np.copyto(out, square[:n])
+        return out
 
     def process(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Envelope (uV) for a block; ``valid`` is (n_samples,) bool."""
         return self.envelope(self.band(self.hold(emg_uv, valid)), valid)
 
 
-def normalize(envelope_uv: np.ndarray, rest_uv: np.ndarray, mvc_uv: np.ndarray) -> np.ndarray:
-    """Activation 0..1 from calibration: 0 at the rest level, 1 at MVC."""
-    return np.clip((envelope_uv - rest_uv) / (mvc_uv - rest_uv), 0.0, 1.0)
+class Normalization:
+    """Activation 0..1 from a calibration: 0 at the rest level, 1 at MVC."""
+
+    def __init__(self, rest_uv: np.ndarray, mvc_uv: np.ndarray) -> None:
+        self.rest_uv = np.asarray(rest_uv, dtype=np.float64)
+        self._span_uv = np.asarray(mvc_uv, dtype=np.float64) - self.rest_uv
+
+    def __call__(self, envelope_uv: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.subtract(envelope_uv, self.rest_uv, out=out)
+        np.divide(out, self._span_uv, out=out)
+        return np.clip(out, 0.0, 1.0, out=out)

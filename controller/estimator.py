@@ -10,7 +10,6 @@ evoked M-wave amplitude of each stimulated muscle (:class:`controller.mwave.MWav
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,8 @@ from controller.artifacts import ArtifactFinder
 from controller.blanking import Blanker
 from controller.calibration import Calibration
 from controller.contamination import ContaminationDetector
-from controller.dsp import EnvelopeEstimator, normalize
+from controller.buffers import Columns, Rows, column_steps
+from controller.dsp import EnvelopeEstimator, Normalization
 from controller.mwave import MWaveEstimator
 from controller.onset import OnsetDetector
 from controller.residual import ResponseCanceller
@@ -87,9 +87,20 @@ class EmgEstimator:
         self.onset = OnsetDetector(*self._onset_thresholds(cc, rest_sd_uv), *self._onset_timing(cc, fs_hz))
         self._pending_pulses: list[tuple[np.ndarray, np.ndarray]] = []
         self._was_contaminated = np.zeros(n_muscles, dtype=bool)
-        self.activation = np.zeros(n_muscles)
-        self.envelope_uv = np.zeros((0, n_muscles))  # the last block's envelope, aligned with its samples
-        self.filtered_uv = np.zeros((0, n_muscles))  # the last block's band-filtered EMG, the same samples
+        self._normalization = Normalization(self.rest_uv, self.mvc_uv)
+        self.activation = np.zeros(n_muscles)  # updated in place by every chunk
+        # The last block's envelope and band-filtered EMG, aligned with its samples (views of reused buffers).
+        self.envelope_uv = np.zeros((0, n_muscles))
+        self.filtered_uv = np.zeros((0, n_muscles))
+        first_channel = int(self._channels[0]) if n_muscles else 0
+        in_order = np.array_equal(self._channels, np.arange(first_channel, first_channel + n_muscles))
+        self._channel_slice = slice(first_channel, first_channel + n_muscles) if in_order else None
+        self._picked: dict[np.dtype, Rows] = {}  # muscles' columns in the chunk's own dtype (the other case)
+        self._raw = Columns(n_muscles)
+        self._all_valid = Rows(dtype=bool)
+        self._changed = Columns(n_muscles, dtype=bool)
+        self._stim_contaminated = np.zeros(len(self.stim_muscle), dtype=bool)
+        self._time_base = (0, 0.0)  # (sample index, its time in s) of the chunk being processed
         self.delay = self.finder.delay if self.finder is not None else 0
         self.events: list[Event] = []
         self.artifacts_detected = 0
@@ -138,7 +149,9 @@ class EmgEstimator:
 
     def gate_reasons(self, out: np.ndarray) -> None:
         """Per stimulation channel: CONTAMINATED where its muscle's EMG is, else OPEN."""
-        out[:] = np.where(self.contaminated[self.stim_muscle], GateReason.CONTAMINATED, GateReason.OPEN)
+        np.take(self.contaminated, self.stim_muscle, out=self._stim_contaminated)
+        out[:] = GateReason.OPEN
+        np.copyto(out, GateReason.CONTAMINATED, where=self._stim_contaminated, casting="unsafe")
 
     def process(self, chunk: protocol.EmgChunk) -> bool:
         """Update the activation; False when the chunk follows a gap (samples lost)."""
@@ -148,26 +161,25 @@ class EmgEstimator:
         n = chunk.data.shape[0]
         first = chunk.first_sample_index
         self.next_index = first + n
-        raw_uv = chunk.data[:, self._channels].astype(np.float64)
+        self._time_base = (first, chunk.first_sample_time_s)
+        raw_uv = self._muscle_columns(chunk.data)
         self.mwave.process(first, chunk.first_sample_time_s, raw_uv)
-
-        def time_of(index: int) -> float:
-            return chunk.first_sample_time_s + (index - first) / self.fs_hz
-
-        self._lock_pending_pulses(chunk)
+        if self._pending_pulses:
+            self._lock_pending_pulses(chunk)
         if self.finder is not None:
             sync = chunk.data[:, self._sync_channel] if self._sync_channel is not None else None
             raw_uv, valid, new_artifacts = self.finder.process(raw_uv, first, sync)
             first -= self.finder.delay
             self.artifacts_detected += len(new_artifacts)
             for index in new_artifacts:
-                self.events.append(Event(time_of(int(index)), ALL_CHANNELS, "artifact"))
+                self.events.append(Event(self._time_of(index), ALL_CHANNELS, "artifact"))
                 if self.canceller is not None:
-                    self.canceller.add_pulse(int(index))
+                    self.canceller.add_pulse(index)
         else:
-            valid = np.ones(n, dtype=bool)
+            valid = self._all_valid(n)
+            valid[:] = True
         if self.blanker is not None:
-            valid &= self.blanker.valid_mask(time_of(first), self.fs_hz, n)
+            np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
         held_uv = self.envelope.hold(raw_uv, valid)
         filtered_uv = self.envelope.band(held_uv)
         if self.canceller is not None:
@@ -176,12 +188,28 @@ class EmgEstimator:
         self.envelope_uv = envelope_uv
         self.filtered_uv = filtered_uv
         if self.contamination.enabled:
-            self._contamination_events(self.contamination.process(raw_uv, held_uv, first), first, time_of)
+            self._contamination_events(self.contamination.process(raw_uv, held_uv, first), first)
         for index, muscle, is_onset in self.onset.process(envelope_uv, first):
-            self.events.append(Event(time_of(index), self.names[muscle], "onset" if is_onset else "offset"))
+            self.events.append(Event(self._time_of(index), self.names[muscle], "onset" if is_onset else "offset"))
         if n:
-            self.activation = normalize(envelope_uv[-1], self.rest_uv, self.mvc_uv)
+            self._normalization(envelope_uv[-1], out=self.activation)
         return contiguous
+
+    def _muscle_columns(self, data: np.ndarray) -> np.ndarray:
+        """The muscles' EMG columns of a chunk, as float64 in a reused buffer."""
+        raw_uv = self._raw(data.shape[0])
+        if self._channel_slice is not None:
+            np.copyto(raw_uv, data[:, self._channel_slice])
+        else:
+            picked = self._picked.setdefault(data.dtype, Rows(len(self._channels), dtype=data.dtype))(data.shape[0])
+            np.take(data, self._channels, axis=1, out=picked, mode="clip")
+            np.copyto(raw_uv, picked)
+        return raw_uv
+
+    def _time_of(self, index: int) -> float:
+        """Time (s) of absolute sample ``index``, on the clock of the chunk being processed."""
+        first, first_time_s = self._time_base
+        return first_time_s + (index - first) / self.fs_hz
 
     def _lock_pending_pulses(self, chunk: protocol.EmgChunk) -> None:
         """Give the canceller the pulses of each muscle, as absolute sample indices."""
@@ -193,10 +221,13 @@ class EmgEstimator:
                     self.canceller.add_pulse(int(index), muscle)
         self._pending_pulses.clear()
 
-    def _contamination_events(self, flags: np.ndarray, first: int, time_of: Callable[[int], float]) -> None:
-        previous = np.vstack((self._was_contaminated[np.newaxis], flags[:-1]))
-        for local, muscle in zip(*np.nonzero(flags != previous)):
-            kind = "contamination_start" if flags[local, muscle] else "contamination_end"
-            self.events.append(Event(time_of(first + int(local)), self.names[muscle], kind))
-        if len(flags):
-            self._was_contaminated[:] = flags[-1]
+    def _contamination_events(self, flags: np.ndarray, first: int) -> None:
+        if not len(flags):
+            return
+        changed = self._changed(len(flags))
+        column_steps(flags, self._was_contaminated, changed, np.not_equal)
+        if changed.any():
+            for local, muscle in zip(*np.nonzero(changed)):
+                kind = "contamination_start" if flags[local, muscle] else "contamination_end"
+                self.events.append(Event(self._time_of(first + int(local)), self.names[muscle], kind))
+        self._was_contaminated[:] = flags[-1]

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import signal
 
+from controller.buffers import fill_ring, read_ring, write_ring
 from controller.dsp import NYQUIST_MARGIN, StreamingSos
 from fesloop.config import MWaveConfig
 
@@ -29,9 +30,9 @@ _SNAP_SAMPLES = 1e-6  # a window edge this close to a sample counts as on it (fl
 
 
 def window_amplitude_uv(x_uv: np.ndarray, method: str) -> float:
-    """Peak-to-peak or RMS of one window's samples (NaN if any sample is unknown)."""
+    """Peak-to-peak or RMS of one window's contiguous samples (NaN if any sample is unknown)."""
     if method == "rms":
-        return float(np.sqrt(np.mean(x_uv * x_uv)))
+        return math.sqrt(float(np.dot(x_uv, x_uv)) / len(x_uv))
     return float(np.max(x_uv) - np.min(x_uv))
 
 
@@ -66,6 +67,7 @@ class MWaveEstimator:
         self._step = max(int(HISTORY_S * fs_hz), 1)
         self._capacity = math.ceil(self._end_samples) + 2 + self._step
         self._history_uv = np.full((self._capacity, n_muscles), np.nan)
+        self._window_uv = np.empty(self._capacity)
         self._next_index: int | None = None
         self._new_pulses: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending: list[tuple[int, int, int, float, float]] = []  # (first, last index, muscle, charge, pulse time)
@@ -99,20 +101,17 @@ class MWaveEstimator:
         # Measured in steps short enough that every window ending in a step is still in the ring.
         for start in range(0, raw_uv.shape[0], self._step):
             block_uv = filtered_uv[start : start + self._step]
-            index = first_index + start
-            self._history_uv[np.arange(index, index + len(block_uv)) % self._capacity] = block_uv
-            self._next_index = index + len(block_uv)
-            self._measure_ready(self._next_index)
+            write_ring(self._history_uv, first_index + start, block_uv)
+            self._next_index = first_index + start + len(block_uv)
+            if self._pending and self._pending[0][1] < self._next_index:
+                self._measure_ready(self._next_index)
 
     def _mark_gap(self, first_index: int) -> None:
         """Samples lost in a gap are unknown: windows that touch them are missed, not measured."""
         if self._next_index is None or first_index == self._next_index:
             return
         skipped = first_index - self._next_index
-        if 0 < skipped < self._capacity:
-            self._history_uv[np.arange(self._next_index, first_index) % self._capacity] = np.nan
-        else:
-            self._history_uv[:] = np.nan
+        fill_ring(self._history_uv, self._next_index, skipped if 0 < skipped < self._capacity else self._capacity, np.nan)
 
     def _window_pulses(self, first_index: int, first_time_s: float) -> None:
         """New pulses become windows of absolute sample indices (on this block's time base)."""
@@ -125,17 +124,18 @@ class MWaveEstimator:
         self._pending.sort()
 
     def _measure_ready(self, next_index: int) -> None:
-        """Measure every pending window whose last sample (before ``next_index``) has arrived, in pulse order."""
+        """Measure every pending window whose last sample (before ``next_index``) has arrived, in pulse order.
+
+        Windows are sorted by first sample, hence by last sample too (they all have one length).
+        """
         oldest = next_index - self._capacity
-        waiting = []
-        for window in self._pending:
-            first, last, muscle, charge, time_s = window
-            if last >= next_index:
-                waiting.append(window)
-                continue
+        ready = 0
+        while ready < len(self._pending) and self._pending[ready][1] < next_index:
+            first, last, muscle, charge, time_s = self._pending[ready]
+            ready += 1
             amplitude_uv = math.nan
             if first >= oldest:
-                window_uv = self._history_uv[np.arange(first, last + 1) % self._capacity, muscle]
+                window_uv = read_ring(self._history_uv[:, muscle], first, self._window_uv[: last + 1 - first])
                 amplitude_uv = window_amplitude_uv(window_uv, self.cfg.method)
             if math.isnan(amplitude_uv):
                 self.missed[muscle] += 1
@@ -144,7 +144,7 @@ class MWaveEstimator:
                 self.measurements.append(
                     Measurement(time_s, muscle, amplitude_uv, amplitude_uv / self.reference_uv[muscle])
                 )
-        self._pending = waiting
+        del self._pending[:ready]
 
     def take_measurements(self) -> list[Measurement]:
         """The windows measured since the last call (the consumer publishes or writes them)."""

@@ -22,19 +22,31 @@ class OnsetDetector:
         self._min_off_ticks = max(int(np.ceil(min_off / self.tick)), 1)
         self.active = np.zeros(len(self.on_uv), dtype=bool)
         self._run = np.zeros(len(self.on_uv), dtype=np.int64)  # ticks the pending change has lasted
+        self._needed = np.full(len(self.on_uv), self._min_on_ticks)  # ticks it must last: min on, or min off if active
+        self._pending = np.zeros(len(self.on_uv), dtype=bool)
+        self._below_off = np.zeros(len(self.on_uv), dtype=bool)
+        self._events: list[tuple[int, int, bool]] = []
 
     def process(self, envelope_uv: np.ndarray, first_index: int) -> list[tuple[int, int, bool]]:
-        """Examine the envelope block (n_samples, n_channels); return the state changes."""
-        events: list[tuple[int, int, bool]] = []
-        start = (-first_index) % self.tick
-        for local in range(start, envelope_uv.shape[0], self.tick):
+        """Examine the envelope block (n_samples, n_channels); return the state changes (a list the next call reuses)."""
+        events = self._events
+        events.clear()
+        pending, run = self._pending, self._run
+        for local in range(-first_index % self.tick, envelope_uv.shape[0], self.tick):
             value = envelope_uv[local]
-            pending = np.where(self.active, value < self.off_uv, value > self.on_uv)
-            self._run = np.where(pending, self._run + 1, 0)
-            needed = np.where(self.active, self._min_off_ticks, self._min_on_ticks)
-            for channel in np.flatnonzero(self._run >= needed):
-                self.active[channel] = not self.active[channel]
-                self._run[channel] = 0
-                first_crossing = first_index + local - (int(needed[channel]) - 1) * self.tick
-                events.append((first_crossing, int(channel), bool(self.active[channel])))
+            np.greater(value, self.on_uv, out=pending)
+            np.less(value, self.off_uv, out=self._below_off)
+            np.copyto(pending, self._below_off, where=self.active)
+            np.add(run, 1, out=run)
+            np.logical_not(pending, out=self._below_off)
+            np.copyto(run, 0, where=self._below_off)  # no change pending: the count restarts
+            np.greater_equal(run, self._needed, out=pending)
+            if pending.any():
+                for channel in np.flatnonzero(pending).tolist():
+                    now_active = not self.active[channel]
+                    first_crossing = first_index + local - (int(self._needed[channel]) - 1) * self.tick
+                    self.active[channel] = now_active
+                    self._needed[channel] = self._min_off_ticks if now_active else self._min_on_ticks
+                    run[channel] = 0
+                    events.append((first_crossing, channel, now_active))
         return events

@@ -13,8 +13,7 @@ from controller.dsp import (
     EnvelopeEstimator,
     StreamingSos,
     design_emg_sos,
-    forward_fill,
-    normalize,
+    Normalization,
 )
 from controller.laws import proportional
 from fesloop.config import FilterConfig, ProportionalLaw
@@ -40,7 +39,7 @@ def test_chunked_filter_equals_one_shot_sosfilt(sizes: list[int], seed: int) -> 
     sos = design_emg_sos(FS_HZ, FilterConfig())
     reference, _ = signal.sosfilt(sos, x, axis=0, zi=signal.sosfilt_zi(sos)[:, :, None] * x[0])
     stream = StreamingSos(sos, 3, steady_start=True)
-    chunked = np.vstack([stream.process(x[s]) for s in _chunks(len(x), sizes)])
+    chunked = np.vstack([stream.process(x[s]).copy() for s in _chunks(len(x), sizes)])  # outputs are reused buffers
     np.testing.assert_allclose(chunked, reference, rtol=1e-10, atol=1e-9)
 
 
@@ -54,13 +53,14 @@ def test_design_clips_cutoffs_below_nyquist_and_notches_mains() -> None:
     assert np.isfinite(sos).all()
 
 
-def test_forward_fill_holds_last_valid_sample_across_blocks() -> None:
-    previous = np.array([7.0, -1.0])
-    x = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
-    valid = np.array([[False, True], [True, False], [False, False]])
-    filled = forward_fill(x, valid, previous)
-    np.testing.assert_array_equal(filled, [[7.0, 10.0], [2.0, 10.0], [2.0, 10.0]])
-    np.testing.assert_array_equal(previous, [2.0, 10.0])
+def test_hold_keeps_the_last_valid_sample_across_blanked_ones_and_blocks() -> None:
+    envelope = EnvelopeEstimator(FS_HZ, 2, FilterConfig())
+    first = envelope.hold(np.array([[7.0, -1.0], [1.0, 10.0]]), np.array([True, False])).copy()
+    np.testing.assert_array_equal(first, [[7.0, -1.0], [7.0, -1.0]])
+    x = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    second = envelope.hold(x, np.array([False, True, False, False]))
+    np.testing.assert_array_equal(second, [[7.0, -1.0], [2.0, 20.0], [2.0, 20.0], [2.0, 20.0]])
+    np.testing.assert_array_equal(envelope.hold(x[:1], np.array([False])), [[2.0, 20.0]])
 
 
 def test_blanker_marks_exactly_the_window_samples() -> None:
@@ -72,7 +72,7 @@ def test_blanker_marks_exactly_the_window_samples() -> None:
     np.testing.assert_array_equal(blanked, np.arange(18, 31))  # 9.0 ms .. 15.0 ms inclusive
     # The window spanning two blocks is blanked in both.
     blanker.add_pulses(np.array([t0 + 0.0295]))
-    first = blanker.valid_mask(t0 + 0.010, FS_HZ, 40)  # samples at 10..29.5 ms
+    first = blanker.valid_mask(t0 + 0.010, FS_HZ, 40).copy()  # samples at 10..29.5 ms
     second = blanker.valid_mask(t0 + 0.030, FS_HZ, 20)
     assert not first[-2:].any() and not second[:10].any() and second[10:].all()
 
@@ -107,7 +107,7 @@ def test_envelope_tracks_amplitude_of_band_limited_noise() -> None:
 
 
 def test_normalize_maps_rest_to_zero_and_mvc_to_one() -> None:
-    out = normalize(np.array([1.0, 3.0, 6.5, 10.0, 50.0]), np.full(5, 3.0), np.full(5, 10.0))
+    out = Normalization(np.full(5, 3.0), np.full(5, 10.0))(np.array([1.0, 3.0, 6.5, 10.0, 50.0]))
     np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 1.0, 1.0])
 
 
@@ -128,7 +128,7 @@ def test_tkeo_is_the_causal_teager_operator_by_hand_and_chunking_does_not_matter
     signal_uv = np.random.default_rng(3).normal(0, 50, (997, 2))
     one_shot = EnvelopeEstimator(FS_HZ, 2, FilterConfig(tkeo=True))._teager(signal_uv)
     chunked = EnvelopeEstimator(FS_HZ, 2, FilterConfig(tkeo=True))
-    pieces = [chunked._teager(signal_uv[s]) for s in _chunks(len(signal_uv), [1, 7, 64, 3])]
+    pieces = [chunked._teager(signal_uv[s]).copy() for s in _chunks(len(signal_uv), [1, 7, 64, 3])]
     np.testing.assert_allclose(np.vstack(pieces), one_shot, rtol=0, atol=1e-12)
 
 

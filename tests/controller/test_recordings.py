@@ -52,7 +52,7 @@ def run(config: Config, emg_uv: np.ndarray, fs_hz: float, calibration: Calibrati
     for start in range(0, len(emg_uv), chunk):
         data = emg_uv[start : start + chunk, np.newaxis].astype(np.float32)
         estimator.process(EmgChunk(start, start / fs_hz, 0.0, fs_hz, data))
-        envelope.append(estimator.envelope_uv[:, 0])
+        envelope.append(estimator.envelope_uv[:, 0].copy())  # a view of a buffer the next chunk reuses
         activation.append(np.full(len(data), estimator.activation[0]))
     times_s = (np.arange(len(emg_uv)) - estimator.delay) / fs_hz
     return times_s, np.concatenate(envelope), np.concatenate(activation), estimator
