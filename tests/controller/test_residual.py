@@ -124,3 +124,25 @@ def test_comb_and_adaptive_remove_a_repeating_response_and_keep_the_noise_level(
             canceller.add_pulse(p)
         y = np.vstack([canceller.process(x[s : s + 37], s).copy() for s in range(0, n, 37)])
         assert (np.std(y[1000:], axis=0) < 1.3 * np.std(noise[1000:], axis=0)).all(), method  # gone, level kept
+
+
+def test_a_gap_closes_open_windows_and_predicts_nothing_into_the_samples_after_it() -> None:
+    """Samples lost mid-window: the window closes on what arrived, nothing predicted for it is
+    subtracted after the gap, and windows after the gap are cancelled again."""
+    window, period = 50, 100
+    response = 500.0 * np.sin(np.linspace(0, 3 * np.pi, window))
+    canceller = ResponseCanceller(1, window, "comb")
+    x = np.zeros((4000, 1))
+    for p in range(0, 4000 - window, period):
+        x[p : p + window, 0] += response
+        canceller.add_pulse(p)
+    before = canceller.process(x[:1020], 0).copy()  # a window opened at 1000 and is open at the gap
+    assert np.abs(before[200:1000]).max() < 1e-9  # cancelled before the gap
+    after = canceller.process(x[1530:1600], 1530).copy()  # 1020..1529 lost, the window of 1500 too
+    np.testing.assert_array_equal(after, x[1530:1600])  # no prediction survives the gap
+    later = canceller.process(x[1600:4000], 1600)
+    # The next window is predicted from the response closed at the gap: its 20 samples, zeros after
+    # (the comb's divisor sqrt(2) applies to the whole window).
+    assert np.abs(later[:20]).max() < 1e-9
+    np.testing.assert_allclose(later[20:window], x[1620 : 1600 + window] / np.sqrt(2.0), rtol=1e-12)
+    assert np.abs(later[100:2300]).max() < 1e-9  # then whole responses, cancelled again
