@@ -1,6 +1,7 @@
 """The acquisition process: read the source on absolute deadlines, publish ``emg``.
 
-Publishes on ``endpoints.emg``: ``emg`` chunks (uV, shared clock, arrival time;
+Publishes on ``endpoints.emg``: ``emg`` chunks (uV, shared clock, arrival time =
+when the source's read returned them, the start of end-to-end latency;
 the first sample index jumps over lost samples, which are never filled),
 ``truth`` (simulated patient's voluntary drive), ``status`` (5 Hz heartbeat with
 gap counts and the recent gaps, and FAULT "EMG stale" published at once when the
@@ -193,17 +194,17 @@ class Acquisition:
         time_s = self.stimulator_clock.to_local(pulses.time_s)
         self.source.on_pulses(protocol.Pulses(pulses.channel, time_s, pulses.amplitude_ma, pulses.pulse_width_us))
 
-    def _publish(self, block: Block, now_s: float) -> None:
+    def _publish(self, block: Block, arrival_s: float) -> None:
         fs_hz = self.source.sampling_rate_hz
-        chunk = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, now_s, fs_hz, block.emg_uv)
-        self.pub.send_multipart(protocol.encode(self.emg_seq.next(), now_s, chunk))
+        chunk = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, arrival_s, fs_hz, block.emg_uv)
+        self.pub.send_multipart(protocol.encode(self.emg_seq.next(), arrival_s, chunk))
         if block.truth is not None:
-            truth = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, now_s, fs_hz, block.truth)
-            self.pub.send_multipart(protocol.encode(self.truth_seq.next(), now_s, truth, protocol.Kind.TRUTH))
+            truth = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, arrival_s, fs_hz, block.truth)
+            self.pub.send_multipart(protocol.encode(self.truth_seq.next(), arrival_s, truth, protocol.Kind.TRUTH))
         n = len(block.emg_uv)
         self.samples_sent += n
         last_time_s = block.first_sample_time_s + (n - 1) / fs_hz
-        self.chunk_age.add(now_s - last_time_s)
+        self.chunk_age.add(arrival_s - last_time_s)
         if block.lost_samples:
             self._count_gap(block)
         self.telemetry.push("emg", block.emg_uv, last_time_s)
@@ -329,8 +330,9 @@ class Acquisition:
                 if pacer.due(now_s):
                     self._reopened()
                     blocks = [] if self.restart.busy else self._read(now_s)
+                    arrival_s = rt.clock.now()  # the samples reached this process when the source returned them
                     for block in blocks:
-                        self._publish(block, now_s)
+                        self._publish(block, arrival_s)
                     if blocks:
                         self.last_data_s = now_s
                     self._check_stale(now_s)
