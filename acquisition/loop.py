@@ -131,6 +131,7 @@ class Acquisition:
         self.gaps = 0
         self.recent_gaps: deque[dict[str, Any]] = deque(maxlen=RECENT_GAPS)
         self.chunk_age = LatencyWindow()
+        self.latency_share = LatencyWindow()  # its part of end-to-end latency: samples returned -> chunk sent
         self.state = "STARTING"
         self.fault_reason = ""
         self.source_error = ""
@@ -161,6 +162,7 @@ class Acquisition:
             "recovery_attempts": self.recovery.total_attempts,
             "reopening": self.restart.busy,
             "chunk_age_ms": self.chunk_age.summary_ms(),
+            "latency_share_ms": self.latency_share.summary_ms(),
             "overruns": self.pacer.overruns if self.pacer else 0,
             "pulses_received": self.pulses_link.counters.received,
             "pulses_unsynced": self.pulses_unsynced,
@@ -333,6 +335,7 @@ class Acquisition:
                     arrival_s = rt.clock.now()  # the samples reached this process when the source returned them
                     for block in blocks:
                         self._publish(block, arrival_s)
+                        self.latency_share.add(rt.clock.now() - arrival_s)
                     if blocks:
                         self.last_data_s = now_s
                     self._check_stale(now_s)

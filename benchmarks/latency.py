@@ -154,6 +154,7 @@ def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path
     stim = status["stimulator"]
     return {
         "latency_ms": stim.get("latency_ms", {}),
+        "latency_share_ms": {role: s.get("latency_share_ms", {}) for role, s in status.items()},
         "cpu_share": {k: round(v, 4) for k, v in cpu.items()},
         "cpu_total": round(sum(cpu.values()), 4),
         "stimulator_state": stim.get("state"),
@@ -206,8 +207,8 @@ def machine() -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| case | what | p50 ms | p99 ms | p99.9 ms | max ms | CPU (one core) | lost / rejected |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | what | p50 ms | p99 ms | p99.9 ms | max ms | CPU (one core) | lost / rejected | p50 shares acq / ctl / stim ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for what in ("pipeline", "relay"):
@@ -215,9 +216,13 @@ def table(results: list[dict]) -> str:
             lat = x["latency_ms"]
             fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
             losses = f"{x.get('lost_samples', 0)} / {x.get('rejected', 0)}" if what == "pipeline" else "-"
+            shares = x.get("latency_share_ms", {})
+            share_text = " / ".join(
+                fmt(shares.get(role, {}).get("p50")) for role in ("acquisition", "controller", "stimulator")
+            ) if shares else "-"
             lines.append(
                 f"| {r['case']} | {what} | {fmt(lat.get('p50'))} | {fmt(lat.get('p99'))} | {fmt(lat.get('p99.9'))} "
-                f"| {fmt(lat.get('max'))} | {x['cpu_total'] * 100:.0f} % | {losses} |"
+                f"| {fmt(lat.get('max'))} | {x['cpu_total'] * 100:.0f} % | {losses} | {share_text} |"
             )
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ from controller.laws.channels import ChannelLaws
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.protocol import GateReason
-from fesloop.runtime import Pacer, ProcessRuntime
+from fesloop.runtime import LatencyWindow, Pacer, ProcessRuntime
 from fesloop.sockets import Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 
@@ -68,6 +68,7 @@ class Controller:
         self.newest_emg_time_s = 0.0
         self.gap_until_s = 0.0
         self.commands_sent = 0
+        self.latency_share = LatencyWindow()  # its part of end-to-end latency: EMG chunk received -> command sent
         self.last_command_s = float("-inf")
         self.emg_pending = False  # a processed chunk whose command has not gone out yet
         self.sent_since_tick = False
@@ -92,6 +93,7 @@ class Controller:
         self.telemetry = self.rt.telemetry = Telemetry(config, "controller", {"calibration": calibration_json})
         self.telemetry.add_stream("activation", "Activation", [m.name for m in config.muscles], config.controller.control_rate_hz)
         self.telemetry.add_stream("gates", "GateReason", [s.name for s in config.stimulation], config.controller.control_rate_hz)
+        self.telemetry.add_stream("command-latency", "Latency", ["controller_share_ms"], 0.0, unit="ms")
         self.rt.status_fields = self._status
         # Pulse times (stimulator clock) are compared with EMG sample times (acquisition clock).
         self.clocks = self.rt.sync_clocks(
@@ -107,6 +109,7 @@ class Controller:
             "intensity": [round(float(x), 4) for x in self.intensity],
             "gate": [GateReason(int(r)).name for r in self.gate_reason],
             "commands_sent": self.commands_sent,
+            "latency_share_ms": self.latency_share.summary_ms(),
             "emg_received": self.emg_link.counters.received,
             "pulses_received": self.pulses_link.counters.received,
             "rejected": self.emg_link.counters.rejected + self.pulses_link.counters.rejected,
@@ -227,6 +230,10 @@ class Controller:
     def publish_command(self, now_s: float) -> None:
         command = self.compute(now_s)
         self.pub.send_multipart(protocol.encode(self.command_seq.next(), now_s, command))
+        if self.emg_pending:  # a command for a fresh chunk: this process's share of its latency
+            share_s = self.rt.clock.now() - self.last_emg_rx_s
+            self.latency_share.add(share_s)
+            self.telemetry.push("command-latency", [share_s * 1e3], now_s)
         for text, time_s in self.laws.take_unpublished():
             self.telemetry.marker(text, time_s)
         self.commands_sent += 1
@@ -259,8 +266,9 @@ class Controller:
                     for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():
                         self.laws.add_crank(time_s, angle_deg, cadence_rpm)
                 if self.emg_link.sock in ready:
-                    for message in self.emg_link.drain(rt.clock.now()):
-                        self.on_emg(message.body, rt.clock.now())
+                    received_s = rt.clock.now()
+                    for message in self.emg_link.drain(received_s):
+                        self.on_emg(message.body, received_s)
                 if rt.control.sock in ready:
                     rt.control.serve_pending()
                 now_s = rt.clock.now()

@@ -60,6 +60,13 @@ def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, An
     latency = stim.get("latency_ms", {})
     p50, p99 = latency.get("p50"), latency.get("p99")
     lat = f"{p50:.1f}/{p99:.1f} ms" if p50 is not None else "-"
+    shares = [
+        f"{role} {share['p50']:.3f}"
+        for role, status in (("acq", acq), ("ctl", ctl), ("stim", stim))
+        if (share := status.get("latency_share_ms", {})).get("p50") is not None
+    ]
+    if shares:
+        lat += f" (p50 shares ms: {' '.join(shares)})"
     state = stim.get("state", "?") + (f" ({stim['fault_reason']})" if stim.get("fault_reason") else "")
     lost = acq.get("lost_samples", 0)
     rejected = sum(s.get("rejected", 0) for s in (ctl, stim, acq))

@@ -43,8 +43,8 @@ JOIN_TIMEOUT_S = 2.0
 STREAMS: dict[str, tuple[str, ...]] = {
     "acquisition": ("emg", "acquisition-markers", "acquisition-status", "acquisition-counters"),
     "controller": (
-        "filtered-emg", "envelope", "activation", "gates", "mwave", "controller-markers", "controller-status",
-        "controller-counters",
+        "filtered-emg", "envelope", "activation", "gates", "mwave", "command-latency", "controller-markers",
+        "controller-status", "controller-counters",
     ),
     "stimulator": ("stimulation", "pulses", "latency", "stimulator-markers", "stimulator-status", "stimulator-counters"),
 }

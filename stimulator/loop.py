@@ -61,7 +61,8 @@ class Stimulator:
         )
         self.pulse_seq = Sequencer()
         self.crank_seq = Sequencer()
-        self.latency = LatencyWindow()
+        self.latency = LatencyWindow()  # end to end: EMG reached acquisition -> update handed to the driver
+        self.latency_share = LatencyWindow()  # its part: command received -> update handed to the driver
         self.commanded_intensity = np.zeros(len(channels), dtype=np.float32)
         self._auto_arm_pending = config.stimulator.arm_at_start and not os.environ.get(HOLD_AUTO_ARM_ENV)
         self.dose = DoseTracker(channels, config.stimulator.dose)
@@ -132,6 +133,7 @@ class Stimulator:
             "channels": [c.name for c in self.config.stimulation],
             "commanded_intensity": [round(float(x), 4) for x in self.commanded_intensity],
             "latency_ms": self.latency.summary_ms(),
+            "latency_share_ms": self.latency_share.summary_ms(),
             "pulses_delivered": self.driver.pulses_delivered,
             "dose": self.dose.summary(),
             "session_start_s": self.dose.session_start_s,
@@ -148,7 +150,7 @@ class Stimulator:
         self.telemetry.add_stream("pulses", "StimulationPulses", ["device_channel", "amplitude_ma", "pulse_width_us"], 0.0)
         labels = [f"{n}_intensity" for n in names] + [f"{n}_amplitude_ma" for n in names]
         self.telemetry.add_stream("stimulation", "StimulationIntensity", labels, 0.0)
-        self.telemetry.add_stream("latency", "Latency", ["e2e_latency_ms"], 0.0, unit="ms")
+        self.telemetry.add_stream("latency", "Latency", ["e2e_latency_ms", "stimulator_share_ms"], 0.0, unit="ms")
 
     def _on_commands(self, now_s: float) -> None:
         """Accept what queued up, then act once, on the newest accepted command."""
@@ -162,15 +164,17 @@ class Stimulator:
                 self._auto_arm_pending = False
                 self.kernel.arm(now_s)
         self._apply(now_s)
+        handed_s = self.rt.clock.now()  # the update is with the driver
         if newest is None:
             return
         self.telemetry.push("stimulation", np.concatenate((self.commanded_intensity, self.amplitude_ma)), now_s)
         if self.kernel.state is StimState.ARMED or self.kernel.state is StimState.DISARMED:
             self.driver.keep_alive(now_s)
         if newest.gate_open.any() and self.acquisition_clock.known:
-            latency_s = self.rt.clock.now() - self.acquisition_clock.to_local(newest.newest_emg_time_s)
+            latency_s = handed_s - self.acquisition_clock.to_local(newest.newest_emg_time_s)
             self.latency.add(latency_s)
-            self.telemetry.push("latency", [latency_s * 1e3], now_s)
+            self.latency_share.add(handed_s - now_s)
+            self.telemetry.push("latency", [latency_s * 1e3, (handed_s - now_s) * 1e3], now_s)
 
     def _apply(self, now_s: float) -> None:
         """Kernel output to the driver, then fire what is due."""

@@ -24,3 +24,11 @@ def test_open_gates_without_a_crank_and_a_fault_reason() -> None:
     line = format_status_line(1.0, ctl, stim, {})
     assert "| gates open | stim FAULT (no fresh command within 100 ms) | e2e p50/p99 - |" in line
     assert "crank" not in line
+
+
+def test_each_process_share_of_the_latency_follows_the_end_to_end_figure() -> None:
+    ctl = {"activation": {"quad_l": 0.1}, "gate": ["OPEN", "OPEN"], "latency_share_ms": {"p50": 0.123, "p99": 0.4}}
+    stim = {**STIM, "latency_share_ms": {"p50": 0.05, "p99": 0.1}}
+    acq = {"latency_share_ms": {"p50": None}}  # no chunk yet: left out
+    line = format_status_line(1.0, ctl, stim, acq)
+    assert "| e2e p50/p99 1.1/2.2 ms (p50 shares ms: ctl 0.123 stim 0.050) |" in line

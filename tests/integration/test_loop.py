@@ -7,6 +7,7 @@ LSL streams, control replies), never from their logs.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,12 @@ def test_demo_run_stimulates_during_contractions_and_rests_at_rest(write_config,
         recorder.close()
     text = output.decode(errors="replace")
     assert run.returncode == 0, text
+
+    # The status line: end-to-end latency and each process's share of it, all measured.
+    last = re.findall(r"e2e p50/p99 ([\d.]+)/([\d.]+) ms \(p50 shares ms: acq ([\d.]+) ctl ([\d.]+) stim ([\d.]+)\)", text)
+    assert last, text[-2000:]
+    e2e_p50, _, *shares = map(float, last[-1])
+    assert all(0 < share <= e2e_p50 for share in shares), last[-1]  # each is a part of every command's total
 
     # LSL: a real inlet received the raw EMG stream with its metadata.
     assert info.channel_count() == 2 and info.nominal_srate() == pytest.approx(2000.0)
