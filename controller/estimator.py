@@ -41,7 +41,12 @@ class Event:
 
 
 class EmgEstimator:
-    """Everything between an EMG chunk and an activation per muscle (no I/O)."""
+    """Everything between an EMG chunk and an activation per muscle (no I/O).
+
+    Allocates no array data per chunk: ``activation`` is updated in place, and
+    ``envelope_uv`` / ``filtered_uv`` are views of buffers the next chunk overwrites
+    (copy what must be kept).
+    """
 
     def __init__(
         self, config: Config, fs_hz: float, n_channels: int, calibration: Calibration | None = None
