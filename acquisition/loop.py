@@ -337,7 +337,7 @@ class Acquisition:
                         self._publish(block, arrival_s)
                         self.latency_share.add(rt.clock.now() - arrival_s)
                     if blocks:
-                        self.last_data_s = now_s
+                        self.last_data_s = arrival_s  # staleness counts from the stamp the chunks carry
                     self._check_stale(now_s)
                     self._log_gaps(now_s)
                 rt.publish_status_if_due(self.pub, now_s)
