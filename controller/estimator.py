@@ -206,7 +206,10 @@ class EmgEstimator:
         if self._channel_slice is not None:
             np.copyto(raw_uv, data[:, self._channel_slice])
         else:
-            picked = self._picked.setdefault(data.dtype, Rows(len(self._channels), dtype=data.dtype))(data.shape[0])
+            rows = self._picked.get(data.dtype)
+            if rows is None:
+                rows = self._picked[data.dtype] = Rows(len(self._channels), dtype=data.dtype)
+            picked = rows(data.shape[0])
             np.take(data, self._channels, axis=1, out=picked, mode="clip")
             np.copyto(raw_uv, picked)
         return raw_uv
