@@ -62,7 +62,7 @@ class RowIndex:
         if n > len(self._values):
             capacity = _capacity_for(n)
             values = np.empty((self._n_channels, capacity), dtype=np.int64).T
-            values[:] = np.arange(capacity)[:, np.newaxis]
+            values[:] = ramp(0, capacity)[:, np.newaxis]
             values.flags.writeable = False
             self._values = values
         return self._values[:n]
@@ -97,18 +97,24 @@ ramp = _Ramp()
 """``ramp(start, stop)``: the integers [start, stop) as a read-only int64 view."""
 
 
+def _ring_split(ring: np.ndarray, start: int, n: int) -> tuple[int, int]:
+    """Where absolute row ``start`` sits in ``ring``, and how many of ``n`` rows fit before the wrap."""
+    at = start % len(ring)
+    return at, min(n, len(ring) - at)
+
+
 def write_ring(ring: np.ndarray, start: int, block: np.ndarray) -> None:
     """Store ``block`` (at most ``len(ring)`` rows) at absolute row ``start`` of a ring (row index mod length)."""
-    at, n = start % len(ring), len(block)
-    first = min(n, len(ring) - at)
+    n = len(block)
+    at, first = _ring_split(ring, start, n)
     ring[at : at + first] = block[:first]
     ring[: n - first] = block[first:]
 
 
 def read_ring(ring: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
     """Fill ``out`` with the ring's rows from absolute row ``start``; returns ``out``."""
-    at, n = start % len(ring), len(out)
-    first = min(n, len(ring) - at)
+    n = len(out)
+    at, first = _ring_split(ring, start, n)
     out[:first] = ring[at : at + first]
     out[first:] = ring[: n - first]
     return out
@@ -116,7 +122,6 @@ def read_ring(ring: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
 
 def fill_ring(ring: np.ndarray, start: int, n: int, value: float) -> None:
     """Set ``n`` rows (at most ``len(ring)``) of a ring from absolute row ``start``."""
-    at = start % len(ring)
-    first = min(n, len(ring) - at)
+    at, first = _ring_split(ring, start, n)
     ring[at : at + first] = value
     ring[: n - first] = value
