@@ -11,6 +11,7 @@ as delivered charge fatigues the muscle.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping, Sequence
 
@@ -42,6 +43,28 @@ def _raised_cosine(x_s: np.ndarray, ramp_s: float) -> np.ndarray:
     if ramp_s <= 0.0:
         return np.ones_like(x_s)
     return 0.5 - 0.5 * np.cos(np.pi * np.clip(x_s / ramp_s, 0.0, 1.0))
+
+
+class _Span(enum.Enum):
+    """Where a block of samples lies against a contraction's windows."""
+
+    OUTSIDE = "outside"  # in no window
+    PLATEAU = "plateau"  # all in one window, past its rise and before its fall
+    MIXED = "mixed"  # anything else: per sample
+
+
+def _block_span(first_s: float, last_s: float, period_s: float, duration_s: float, ramp_s: float) -> _Span:
+    """Classify [first_s, last_s] (seconds since the first start) against the windows
+    [k period_s, k period_s + duration_s), k >= 0, whose ramps last ``ramp_s``."""
+    newest_k = math.floor(last_s / period_s)  # the last window starting at or before the block's end
+    oldest_k = max(math.floor((first_s - duration_s) / period_s) + 1, 0)  # the first one ending after its start
+    if newest_k < oldest_k:
+        return _Span.OUTSIDE
+    if newest_k == oldest_k:
+        local_first_s, local_last_s = first_s - newest_k * period_s, last_s - newest_k * period_s
+        if local_first_s >= ramp_s and local_last_s <= duration_s - ramp_s:
+            return _Span.PLATEAU
+    return _Span.MIXED
 
 
 class SimulatedPatient:
@@ -178,14 +201,26 @@ class SimulatedPatient:
         A contraction is active on [start_s, start_s + duration_s) of every schedule period
         (counted from sample 0; windows may run over into the next period, none before the
         first start), with raised-cosine ramps inside the window. Overlaps take the maximum.
+        A block wholly outside every window or wholly on a plateau skips the per-sample
+        formula (same values: outside adds nothing, a plateau is exactly ``level``).
         """
         n = out.shape[0]
         self._reserve(n)
         out[:] = 0.0
+        if n == 0:
+            return
         t_s = (first_index + self._offsets[:n]) / self._fs
         period_s = self._cfg.schedule_period_s
+        margin_s = 1.0 / self._fs  # far beyond the rounding of the sample times
+        first_s, last_s = float(t_s[0]) - margin_s, float(t_s[-1]) + margin_s
         for muscle, start_s, duration_s, level in self._contractions:
             ramp_s = min(self._cfg.drive_ramp_ms * 1e-3, duration_s / 2)
+            span = _block_span(first_s - start_s, last_s - start_s, period_s, duration_s, ramp_s)
+            if span is _Span.OUTSIDE:
+                continue
+            if span is _Span.PLATEAU:
+                np.maximum(out[:, muscle], level, out=out[:, muscle])
+                continue
             since_s = t_s - start_s
             cycle = np.floor(since_s / period_s)
             for back in range(math.ceil(duration_s / period_s)):

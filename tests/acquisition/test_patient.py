@@ -228,6 +228,37 @@ def test_drive_follows_schedule_with_wraparound() -> None:
     assert np.array_equal(later, drive[7000:8000])
 
 
+SCHEDULES = {
+    "wraparound": (2.0, 50.0, [("quad", 1.5, 1.0, 0.8), ("tib", 0.2, 0.5, 0.4)]),
+    "windows overlap": (0.5, 20.0, [("quad", 0.1, 1.2, 0.7)]),  # each window runs into the next two
+    "steps": (1.0, 0.0, [("quad", 0.25, 0.5, 0.6), ("quad", 0.5, 0.1, 0.9)]),  # no ramp, same muscle twice
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(sorted(SCHEDULES)), st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=40))
+def test_drive_in_blocks_equals_the_per_sample_formula(schedule: str, block_sizes: list[int]) -> None:
+    """Blocks outside every window or on a plateau skip the formula: the values must not change."""
+    period_s, ramp_ms, contractions = SCHEDULES[schedule]
+    cfg = make_cfg(
+        schedule_period_s=period_s,
+        drive_ramp_ms=ramp_ms,
+        contractions=[{"muscle": m, "start_s": s, "duration_s": d, "level": lv} for m, s, d, lv in contractions],
+    )
+    n = int(3.0 * FS_HZ)
+    whole = np.empty((n, 2), dtype=np.float32)
+    make_patient(cfg).drive(0, whole)  # one block spanning every window: the formula on every sample
+    patient = make_patient(cfg)
+    blocks = np.empty_like(whole)
+    first, block = 0, 0
+    while first < n:
+        size = min(block_sizes[block % len(block_sizes)], n - first)
+        patient.drive(first, blocks[first : first + size])
+        first, block = first + size, block + 1
+    assert np.array_equal(whole, blocks)
+    assert whole.max() == pytest.approx(max(c[3] for c in contractions))  # the plateaus were reached
+
+
 @pytest.mark.parametrize("fs_hz", [2000.0, 800.0])
 def test_voluntary_emg_power_lies_in_the_emg_band(fs_hz: float) -> None:
     cfg = build(
