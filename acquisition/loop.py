@@ -318,10 +318,11 @@ class Acquisition:
                     self.source.sampling_rate_hz)
         try:
             while rt.running:
-                timeout_ms = pacer.timeout_ms(rt.clock.now())
-                if timeout_ms < 1.0:  # zmq polls whole ms: poll(0) would spin until the deadline
-                    time.sleep(timeout_ms * 1e-3)
-                ready = dict(poller.poll(int(timeout_ms)))
+                # One wake-up per chunk: sleep to the deadline, then take what the sockets hold.
+                # Requests and pulses wait at most one chunk (50 ms at most); the simulated
+                # patient needs its pulses only when it renders, right after this.
+                time.sleep(pacer.timeout_ms(rt.clock.now()) * 1e-3)
+                ready = dict(poller.poll(0))
                 if self.pulses_link.sock in ready:
                     for message in self.pulses_link.drain(rt.clock.now()):
                         self._on_pulses(message.body)
