@@ -68,6 +68,7 @@ class Stimulator:
         self.dose = DoseTracker(channels, config.stimulator.dose)
         self._session_events: list[str] = []
         self.amplitude_ma = np.zeros(len(channels))
+        self.handed_s = 0.0  # when the last update was handed to the driver
         self.telemetry = self.rt.telemetry = Telemetry(config, "stimulator")
         # EMG age is judged on this clock: the acquisition host's offset puts its stamps here.
         self.acquisition_clock = self.rt.sync_clocks({"acquisition": config.endpoints.acquisition_control}).peers[
@@ -164,7 +165,7 @@ class Stimulator:
                 self._auto_arm_pending = False
                 self.kernel.arm(now_s)
         self._apply(now_s)
-        handed_s = self.rt.clock.now()  # the update is with the driver
+        handed_s = self.handed_s
         if newest is None:
             return
         self.telemetry.push("stimulation", np.concatenate((self.commanded_intensity, self.amplitude_ma)), now_s)
@@ -177,17 +178,19 @@ class Stimulator:
             self.telemetry.push("latency", [latency_s * 1e3, (handed_s - now_s) * 1e3], now_s)
 
     def _apply(self, now_s: float) -> None:
-        """Kernel output to the driver, then fire what is due."""
+        """Kernel output to the driver (``handed_s``: where end-to-end latency ends), then the
+        dose accounting (its limits act from the next update on) and the pulses that are due."""
         output_ma = self.kernel.update(now_s)
-        if self.kernel.state is StimState.ARMED:
-            self.dose.start_session(now_s)
-        self._session_events.extend(self.dose.update(now_s, output_ma))
-        self.kernel.dose_locked[:] = self.dose.exhausted
         amplitude_ma, pulse_width_us = modulate(
             output_ma, self.kernel.clamp_ma, self._pulse_width_us, self._pulse_width_modulated, self.device
         )
         self.driver.set_output(amplitude_ma, pulse_width_us, now_s)
+        self.handed_s = self.rt.clock.now()
         self.amplitude_ma = amplitude_ma
+        if self.kernel.state is StimState.ARMED:
+            self.dose.start_session(now_s)
+        self._session_events.extend(self.dose.update(now_s, output_ma))
+        self.kernel.dose_locked[:] = self.dose.exhausted
         pulses = self.driver.deliver_due(now_s)
         if pulses is not None:
             self.dose.on_pulses(pulses.channel, pulses.amplitude_ma, pulses.pulse_width_us)
