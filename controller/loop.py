@@ -73,6 +73,7 @@ class Controller:
         self.emg_pending = False  # a processed chunk whose command has not gone out yet
         self.sent_since_tick = False
         self.n_stim = len(config.stimulation)
+        self.channels_needed = max(m.emg_channel for m in config.muscles) + 1  # an EMG chunk must have as many
         self.laws = ChannelLaws(config)
         self.lsl_crank = (
             LslCrank(config.controller.crank) if self.laws.tracker is not None and config.controller.crank.source == "lsl" else None
@@ -158,7 +159,7 @@ class Controller:
         return {}
 
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
-        needed = max(m.emg_channel for m in self.config.muscles) + 1
+        needed = self.channels_needed
         if chunk.data.shape[1] < needed:
             self.emg_link.counters.rejected += 1
             self.emg_link.counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles need {needed}"
