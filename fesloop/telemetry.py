@@ -3,7 +3,9 @@
 A loop never waits on LSL: :meth:`Telemetry.push`, :meth:`~Telemetry.marker` and
 :meth:`~Telemetry.status` copy into a bounded queue and return (no lock, no thread
 wake-up: the thread drains the queue every ``DRAIN_PERIOD_S``); a full queue drops
-the item and counts its samples as ``dropped``. A sample counts as ``pushed`` only
+the item and counts its samples as ``dropped``. Data for an outlet without a consumer
+(as the thread saw it at its last drain) is not even copied: liblsl would discard it.
+A sample counts as ``pushed`` only
 when its outlet had a consumer at that moment (liblsl discards the others), so a
 recording of a stream holds exactly the ``pushed`` count that the process's last
 status sample reports for it (``status["lsl"][stream]``).
@@ -77,6 +79,7 @@ class Telemetry:
         self.counts: dict[str, Counts] = {}
         self._description = {"process": process, "config": config_json(config), **(description or {})}
         self._outlets: dict[str, pylsl.StreamOutlet] = {}
+        self._consumed: dict[str, bool] = {}  # per outlet: a consumer was there at the thread's last drain
         # Appends and pops of a deque are atomic: the loop never takes a lock or wakes the thread.
         self._queue: deque[tuple[str, Any, Any]] = deque()
         self._closing = threading.Event()
@@ -126,9 +129,13 @@ class Telemetry:
         ``time_s``: the time of the last sample (regular streams: liblsl dates the
         others back by the sampling period) or one time per sample.
         """
-        if key in self._outlets:
+        if self._consumed.get(key):
             times = np.array(time_s, dtype=np.float64) if np.ndim(time_s) else float(time_s)
             self._put(key, np.array(data, dtype=np.float32, ndmin=2), times)
+
+    def has_consumer(self, key: str) -> bool:
+        """Whether ``push`` queues data for ``key``: its outlet had a consumer at the last drain."""
+        return self._consumed.get(key, False)
 
     def marker(self, text: str, time_s: float) -> None:
         """Queue one event string for this process's Markers stream."""
@@ -174,6 +181,8 @@ class Telemetry:
         """Every ``DRAIN_PERIOD_S``, push what is queued (one wake-up per period, not per item)."""
         while True:
             closing = self._closing.wait(DRAIN_PERIOD_S)
+            for key, outlet in list(self._outlets.items()):  # a copy: the loop may add outlets meanwhile
+                self._consumed[key] = outlet.have_consumers()
             while self._queue:
                 self._push(*self._queue.popleft())
             if closing:

@@ -60,7 +60,7 @@ def test_pushes_reach_a_consumer_and_counts_match(tmp_path) -> None:
     info = envelope.inlet.info(timeout=5)
     assert json.loads(info.desc().child("fesloop").child_value("config"))["name"] == name
     assert info.desc().child("fesloop").child_value("calibration") == "{}"
-    wait_until(lambda: telemetry._outlets["envelope"].have_consumers(), 5, what="consumer")
+    wait_until(lambda: telemetry.has_consumer("envelope"), 5, what="consumer")
     wait_until(lambda: telemetry._outlets["controller-status"].have_consumers(), 5, what="consumer")
     now = pylsl.local_clock()
     for i in range(50):
