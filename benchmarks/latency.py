@@ -3,14 +3,16 @@
 For each case (channels x sampling rate) this runs the three fesloop processes on the
 simulated patient, then, in the same run, the bare three-process relay of
 ``relay.py`` with the same message sizes and rates. It reports p50/p99/p99.9/max
-latency, CPU per process (share of one core, from /proc), lost samples and rejected
-messages, as JSON and as a Markdown table.
+latency, CPU per process (share of one core, from /proc; split into the main loop,
+libzmq's I/O thread and the rest), lost samples and rejected messages, as JSON and
+as Markdown tables. ``--lsl`` runs the pipeline with its LSL outlets open, as the
+demo does (no consumer).
 
 Pipeline latency is the stimulator's own figure: the time it handed an update to
 the driver minus the time the newest EMG sample behind it reached acquisition. The
 relay's is source send -> sink receipt over the same two hops.
 
-    python benchmarks/latency.py [--duration 10] [--quick] [--chunk-ms 2] [--json out.json]
+    python benchmarks/latency.py [--duration 10] [--quick] [--chunk-ms 2] [--lsl] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def pipeline_config(n_channels: int, fs_hz: float, chunk_ms: float = CHUNK_MS) -> str:
+def pipeline_config(n_channels: int, fs_hz: float, chunk_ms: float = CHUNK_MS, lsl: bool = False) -> str:
     ports = free_ports(6)
     muscles = "".join(
         f'\n[[muscles]]\nname = "m{i}"\nemg_channel = {i}\nrest_uv = 3.0\nmvc_uv = 240.0\n' for i in range(n_channels)
@@ -79,7 +81,7 @@ stimulator_control = "tcp://127.0.0.1:{ports[5]}"
 [acquisition]
 source = "simulated"
 chunk_ms = {chunk_ms}
-lsl = false
+lsl = {str(lsl).lower()}
 [acquisition.simulated]
 sampling_rate_hz = {fs_hz}
 schedule_period_s = 5.0
@@ -89,9 +91,36 @@ arm_at_start = true
 {muscles}{stimulation}"""
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_cpu_s(stat_path: Path) -> float:
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """User+system seconds of a process: in all (threads that ended included), its main
+    thread (the loop), libzmq's I/O threads."""
+    times = {"all": _stat_cpu_s(Path(f"/proc/{pid}/stat")), "main": 0.0, "zmq_io": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            cpu_s = _stat_cpu_s(task / "stat")
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        if task.name == str(pid):
+            times["main"] += cpu_s
+        elif name.startswith("ZMQbg/IO"):
+            times["zmq_io"] += cpu_s
+    return times
+
+
+def cpu_shares(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], elapsed_s: float) -> dict:
+    """Per process: its share of one core in all, and split into main loop / libzmq I/O / other threads."""
+    shares = {}
+    for role in before:
+        share = {k: (after[role][k] - before[role][k]) / elapsed_s for k in ("all", "main", "zmq_io")}
+        share["other"] = max(share["all"] - share["main"] - share["zmq_io"], 0.0)
+        shares[role] = {k: round(v, 4) for k, v in share.items()}
+    return shares
 
 
 def percentiles(values_ms: np.ndarray) -> dict[str, float]:
@@ -122,9 +151,9 @@ def stop_pipeline(procs: dict[str, subprocess.Popen], clients: dict[str, Control
     ctx.destroy(linger=0)
 
 
-def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path, chunk_ms: float) -> dict:
+def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path, chunk_ms: float, lsl: bool) -> dict:
     path = workdir / f"bench-{n_channels}-{int(fs_hz)}.toml"
-    path.write_text(pipeline_config(n_channels, fs_hz, chunk_ms))
+    path.write_text(pipeline_config(n_channels, fs_hz, chunk_ms, lsl))
     from fesloop.config import load_config
 
     config = load_config(path)
@@ -147,7 +176,7 @@ def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path
         t0 = time.monotonic()
         time.sleep(duration_s)
         elapsed = time.monotonic() - t0
-        cpu = {role: (cpu_seconds(p.pid) - cpu0[role]) / elapsed for role, p in procs.items()}
+        cpu = cpu_shares(cpu0, {role: cpu_seconds(p.pid) for role, p in procs.items()}, elapsed)
         status = {role: _status(c) for role, c in clients.items()}
     finally:
         stop_pipeline(procs, clients, ctx)
@@ -155,8 +184,8 @@ def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path
     return {
         "latency_ms": stim.get("latency_ms", {}),
         "latency_share_ms": {role: s.get("latency_share_ms", {}) for role, s in status.items()},
-        "cpu_share": {k: round(v, 4) for k, v in cpu.items()},
-        "cpu_total": round(sum(cpu.values()), 4),
+        "cpu_share": cpu,
+        "cpu_total": round(sum(c["all"] for c in cpu.values()), 4),
         "stimulator_state": stim.get("state"),
         "lost_samples": status["acquisition"].get("lost_samples"),
         "rejected": sum(s.get("rejected", 0) for s in status.values()),
@@ -180,7 +209,7 @@ def run_relay(n_channels: int, fs_hz: float, duration_s: float, chunk_ms: float)
     t0 = time.monotonic()
     time.sleep(duration_s)
     elapsed = time.monotonic() - t0
-    cpu = {role: (cpu_seconds(proc.pid) - cpu0[role]) / elapsed for role, proc in procs.items()}
+    cpu = cpu_shares(cpu0, {role: cpu_seconds(proc.pid) for role, proc in procs.items()}, elapsed)
     out, _ = procs["sink"].communicate(timeout=duration_s + 30)
     for proc in procs.values():
         proc.wait(30)
@@ -188,8 +217,8 @@ def run_relay(n_channels: int, fs_hz: float, duration_s: float, chunk_ms: float)
     skip = int(WARMUP_S / (chunk_ms * 1e-3))
     return {
         "latency_ms": percentiles(latencies[skip:]),
-        "cpu_share": {k: round(v, 4) for k, v in cpu.items()},
-        "cpu_total": round(sum(cpu.values()), 4),
+        "cpu_share": cpu,
+        "cpu_total": round(sum(c["all"] for c in cpu.values()), 4),
         "messages": len(latencies),
     }
 
@@ -227,11 +256,23 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(results: list[dict]) -> str:
+    """Each process's share of one core, by thread: main loop / libzmq I/O / other (LSL, clocks)."""
+    lines = ["| case | what | process | main loop | libzmq I/O | other | all |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for what in ("pipeline", "relay"):
+            for role, share in r[what]["cpu_share"].items():
+                cells = " | ".join(f"{share[k] * 100:.1f} %" for k in ("main", "zmq_io", "other", "all"))
+                lines.append(f"| {r['case']} | {what} | {role} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per case")
     parser.add_argument("--quick", action="store_true", help="16 channels x 2 kHz only")
     parser.add_argument("--chunk-ms", type=float, default=CHUNK_MS, help="acquisition chunk (and relay message period)")
+    parser.add_argument("--lsl", action="store_true", help="open the pipeline's LSL outlets, as the demo does")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,13 +283,17 @@ def main() -> None:
         for n_channels, fs_hz in CASES[:1] if args.quick else CASES:
             case = f"{n_channels} ch x {fs_hz / 1000:g} kHz"
             print(f"running {case} ...", file=sys.stderr)
-            pipeline = run_pipeline(n_channels, fs_hz, args.duration, Path(tmp), args.chunk_ms)
+            pipeline = run_pipeline(n_channels, fs_hz, args.duration, Path(tmp), args.chunk_ms, args.lsl)
             relay = run_relay(n_channels, fs_hz, args.duration, args.chunk_ms)
             results.append({"case": case, "pipeline": pipeline, "relay": relay})
-    report = {"machine": machine(), "duration_s": args.duration, "chunk_ms": args.chunk_ms, "results": results}
+    report = {
+        "machine": machine(), "duration_s": args.duration, "chunk_ms": args.chunk_ms, "lsl": args.lsl, "results": results,
+    }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(table(results))
+    print()
+    print(cpu_table(results))
 
 
 if __name__ == "__main__":
