@@ -75,6 +75,7 @@ def test_bad_commands_are_counted_and_dropped_and_never_raise_the_output(write_c
                 [b"command", full[:4] + bytes([99]) + full[5:]],  # wrong protocol version
                 [b"command", full.replace(struct.pack("<f", 1.0), struct.pack("<f", float("nan")))],  # NaN intensity
                 [b"command"],  # one frame
+                [b"command", full, b"extra"],  # three frames: the whole message is dropped, the next one read whole
             ]
             for frames in bad:
                 pub.send_multipart(frames)
