@@ -263,30 +263,30 @@ class SimulatedPatient:
             self._pending = self._pending[self._pending["end"] > self._next_index]
 
     def _add_pulse_waveforms(self, first_index: int, emg_uv: np.ndarray) -> None:
-        """Add the artifacts and M-waves of the pending pulses that reach into this block to ``emg_uv``."""
-        n, m = emg_uv.shape
-        pulses = self._pending[self._pending["artifact_start"] < first_index + n]  # artifact comes first
-        if pulses.size == 0:
-            return
-        # Artifacts: every channel, through the crosstalk gains of the stimulated muscle.
-        row = pulses["artifact_start"][:, None] - first_index + np.arange(self._artifact_shape.size)
-        inside = np.broadcast_to(((row >= 0) & (row < n))[:, :, None], (*row.shape, m))
-        flat = row[:, :, None] * m + np.arange(m)
-        artifact_uv = (
-            pulses["artifact_uv"][:, None, None]
-            * self._artifact_shape[None, :, None]
-            * self._artifact_gain[pulses["muscle"]][:, None, :]
-        )
-        # M-waves: the stimulated muscle only.
-        mwave_row = pulses["mwave_start"][:, None] - first_index + np.arange(pulses["mwave_uv"].shape[1])
-        mwave_inside = (mwave_row >= 0) & (mwave_row < n)
-        mwave_flat = mwave_row * m + pulses["muscle"][:, None]
-        total_uv = np.bincount(
-            np.concatenate((flat[inside], mwave_flat[mwave_inside])),
-            weights=np.concatenate((artifact_uv[inside], pulses["mwave_uv"][mwave_inside])),
-            minlength=n * m,
-        )
-        emg_uv += total_uv.reshape(n, m)
+        """Add the artifacts and M-waves of the pending pulses that reach into this block to ``emg_uv``.
+
+        Pulse by pulse (a few are pending at a time), on the rows of the block each
+        waveform covers: the artifact on every channel through the crosstalk gains of
+        the stimulated muscle, the M-wave on that muscle only.
+        """
+        n = emg_uv.shape[0]
+        end = first_index + n
+        shape = self._artifact_shape
+        for pulse in self._pending[self._pending["artifact_start"] < end]:  # the artifact comes first
+            muscle = int(pulse["muscle"])
+            start = int(pulse["artifact_start"])
+            low, high = max(first_index, start), min(end, start + shape.size)
+            if low < high:
+                artifact_uv = self._pulse_uv[: high - low]
+                np.multiply.outer(
+                    pulse["artifact_uv"] * shape[low - start : high - start], self._artifact_gain[muscle], out=artifact_uv
+                )
+                emg_uv[low - first_index : high - first_index] += artifact_uv
+            mwave_uv = pulse["mwave_uv"]
+            start = int(pulse["mwave_start"])
+            low, high = max(first_index, start), min(end, start + mwave_uv.size)
+            if low < high:
+                emg_uv[low - first_index : high - first_index, muscle] += mwave_uv[low - start : high - start]
 
     def _reserve(self, n: int) -> None:
         """Grow the per-block work buffers to hold ``n`` samples (allocates only when a block is larger)."""
@@ -296,3 +296,4 @@ class SimulatedPatient:
         self._offsets = np.arange(n, dtype=np.int64)
         self._white = np.empty((n, 2 * self._n_muscles))
         self._drive = np.empty((n, self._n_muscles), dtype=np.float32)
+        self._pulse_uv = np.empty((n, self._n_muscles))  # one pulse's artifact on the rows of a block

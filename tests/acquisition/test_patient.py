@@ -65,6 +65,23 @@ def test_artifact_starts_exactly_at_the_pulse_sample() -> None:
     assert emg_uv[301, 0] == pytest.approx(0.3 * 60.0 * 20.0, rel=1e-6)
 
 
+def test_overlapping_artifacts_add_up_to_their_shape_sample_by_sample() -> None:
+    """Each artifact is (1 - x) exp(-x) (x in decay constants) over 10 decays, on every channel by crosstalk."""
+    cfg = make_cfg(mwave_max_uv=0.0, **QUIET)
+    patient = make_patient(cfg)
+    pulse_at(patient, 0, 100.0, 30.0)
+    pulse_at(patient, 5, 104.0, 20.0)  # starts inside the first one's window
+    emg_uv = np.concatenate([render(patient, 7, first_index=i) for i in range(0, 210, 7)])
+
+    decay_samples = cfg.artifact_decay_ms * 1e-3 * FS_HZ
+    x = np.arange(math.ceil(10 * decay_samples) + 1) / decay_samples
+    shape = (1.0 - x) * np.exp(-x)
+    expected_uv = np.zeros((210, 2))
+    expected_uv[100 : 100 + x.size] += 60.0 * 30.0 * shape[:, None] * np.array([1.0, 0.3])
+    expected_uv[104 : 104 + x.size] += 60.0 * 20.0 * shape[:, None] * np.array([0.3, 1.0])
+    np.testing.assert_allclose(emg_uv, expected_uv, rtol=1e-6, atol=1e-4)
+
+
 @pytest.mark.parametrize("amplitude_ma", [15.0, 25.0, 30.0, 35.0, 45.0])
 def test_mwave_peak_follows_recruitment_curve(amplitude_ma: float) -> None:
     patient = make_patient(make_cfg(artifact_uv_per_ma=0.0, fatigue_charge_uc=1e12, **QUIET))
