@@ -126,6 +126,8 @@ class Acquisition:
         ]
         self.emg_seq = Sequencer()
         self.truth_seq = Sequencer()
+        self.emg_encoder = protocol.EmgEncoder(protocol.Kind.EMG)  # chunks encoded without allocating
+        self.truth_encoder = protocol.EmgEncoder(protocol.Kind.TRUTH)
         self.samples_sent = 0
         self.lost_samples = 0
         self.gaps = 0
@@ -199,10 +201,10 @@ class Acquisition:
     def _publish(self, block: Block, arrival_s: float) -> None:
         fs_hz = self.source.sampling_rate_hz
         chunk = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, arrival_s, fs_hz, block.emg_uv)
-        self.pub.send_multipart(protocol.encode(self.emg_seq.next(), arrival_s, chunk))
+        self.pub.send_multipart(self.emg_encoder.encode(self.emg_seq.next(), arrival_s, chunk))
         if block.truth is not None:
             truth = protocol.EmgChunk(block.first_sample_index, block.first_sample_time_s, arrival_s, fs_hz, block.truth)
-            self.pub.send_multipart(protocol.encode(self.truth_seq.next(), arrival_s, truth, protocol.Kind.TRUTH))
+            self.pub.send_multipart(self.truth_encoder.encode(self.truth_seq.next(), arrival_s, truth))
         n = len(block.emg_uv)
         self.samples_sent += n
         last_time_s = block.first_sample_time_s + (n - 1) / fs_hz

@@ -154,19 +154,46 @@ def _header(kind: Kind, seq: int, send_time_s: float) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, int(kind), 0, seq, send_time_s)
 
 
+class EmgEncoder:
+    """EMG (or ``truth``) chunks encoded into one reused buffer: nothing allocated per chunk.
+
+    :meth:`encode` returns ``[topic, payload]`` as :func:`encode` does, but the payload is
+    a view of the buffer, valid until the next call: send it (a copying send) before then.
+    """
+
+    def __init__(self, kind: Kind = Kind.EMG) -> None:
+        if kind not in (Kind.EMG, Kind.TRUTH):
+            raise ValueError(f"an EMG encoder encodes EMG or TRUTH, not {kind!r}")
+        self.kind = kind
+        self._buffer = bytearray()
+
+    def encode(self, seq: int, send_time_s: float, chunk: EmgChunk) -> list[bytes | memoryview]:
+        data = np.asarray(chunk.data)
+        if data.ndim != 2:
+            raise ValueError(f"EMG data must be 2-D (n_samples, n_channels), got {data.shape}")
+        body_offset = HEADER_SIZE + _EMG_HEAD.size
+        size = body_offset + 4 * data.size
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)  # a new one: a view of the old one may still be alive
+        buffer = self._buffer
+        _HEADER.pack_into(buffer, 0, MAGIC, VERSION, int(self.kind), 0, seq, send_time_s)
+        _EMG_HEAD.pack_into(
+            buffer,
+            HEADER_SIZE,
+            chunk.first_sample_index,
+            chunk.first_sample_time_s,
+            chunk.arrival_time_s,
+            chunk.sampling_rate_hz,
+            data.shape[0],
+            data.shape[1],
+        )
+        samples = np.frombuffer(buffer, dtype="<f4", count=data.size, offset=body_offset).reshape(data.shape)
+        np.copyto(samples, data, casting="same_kind")
+        return [TOPICS[self.kind], memoryview(buffer)[:size]]
+
+
 def encode_emg(kind: Kind, seq: int, send_time_s: float, chunk: EmgChunk) -> bytes:
-    data = np.ascontiguousarray(chunk.data, dtype="<f4")
-    if data.ndim != 2:
-        raise ValueError(f"EMG data must be 2-D (n_samples, n_channels), got {data.shape}")
-    head = _EMG_HEAD.pack(
-        chunk.first_sample_index,
-        chunk.first_sample_time_s,
-        chunk.arrival_time_s,
-        chunk.sampling_rate_hz,
-        data.shape[0],
-        data.shape[1],
-    )
-    return _header(kind, seq, send_time_s) + head + data.tobytes()
+    return bytes(EmgEncoder(kind).encode(seq, send_time_s, chunk)[1])
 
 
 def encode_command(seq: int, send_time_s: float, command: Command) -> bytes:

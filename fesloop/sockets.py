@@ -141,6 +141,20 @@ class Sequencer:
         return self.seq
 
 
+def receive_message(sock: zmq.Socket) -> list[memoryview]:
+    """Every frame of the next message without blocking (``zmq.Again`` if none is waiting).
+
+    The frames are views of libzmq's buffers: the payload is not copied. ``Frame.more``
+    says whether another frame follows.
+    """
+    frame = sock.recv(zmq.NOBLOCK, copy=False)
+    frames = [frame.buffer]
+    while frame.more:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frames.append(frame.buffer)
+    return frames
+
+
 def drain(
     sock: zmq.Socket, counters: StreamCounters, heartbeat: protocol.Kind | None = None
 ) -> list[protocol.Message]:
@@ -151,7 +165,7 @@ def drain(
     messages: list[protocol.Message] = []
     while True:
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            frames = receive_message(sock)
         except zmq.Again:
             return messages
         try:

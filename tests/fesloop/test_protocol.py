@@ -29,6 +29,7 @@ from fesloop.protocol import (
     Command,
     Crank,
     EmgChunk,
+    EmgEncoder,
     GateReason,
     Kind,
     MalformedMessage,
@@ -261,6 +262,23 @@ def test_emg_and_truth_round_trip(kind, seq, send_time, chunk):
     assert body.arrival_time_s == chunk.arrival_time_s
     assert body.sampling_rate_hz == chunk.sampling_rate_hz
     same_array(body.data, chunk.data, np.float32)
+
+
+@settings(max_examples=50)
+@given(kind=st.sampled_from([Kind.EMG, Kind.TRUTH]), chunks=st.lists(emg_chunks(), min_size=2, max_size=6))
+def test_a_reused_emg_encoder_encodes_each_chunk_as_a_fresh_one_does(kind, chunks):
+    """Bigger and smaller chunks in turn through one buffer: nothing of an earlier chunk shows."""
+    encoder = EmgEncoder(kind)
+    for seq, chunk in enumerate(chunks, start=1):
+        topic, payload = encoder.encode(seq, 1.5, chunk)
+        assert topic == TOPICS[kind]
+        assert bytes(payload) == encode(seq, 1.5, chunk, kind=kind)[1]
+        same_array(decode([topic, payload]).body.data, chunk.data, np.float32)
+
+
+def test_emg_encoder_refuses_other_kinds():
+    with pytest.raises(ValueError, match="EMG or TRUTH"):
+        EmgEncoder(Kind.COMMAND)
 
 
 def test_emg_default_kind_is_emg():
