@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from fesloop.lsl import MACHINE_SCOPE_CONFIG  # noqa: E402
 from fesloop.sockets import ControlClient, ControlTimeout  # noqa: E402
 
+ROLES = ("stimulator", "controller", "acquisition")  # started in this order, stopped in this order
 CASES = [(16, 2000.0), (64, 2000.0), (16, 4000.0), (64, 4000.0)]
 CHUNK_MS = 2.0  # the demo's acquisition chunk
 WARMUP_S = 2.0
@@ -151,26 +153,29 @@ def stop_pipeline(procs: dict[str, subprocess.Popen], clients: dict[str, Control
     ctx.destroy(linger=0)
 
 
+def start_pipeline(
+    config_path: Path, argv: Callable[[str], list[str]], ready_timeout_s: float = 30.0
+) -> tuple[dict[str, subprocess.Popen], dict[str, ControlClient], zmq.Context]:
+    """Start the three processes (``argv(role)``) and return once each reports ready."""
+    from fesloop.config import load_config
+
+    config = load_config(config_path)
+    procs = {role: subprocess.Popen(argv(role), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for role in ROLES}
+    ctx = zmq.Context()
+    clients = {role: ControlClient(ctx, getattr(config.endpoints, f"{role}_control")) for role in ROLES}
+    deadline = time.monotonic() + ready_timeout_s
+    while not all(_status(c).get("ready") for c in clients.values()):
+        if time.monotonic() > deadline:
+            stop_pipeline(procs, clients, ctx)
+            raise RuntimeError(f"pipeline not ready in {ready_timeout_s:g} s")
+    return procs, clients, ctx
+
+
 def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path, chunk_ms: float, lsl: bool) -> dict:
     path = workdir / f"bench-{n_channels}-{int(fs_hz)}.toml"
     path.write_text(pipeline_config(n_channels, fs_hz, chunk_ms, lsl))
-    from fesloop.config import load_config
-
-    config = load_config(path)
-    roles = ("stimulator", "controller", "acquisition")
-    procs = {
-        role: subprocess.Popen(
-            [sys.executable, "-m", "fesloop", role, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        for role in roles
-    }
-    ctx = zmq.Context()
-    clients = {role: ControlClient(ctx, getattr(config.endpoints, f"{role}_control")) for role in roles}
+    procs, clients, ctx = start_pipeline(path, lambda role: [sys.executable, "-m", "fesloop", role, str(path)])
     try:
-        deadline = time.monotonic() + 30
-        while not all(_status(c).get("ready") for c in clients.values()):
-            if time.monotonic() > deadline:
-                raise RuntimeError("pipeline not ready in 30 s")
         time.sleep(WARMUP_S)
         cpu0 = {role: cpu_seconds(p.pid) for role, p in procs.items()}
         t0 = time.monotonic()
