@@ -5,8 +5,7 @@ A loop never waits on LSL: :meth:`Telemetry.push`, :meth:`~Telemetry.marker` and
 wake-up: the thread drains the queue every ``DRAIN_PERIOD_S``); a full queue drops
 the item and counts its samples as ``dropped``. Data for an outlet without a consumer
 (as the thread saw it at its last drain) is not even copied: liblsl would discard it.
-A sample counts as ``pushed`` only
-when its outlet had a consumer at that moment (liblsl discards the others), so a
+A sample counts as ``pushed`` only when its outlet had a consumer at that moment, so a
 recording of a stream holds exactly the ``pushed`` count that the process's last
 status sample reports for it (``status["lsl"][stream]``).
 
