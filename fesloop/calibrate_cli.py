@@ -24,7 +24,6 @@ import pylsl
 import zmq
 
 from controller.calibration import Calibration, CalibrationError, muscle_calibration
-from controller.estimator import EmgEstimator
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import make_outlet
@@ -104,6 +103,10 @@ def record(
 
     Each phase's start and end go to ``markers`` stamped with the EMG sample time they refer to.
     """
+    # Imported here, not at the top: every `fesloop` command builds this module's arguments,
+    # and the estimator brings scipy.signal (~0.7 s) that only a calibration needs.
+    from controller.estimator import EmgEstimator
+
     ctx = zmq.Context()
     sock = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], hwm=10000)
     counters = StreamCounters()

@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from controller.estimator import EmgEstimator
-from controller.loop import load_calibration
 from fesloop.config import Config
 from fesloop.protocol import EmgChunk, GateReason
 from fesloop.xdf_input import read_xdf
+
+if TYPE_CHECKING:
+    from controller.estimator import EmgEstimator
 
 
 class ReplayError(ValueError):
@@ -97,6 +99,11 @@ def replay(
     needed = max(m.emg_channel for m in config.muscles) + 1
     if emg_uv.shape[1] < needed:
         raise ReplayError(f"the recording has {emg_uv.shape[1]} channels; the config's muscles need {needed}")
+    # Imported here, not at the top: every `fesloop` command builds this module's arguments,
+    # and the estimator brings scipy.signal (~0.7 s) that only a replay needs.
+    from controller.estimator import EmgEstimator
+    from controller.loop import load_calibration
+
     estimator = EmgEstimator(config, fs_hz, emg_uv.shape[1], load_calibration(config))
     if pulses is not None:
         estimator.add_pulses(*pulses)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fesloop.report import Session, Stream, load_session
+from fesloop.xdf_session import Session, Stream, load_session
 
 GAP_PERIODS = 1.5  # a timestamp step above this many sample periods means samples were lost
 

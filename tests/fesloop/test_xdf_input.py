@@ -12,7 +12,7 @@ import pytest
 
 from fesloop.config import load_config
 from fesloop.replay_cli import replay
-from fesloop.report import Session, Stream
+from fesloop.xdf_session import Session, Stream
 from fesloop.xdf_input import XdfInputError, _emg_stream, sample_indices
 from tests.conftest import CONFIGS
 
