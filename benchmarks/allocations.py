@@ -111,7 +111,7 @@ def _probe_targets(role: str) -> dict[str, tuple[type, str]]:
         return {"receive": (Link, "drain"), "estimate": (Controller, "on_emg"), "command": (Controller, "publish_command")}
     from stimulator.loop import Stimulator
 
-    return {"step": (Stimulator, "_step")}
+    return {"step": (Stimulator, "step")}
 
 
 def run_probed(role: str, config_path: str, out_path: str, warmup_s: float) -> int:

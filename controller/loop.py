@@ -242,49 +242,59 @@ class Controller:
         self.emg_pending = False
         self.sent_since_tick = True
 
-    def run(self) -> int:
+    def poller(self) -> zmq.Poller:
+        """The sockets a loop step waits on: control, EMG, pulses."""
+        poller = zmq.Poller()
+        for sock in (self.rt.control.sock, self.emg_link.sock, self.pulses_link.sock):
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def step(self, poller: zmq.Poller, pacer: Pacer) -> None:
+        """One loop iteration: wait for input or the next tick, take what came, send what is due."""
         rt = self.rt
         min_interval_s = 1.0 / MAX_COMMAND_RATE_HZ
+        now_s = rt.clock.now()
+        timeout_ms = pacer.timeout_ms(now_s)
+        if self.emg_pending:  # rate-limited: due once the minimum interval has passed
+            timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + min_interval_s - now_s) * 1e3))
+        ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
+        if self.pulses_link.sock in ready:
+            for message in self.pulses_link.drain(rt.clock.now()):
+                if isinstance(message.body, protocol.Crank):
+                    self.on_crank(message.body)
+                else:
+                    self.on_pulses(message.body)
+        if self.lsl_crank is not None:
+            for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():
+                self.laws.add_crank(time_s, angle_deg, cadence_rpm)
+        if self.emg_link.sock in ready:
+            received_s = rt.clock.now()
+            for message in self.emg_link.drain(received_s):
+                self.on_emg(message.body, received_s)
+        if rt.control.sock in ready:
+            rt.control.serve_pending()
+        now_s = rt.clock.now()
+        self.emg_link.keep(now_s)
+        self.pulses_link.keep(now_s)
+        if self.emg_pending and now_s - self.last_command_s >= min_interval_s:
+            self.publish_command(now_s)
+        if pacer.due(now_s):
+            if not self.sent_since_tick:
+                self.publish_command(now_s)
+            self.sent_since_tick = False
+            self.telemetry.push("gates", self.gate_reason, now_s)
+            if self.estimator is not None:
+                self.telemetry.push("activation", self.estimator.activation, now_s)
+        rt.publish_status_if_due(self.pub, now_s)
+
+    def run(self) -> int:
+        rt = self.rt
         pacer = Pacer(1.0 / self.config.controller.control_rate_hz, rt.clock.now())
-        poller = zmq.Poller()
-        for sock in (rt.control.sock, self.emg_link.sock, self.pulses_link.sock):
-            poller.register(sock, zmq.POLLIN)
+        poller = self.poller()
         rt.log.info("running: %d muscles, %d stimulation channels", len(self.config.muscles), self.n_stim)
         try:
             while rt.running:
-                now_s = rt.clock.now()
-                timeout_ms = pacer.timeout_ms(now_s)
-                if self.emg_pending:  # rate-limited: due once the minimum interval has passed
-                    timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + min_interval_s - now_s) * 1e3))
-                ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
-                if self.pulses_link.sock in ready:
-                    for message in self.pulses_link.drain(rt.clock.now()):
-                        if isinstance(message.body, protocol.Crank):
-                            self.on_crank(message.body)
-                        else:
-                            self.on_pulses(message.body)
-                if self.lsl_crank is not None:
-                    for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():
-                        self.laws.add_crank(time_s, angle_deg, cadence_rpm)
-                if self.emg_link.sock in ready:
-                    received_s = rt.clock.now()
-                    for message in self.emg_link.drain(received_s):
-                        self.on_emg(message.body, received_s)
-                if rt.control.sock in ready:
-                    rt.control.serve_pending()
-                now_s = rt.clock.now()
-                self.emg_link.keep(now_s)
-                self.pulses_link.keep(now_s)
-                if self.emg_pending and now_s - self.last_command_s >= min_interval_s:
-                    self.publish_command(now_s)
-                if pacer.due(now_s):
-                    if not self.sent_since_tick:
-                        self.publish_command(now_s)
-                    self.sent_since_tick = False
-                    self.telemetry.push("gates", self.gate_reason, now_s)
-                    if self.estimator is not None:
-                        self.telemetry.push("activation", self.estimator.activation, now_s)
-                rt.publish_status_if_due(self.pub, now_s)
+                self.step(poller, pacer)
         finally:
             rt.log.info("stopped: %d commands sent, %d overruns", self.commands_sent, pacer.overruns)
             if self.lsl_crank is not None:

@@ -213,7 +213,8 @@ class Stimulator:
         if events:
             self.pub.send_multipart(protocol.encode(self.rt.status_seq.next(), now_s, protocol.Status(self.rt.status())))
 
-    def _step(self, poller: zmq.Poller) -> None:
+    def step(self, poller: zmq.Poller) -> None:
+        """One loop iteration: wait for commands or the next pulse, then update the output once."""
         rt = self.rt
         now_s = rt.clock.now()
         timeout_s = min(MAX_POLL_S, max(0.0, self.driver.next_event_s() - now_s))
@@ -230,18 +231,23 @@ class Stimulator:
             rt.control.serve_pending()  # each handler applies its change at once
         rt.publish_status_if_due(self.pub, rt.clock.now())
 
+    def poller(self) -> zmq.Poller:
+        """The sockets a loop step waits on: control, commands."""
+        poller = zmq.Poller()
+        poller.register(self.rt.control.sock, zmq.POLLIN)
+        poller.register(self.command_link.sock, zmq.POLLIN)
+        return poller
+
     def run(self) -> int:
         rt = self.rt
         if self.config.acquisition.lsl:
             self._open_outlets()
-        poller = zmq.Poller()
-        poller.register(rt.control.sock, zmq.POLLIN)
-        poller.register(self.command_link.sock, zmq.POLLIN)
+        poller = self.poller()
         rt.log.info("running: %s driver, state %s", self.config.stimulator.driver, self.kernel.state.value)
         try:
             while rt.running:
                 try:
-                    self._step(poller)
+                    self.step(poller)
                 except Exception as exc:
                     self._fail(exc)
                     if not isinstance(exc, DriverFault):
