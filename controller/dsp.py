@@ -115,24 +115,29 @@ class EnvelopeEstimator:
         self._envelope = Columns(n_channels)
         self._teager_terms = (Columns(n_channels), Columns(n_channels), Columns(n_channels))
 
-    def _valid_runs(self, valid: np.ndarray) -> list[int]:
-        """Edges of the runs of valid samples: [start, stop, start, stop, ...] (a few per block)."""
+    def valid_runs(self, valid: np.ndarray) -> list[int] | None:
+        """Edges of the runs of valid samples in a block: [start, stop, start, stop, ...] (a few
+        per block); None when every sample is valid (the common case: nothing to hold).
+
+        Computed once per block for :meth:`hold` and :meth:`envelope`.
+        """
+        if valid.all():
+            return None
         n = len(valid)
         edges = self._edges(n + 1)
         edges[0], edges[n] = valid[0], valid[-1]
         np.not_equal(valid[1:], valid[:-1], out=edges[1:n])
         return np.flatnonzero(edges).tolist()
 
-    def hold(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Raw EMG with blanked samples held at the last valid raw value."""
+    def hold(self, emg_uv: np.ndarray, runs: list[int] | None) -> np.ndarray:
+        """Raw EMG with blanked samples (outside ``runs``, see :meth:`valid_runs`) held at the last valid raw value."""
         x = np.asarray(emg_uv, dtype=np.float64)
         n = x.shape[0]
-        if valid.all():  # the common case: nothing to hold
+        if runs is None:
             if n:
                 self._held_uv[:] = x[-1]
                 self._have_held = True
             return x
-        runs = self._valid_runs(valid)
         if not self._have_held and runs:
             self._held_uv[:] = x[runs[0]]
             self._have_held = True
@@ -149,20 +154,20 @@ class EnvelopeEstimator:
         """High-pass, notches and band-pass, state kept across blocks."""
         return self._band.process(held_uv)
 
-    def envelope(self, filtered_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Rectified (or sqrt|TKEO|) and low-passed over valid samples; held across the others."""
+    def envelope(self, filtered_uv: np.ndarray, runs: list[int] | None) -> np.ndarray:
+        """Rectified (or sqrt|TKEO|) and low-passed over the valid samples (``runs``, see
+        :meth:`valid_runs`); held across the others."""
         n = filtered_uv.shape[0]
         if self._tkeo:
             rectified = self._teager(filtered_uv)
         else:
             rectified = self._rectified(n)
             np.abs(filtered_uv, out=rectified)
-        if valid.all():  # the common case: nothing to hold
+        if runs is None:
             self._lowpass.filter_in_place(rectified)
             if n:
                 self.last_envelope_uv[:] = rectified[-1]
             return rectified
-        runs = self._valid_runs(valid)
         smoothed = self._valid_only(sum(runs[1::2]) - sum(runs[::2]))  # the valid samples, back to back
         at = 0
         for start, stop in zip(runs[::2], runs[1::2]):
@@ -201,7 +206,8 @@ class EnvelopeEstimator:
 
     def process(self, emg_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Envelope (uV) for a block; ``valid`` is (n_samples,) bool."""
-        return self.envelope(self.band(self.hold(emg_uv, valid)), valid)
+        runs = self.valid_runs(valid)
+        return self.envelope(self.band(self.hold(emg_uv, runs)), runs)
 
 
 class Normalization:

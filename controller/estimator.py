@@ -185,11 +185,12 @@ class EmgEstimator:
             valid[:] = True
         if self.blanker is not None:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
-        held_uv = self.envelope.hold(raw_uv, valid)
+        runs = self.envelope.valid_runs(valid)
+        held_uv = self.envelope.hold(raw_uv, runs)
         filtered_uv = self.envelope.band(held_uv)
         if self.canceller is not None:
             filtered_uv = self.canceller.process(filtered_uv, first)
-        envelope_uv = self.envelope.envelope(filtered_uv, valid)
+        envelope_uv = self.envelope.envelope(filtered_uv, runs)
         self.envelope_uv = envelope_uv
         self.filtered_uv = filtered_uv
         if self.contamination.enabled:

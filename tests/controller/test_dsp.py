@@ -55,12 +55,16 @@ def test_design_clips_cutoffs_below_nyquist_and_notches_mains() -> None:
 
 def test_hold_keeps_the_last_valid_sample_across_blanked_ones_and_blocks() -> None:
     envelope = EnvelopeEstimator(FS_HZ, 2, FilterConfig())
-    first = envelope.hold(np.array([[7.0, -1.0], [1.0, 10.0]]), np.array([True, False])).copy()
+
+    def hold(x: np.ndarray, valid: list[bool]) -> np.ndarray:
+        return envelope.hold(x, envelope.valid_runs(np.array(valid)))
+
+    first = hold(np.array([[7.0, -1.0], [1.0, 10.0]]), [True, False]).copy()
     np.testing.assert_array_equal(first, [[7.0, -1.0], [7.0, -1.0]])
     x = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
-    second = envelope.hold(x, np.array([False, True, False, False]))
+    second = hold(x, [False, True, False, False])
     np.testing.assert_array_equal(second, [[7.0, -1.0], [2.0, 20.0], [2.0, 20.0], [2.0, 20.0]])
-    np.testing.assert_array_equal(envelope.hold(x[:1], np.array([False])), [[2.0, 20.0]])
+    np.testing.assert_array_equal(hold(x[:1], [False]), [[2.0, 20.0]])
 
 
 def test_blanker_marks_exactly_the_window_samples() -> None:
