@@ -31,6 +31,7 @@ from fesloop.sockets import Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 
 MAX_COMMAND_RATE_HZ = 1000.0  # event-driven commands are spaced at least 1 ms apart
+MIN_COMMAND_INTERVAL_S = 1.0 / MAX_COMMAND_RATE_HZ
 
 
 def load_calibration(config: Config) -> Calibration | None:
@@ -252,11 +253,10 @@ class Controller:
     def step(self, poller: zmq.Poller, pacer: Pacer) -> None:
         """One loop iteration: wait for input or the next tick, take what came, send what is due."""
         rt = self.rt
-        min_interval_s = 1.0 / MAX_COMMAND_RATE_HZ
         now_s = rt.clock.now()
         timeout_ms = pacer.timeout_ms(now_s)
         if self.emg_pending:  # rate-limited: due once the minimum interval has passed
-            timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + min_interval_s - now_s) * 1e3))
+            timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + MIN_COMMAND_INTERVAL_S - now_s) * 1e3))
         ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
         if self.pulses_link.sock in ready:
             for message in self.pulses_link.drain(rt.clock.now()):
@@ -276,7 +276,7 @@ class Controller:
         now_s = rt.clock.now()
         self.emg_link.keep(now_s)
         self.pulses_link.keep(now_s)
-        if self.emg_pending and now_s - self.last_command_s >= min_interval_s:
+        if self.emg_pending and now_s - self.last_command_s >= MIN_COMMAND_INTERVAL_S:
             self.publish_command(now_s)
         if pacer.due(now_s):
             if not self.sent_since_tick:

@@ -176,7 +176,7 @@ class EmgEncoder:
         if len(self._buffer) < size:
             self._buffer = bytearray(size)  # a new one: a view of the old one may still be alive
         buffer = self._buffer
-        _HEADER.pack_into(buffer, 0, MAGIC, VERSION, int(self.kind), 0, seq, send_time_s)
+        buffer[:HEADER_SIZE] = _header(self.kind, seq, send_time_s)
         _EMG_HEAD.pack_into(
             buffer,
             HEADER_SIZE,
