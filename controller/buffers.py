@@ -68,6 +68,26 @@ class RowIndex:
         return self._values[:n]
 
 
+class RepeatedRow:
+    """``repeated(n)``: read-only (n, n_channels) whose every row is ``row``, in the :class:`Columns` layout.
+
+    For comparing a block against per-channel values: numpy broadcasts a 1-D row
+    through a buffer of its own (allocated per call); a full array of the same layout needs none.
+    """
+
+    def __init__(self, row: np.ndarray) -> None:
+        self._row = np.array(row)
+        self._values = np.empty((0, len(self._row)), dtype=self._row.dtype)
+
+    def __call__(self, n: int) -> np.ndarray:
+        if n > len(self._values):
+            values = np.empty((len(self._row), _capacity_for(n)), dtype=self._row.dtype).T
+            values[:] = self._row
+            values.flags.writeable = False
+            self._values = values
+        return self._values[:n]
+
+
 def column_steps(x: np.ndarray, previous: np.ndarray, out: np.ndarray, op: np.ufunc = np.subtract) -> None:
     """``out[t] = op(x[t], x[t - 1])`` per channel, ``previous`` standing for ``x[-1]``.
 

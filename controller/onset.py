@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from controller.buffers import Columns, RepeatedRow
+
 
 class OnsetDetector:
     """Per-channel active/inactive state with hysteresis; events as (index, channel, is_onset)."""
@@ -26,13 +28,23 @@ class OnsetDetector:
         self._pending = np.zeros(len(self.on_uv), dtype=bool)
         self._below_off = np.zeros(len(self.on_uv), dtype=bool)
         self._events: list[tuple[int, int, bool]] = []
+        self._changing = Columns(len(self.on_uv), dtype=bool)  # per tick of a block: would a change be pending?
+        self._below = Columns(len(self.on_uv), dtype=bool)
+        self._on_rows, self._off_rows = RepeatedRow(self.on_uv), RepeatedRow(self.off_uv)
 
     def process(self, envelope_uv: np.ndarray, first_index: int) -> list[tuple[int, int, bool]]:
         """Examine the envelope block (n_samples, n_channels); return the state changes (a list the next call reuses)."""
         events = self._events
         events.clear()
         pending, run = self._pending, self._run
-        for local in range(-first_index % self.tick, envelope_uv.shape[0], self.tick):
+        start = -first_index % self.tick
+        ticks_uv = envelope_uv[start :: self.tick]
+        if not len(ticks_uv):
+            return events
+        if not self._any_change_pending(ticks_uv):
+            run[:] = 0  # every tick found no change pending: each restarted the count
+            return events
+        for local in range(start, envelope_uv.shape[0], self.tick):
             value = envelope_uv[local]
             np.greater(value, self.on_uv, out=pending)
             np.less(value, self.off_uv, out=self._below_off)
@@ -50,3 +62,12 @@ class OnsetDetector:
                     run[channel] = 0
                     events.append((first_crossing, channel, now_active))
         return events
+
+    def _any_change_pending(self, ticks_uv: np.ndarray) -> bool:
+        """Would any tick of the block leave a change pending? (Mostly not: then the block needs no per-tick walk.)"""
+        n = len(ticks_uv)
+        changing, below = self._changing(n), self._below(n)
+        np.greater(ticks_uv, self._on_rows(n), out=changing)
+        np.less(ticks_uv, self._off_rows(n), out=below)
+        np.copyto(changing, below, where=self.active)
+        return bool(changing.any())

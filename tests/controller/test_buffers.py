@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller.buffers import Columns, RowIndex, Rows, column_steps, fill_ring, ramp, read_ring, write_ring
+from controller.buffers import Columns, RepeatedRow, RowIndex, Rows, column_steps, fill_ring, ramp, read_ring, write_ring
 
 
 def test_columns_are_channel_contiguous_reused_and_grow_only_for_a_bigger_chunk() -> None:
@@ -27,6 +27,16 @@ def test_rows_row_index_and_ramp() -> None:
     np.testing.assert_array_equal(ramp(3, 7), [3, 4, 5, 6])
     with pytest.raises(ValueError):
         ramp(0, 3)[0] = 1  # shared: read-only
+
+
+def test_repeated_row_in_the_columns_layout_read_only_and_growing() -> None:
+    repeated = RepeatedRow(np.array([1.5, -2.0, np.inf]))
+    block = repeated(3)
+    np.testing.assert_array_equal(block, [[1.5, -2.0, np.inf]] * 3)
+    assert block.strides[0] == block.itemsize and np.shares_memory(repeated(2), block)  # each channel's run contiguous
+    np.testing.assert_array_equal(repeated(9), [[1.5, -2.0, np.inf]] * 9)
+    with pytest.raises(ValueError):
+        block[0, 0] = 0.0  # shared: read-only
 
 
 def test_column_steps_per_channel_with_the_previous_sample() -> None:

@@ -172,3 +172,42 @@ def test_onset_hysteresis_and_minimum_duration() -> None:
     envelope[200:210] = 7.0  # dips between the thresholds do not end it
     events = detector.process(envelope, 0)
     assert events == [(100, 0, True), (300, 0, False)]
+
+
+def _onset_reference(envelope: np.ndarray, on: np.ndarray, off: np.ndarray, tick: int, min_on: int, min_off: int):
+    """The detector's rule, one channel and one tick at a time: a change lasting its minimum is declared,
+    dated at its first tick."""
+    events = []
+    for channel in range(envelope.shape[1]):
+        active, run = False, 0
+        for index in range(0, len(envelope), tick):
+            value = envelope[index, channel]
+            run = run + 1 if (value < off[channel] if active else value > on[channel]) else 0
+            needed = -(-(min_off if active else min_on) // tick)
+            if run >= needed:
+                active, run = not active, 0
+                events.append((index - (needed - 1) * tick, channel, active))
+    return sorted(events)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    levels=st.lists(st.tuples(st.sampled_from([0.0, 6.0, 12.0]), st.integers(1, 60)), min_size=1, max_size=20),
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=10),
+    tick=st.integers(1, 4),
+    min_on=st.integers(1, 30),
+    min_off=st.integers(1, 30),
+)
+def test_onset_detector_follows_its_rule_in_any_chunking(levels, sizes, tick, min_on, min_off) -> None:
+    """Against a per-tick reference: blocks where no change can be pending take the vectorized
+    shortcut, the others the walk; both must give the reference's events, whatever the chunks."""
+    one = np.concatenate([np.full(length, level) for level, length in levels])
+    envelope = np.column_stack((one, one[::-1], np.roll(one, 7)))
+    on, off = np.array([10.0, 10.0, 5.0]), np.array([5.0, 5.0, 1.0])
+    detector = OnsetDetector(on, off, tick, min_on, min_off)
+    found, start, k = [], 0, 0
+    while start < len(envelope):
+        stop = start + sizes[k % len(sizes)]
+        found.extend(detector.process(envelope[start:stop], start))
+        start, k = stop, k + 1
+    assert sorted(found) == _onset_reference(envelope, on, off, tick, min_on, min_off)
