@@ -1,11 +1,13 @@
 """Hasomed RehaStim2 over USB serial, ScienceMode2 continuous channel list mode.
 
 Runs inside the stimulator loop's single thread and never blocks: reads take what
-is waiting, writes are bounded (``WRITE_TIMEOUT_S``), and at most one command is
-in flight; its ack must come within 100 ms (MaxResponseTime) or the driver raises
-:class:`DriverFault`. It sends nothing on its own: commands go out when the output
-changes, ``Watchdog`` only from :meth:`keep_alive` (called after a fresh command),
-and ``InitAck`` in answer to the device's ``Init``. So when the loop dies, the
+is waiting, writes are bounded (``WRITE_TIMEOUT_S``), and one command is in
+flight at a time (a cut to zero pre-empts it); its ack must come within 100 ms
+(MaxResponseTime) or the driver raises :class:`DriverFault`. A refused command
+leaves the device as it was (a refused Stop goes out again). It sends nothing on
+its own: commands go out when the output changes, ``Watchdog`` only from
+:meth:`keep_alive` (called after a fresh command), and ``InitAck`` in answer to the
+device's ``Init``. So when the loop dies, the
 device's 1200 ms watchdog stops stimulation.
 
 Session: the device sends Init (every 500 ms until answered) -> InitAck. Output
@@ -218,19 +220,24 @@ class RehaStim2Driver:
         return min(times)
 
     def zero(self) -> None:
-        """Want nothing; if the device may be stimulating, send Stop at once (pre-empting any ack)."""
+        """Want nothing; if the device may be stimulating, send Stop at once, pre-empting any command in flight.
+
+        The Stop's ack decides: refused, the device still runs and the next step sends Stop
+        again. A silent driver (the device did not answer) sends one Stop and no more, so
+        the device's watchdog fires; a lost link sends nothing (the watchdog stops it).
+        """
         self._want_ma[:] = 0
-        flight = self._in_flight
-        may_stimulate = self.mode is sm2.StimulationMode.STARTED or (
-            flight is not None and flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE
-        )
-        if not may_stimulate or not self.connected or self.link_lost:
+        if not self._may_stimulate() or not self.connected or self.link_lost:
             return
+        now_s = self.clock()
         try:
-            self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", self.clock())
-        except DriverFault as exc:
-            self.silent_reason = str(exc)
-        self._stopped()
+            if self.silent_reason:
+                self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", now_s)
+                self._stopped()
+            else:
+                self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+        except DriverFault:
+            return  # the write failed: _link_io marked the link lost, which status reports; zero() must not raise
 
     def close(self) -> None:
         self.zero()
@@ -305,9 +312,33 @@ class RehaStim2Driver:
             for i in self.plan.order
         )
 
+    def _may_stimulate(self) -> bool:
+        """Started, or a Start on its way (it may reach the device whatever comes after it)."""
+        flight = self._in_flight
+        return self.mode is sm2.StimulationMode.STARTED or (
+            flight is not None and flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE
+        )
+
+    def _cuts_off(self, settings: tuple[sm2.ChannelSetting, ...]) -> bool:
+        """Is a channel above 0 mA in ``settings`` (plan order) wanted at zero now?"""
+        return any(s.current_ma > 0 and self._want_ma[i] == 0 for i, s in zip(self.plan.order, settings))
+
     def _advance(self, now_s: float) -> None:
-        """Send the next command towards the wanted output, if none is in flight."""
-        if not self.ready() or self._in_flight is not None:
+        """Send the next command towards the wanted output.
+
+        One command is in flight at a time, except for a cut: a channel that a Start in
+        flight drives is wanted at zero (gate closed, disarm, stop). Then the update (or
+        Stop) goes out at once, pre-empting it, and the drop is not delayed by the ack.
+        """
+        if not self.ready():
+            return
+        flight = self._in_flight
+        if flight is not None:
+            if flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE and self._cuts_off(flight.settings):
+                if self._want_ma.any():
+                    self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
+                else:
+                    self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
             return
         mode = self.mode
         if self._want_ma.any():
@@ -380,8 +411,7 @@ class RehaStim2Driver:
         self._in_flight = None
         self.acks += 1
         result = sm2.to_signed(packet.data[0]) if packet.data else -1
-        if result != 0:
-            self._stopped()
+        if result != 0:  # refused: the device did not act on it, it runs (or not) as before
             raise DriverFault(
                 f"RehaStim2 refused {flight.command.name}: {result} ({sm2.RESULT_TEXT.get(result, 'unknown result')})",
                 self._on(self._want_ma),

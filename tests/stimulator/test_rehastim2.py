@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -102,6 +102,25 @@ def connected(loop: Loop) -> Loop:
 def stimulating(loop: Loop, emulator: PtyEmulator, output_ma: list[float]) -> None:
     loop.until(lambda: emulator.device.stimulating, 1.0, "stimulation to start", output_ma)
     loop.run(0.3, output_ma)
+
+
+def corrupting_writes(driver: RehaStim2Driver) -> Callable[[], None]:
+    """Make every packet the driver writes fail its checksum; returns the undo."""
+    real_write = driver.link.write
+    driver.link.write = lambda data: real_write(data[:2] + bytes([data[2] ^ 0x01]) + data[3:])  # type: ignore[method-assign]
+    return lambda: setattr(driver.link, "write", real_write)
+
+
+def wait_for(predicate, emulator: PtyEmulator, what: str, timeout_s: float = 2.0) -> None:
+    """Until the emulator (which serves the pty in its own thread) shows ``predicate``; the driver is not serviced."""
+    end = time.monotonic() + timeout_s
+    while True:
+        with emulator.lock:
+            if predicate():
+                return
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.001)
 
 
 def test_handshake_answers_the_devices_init(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
@@ -278,18 +297,61 @@ def test_garbage_on_the_line_is_dropped_both_ways(emulator: PtyEmulator, driver:
     assert status["garbage_bytes"] >= 4 and status["frame_errors"] >= 2
 
 
-def test_transfer_error_on_a_corrupted_command_faults(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+def test_a_refused_update_leaves_the_device_running_until_zero_stops_it(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """A refused Start changed nothing on the device: it still stimulates, so the driver must
+    still count it as stimulating and zero() (the loop's failure path) must send Stop."""
     loop = connected(Loop(driver))
     stimulating(loop, emulator, [20.0, 0.0])
-    real_write = driver.link.write
-
-    def corrupting(data: bytes) -> None:
-        real_write(data[:2] + bytes([data[2] ^ 0x01]) + data[3:])  # wrong checksum
-
-    driver.link.write = corrupting  # type: ignore[method-assign]
+    restore = corrupting_writes(driver)
     with pytest.raises(DriverFault, match="refused START_CHANNEL_LIST_MODE: -1 \\(transfer error\\)"):
         loop.until(lambda: False, 0.5, "the transfer error", [25.0, 0.0])
-    driver.link.write = real_write  # type: ignore[method-assign]
+    restore()
+    with emulator.lock:
+        assert emulator.device.stimulating and emulator.device.settings[0].current_ma == 20
+    assert driver.mode is sm2.StimulationMode.STARTED
+    driver.zero()
+    loop.until(lambda: not emulator.device.stimulating, 0.5, "the Stop sent by zero()", None)
+    loop.run(0.3, [0.0, 0.0], fresh=False)
+    with emulator.lock:
+        assert not emulator.device.stimulating
+
+
+def test_a_refused_stop_goes_out_again_until_the_device_stops(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    restore = corrupting_writes(driver)
+    with pytest.raises(DriverFault, match="refused STOP_CHANNEL_LIST_MODE: -1"):
+        loop.until(lambda: False, 0.5, "the transfer error", [0.0, 0.0])
+    restore()
+    with emulator.lock:
+        assert emulator.device.stimulating  # the corrupted Stop did nothing
+    n_sent = len(commands(emulator))
+    loop.until(lambda: not emulator.device.stimulating, 0.5, "the Stop sent again", [0.0, 0.0])
+    assert sm2.Cmd.STOP_CHANNEL_LIST_MODE in commands(emulator)[n_sent:]
+
+
+def test_a_cut_to_zero_goes_out_without_waiting_for_the_ack_in_flight(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """A gate closing (one channel to 0) or a disarm (all to 0) while a ramp update awaits its
+    ack: the device gets the cut at once, not after the ack (up to 100 ms) or its timeout."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    with emulator.lock:
+        emulator.device.drop_acks = True  # the ramp's update is never answered
+    now = time.monotonic()
+    driver.set_output(np.array([21.0, 10.0]), WIDTHS_US, now)
+    wait_for(lambda: emulator.device.settings[0].current_ma == 21, emulator, "the unanswered update")
+    driver.set_output(np.array([21.0, 0.0]), WIDTHS_US, now + 0.002)  # tib's gate closes
+    wait_for(lambda: emulator.device.settings[1].current_ma == 0, emulator, "tib cut while an update is unanswered")
+    with emulator.lock:
+        assert emulator.device.stimulating and emulator.device.settings[0].current_ma == 21
+    driver.set_output(np.zeros(2), WIDTHS_US, now + 0.004)  # disarm
+    wait_for(lambda: not emulator.device.stimulating, emulator, "Stop while the cut is unanswered")
+    with emulator.lock:
+        emulator.device.drop_acks = False
 
 
 def test_a_vanished_port_faults_once_naming_the_channels_then_stays_closed(
