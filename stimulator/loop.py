@@ -106,6 +106,8 @@ class Stimulator:
         self._session_events.append(f"dose limit overridden for {channel} by {operator.strip()}: {reason.strip()}")
 
     def _control(self, action: Any) -> dict[str, Any]:
+        """An operator's request; it also ends a pending ``arm_at_start`` (after stop and reset, only an arm arms)."""
+        self._auto_arm_pending = False
         try:
             action()
             self._apply(self.rt.clock.now())

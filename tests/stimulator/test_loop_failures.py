@@ -13,6 +13,7 @@ import pytest
 
 from fesloop.config import load_config
 from fesloop.protocol import Command, GateReason
+from fesloop.sockets import ControlRefused
 from stimulator.loop import Stimulator
 from stimulator.safety import StimState
 from tests.conftest import wait_until
@@ -55,3 +56,37 @@ def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(wri
     assert order[:2] == ["zero while ARMED", "fault with driver at 0 mA"]
     assert "USB transfer failed" in stim.kernel.fault_reason
     assert not stim.kernel.output_ma.any()
+
+
+@pytest.mark.timeout(30)
+def test_a_failure_while_serving_a_control_request_zeroes_first_and_refuses_it(write_config) -> None:
+    """Invariant 7 on the control path: the arm handler's output update fails in the driver."""
+    path = write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"})
+    stim = Stimulator(load_config(path))
+    order: list[str] = []
+    real_zero, real_fault = stim.driver.zero, stim.kernel.fault
+
+    def set_output(_amplitude_ma: np.ndarray, _pulse_width_us: np.ndarray, _now_s: float) -> None:
+        if stim.kernel.state is StimState.ARMED:
+            raise OSError("USB transfer failed")
+
+    def zero() -> None:
+        order.append(f"zero while {stim.kernel.state.value}")
+        real_zero()
+
+    def fault(reason: str) -> None:
+        order.append(f"fault while {stim.kernel.state.value}")
+        real_fault(reason)
+
+    stim.driver.set_output, stim.driver.zero, stim.kernel.fault = set_output, zero, fault
+    try:
+        now_s = stim.rt.clock.now()
+        command = Command(now_s, np.ones(2, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8))
+        assert stim.kernel.accept(1, command, now_s)
+        with pytest.raises(ControlRefused, match="FAULT: internal error: OSError\\('USB transfer failed'\\)"):
+            stim.rt.control.handlers["arm"]({})
+    finally:
+        stim.rt.close()
+        stim.driver.close()
+    assert order[:2] == ["zero while ARMED", "fault while ARMED"]  # then close() zeroes again
+    assert stim.kernel.state is StimState.FAULT and not stim.kernel.output_ma.any()

@@ -126,6 +126,43 @@ def test_stop_latches_until_reset_and_reset_never_restarts_output(write_config, 
     assert "STOPPED" in states and states[-1] == "DISARMED"  # every state change on status too
 
 
+def test_stop_and_reset_end_a_pending_arm_at_start(write_config, processes) -> None:
+    """arm_at_start waits for fresh EMG. If the operator stops and resets before it comes, the
+    stimulator must stay DISARMED when it comes: after a reset only an explicit arm arms."""
+    path = write_config("demo.toml", LONG_CONTRACTION)  # demo: arm_at_start = true
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+    controller = ControlClient(ctx, config.endpoints.controller_control)
+    try:
+        processes.start("stimulator", str(path), name="stimulator")
+        processes.start("controller", str(path), name="controller")  # commands flow, no EMG yet
+        wait_until(lambda: reply(stim, "status").get("commands_received", 0) > 20, 30, what="commands")
+        assert reply(stim, "status")["state"] == "DISARMED"
+        assert stim.request("stop", timeout_s=2.0)["state"] == "STOPPED"
+        assert stim.request("reset", timeout_s=2.0)["state"] == "DISARMED"
+        processes.start("acquisition", str(path), name="acquisition")
+
+        def emg_fresh_everywhere() -> bool:
+            clocks = reply(stim, "status").get("peer_clocks", {})
+            return clocks.get("acquisition", {}).get("synchronized", False) and set(
+                reply(controller, "status").get("gate", [])
+            ) == {"OPEN"}
+
+        wait_until(emg_fresh_everywhere, 30, what="fresh EMG at the controller and a known clock at the stimulator")
+        time.sleep(2.0)  # arm_at_start arms within a few commands of fresh EMG
+        final = stim.request("status", timeout_s=2.0)
+        _, times, _ = pulses_array(recorder.get(b"pulses"))
+    finally:
+        recorder.close()
+        stim.close()
+        controller.close()
+        ctx.destroy(linger=0)
+    assert final["state"] == "DISARMED" and final["output_ma"] == [0.0, 0.0]
+    assert len(times) == 0
+
+
 def test_rehastim2_process_against_the_emulator(write_config, processes) -> None:
     with PtyEmulator() as emulator:
         replace = {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = false",
