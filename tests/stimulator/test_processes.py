@@ -17,6 +17,7 @@ from fesloop.config import load_config
 from fesloop.lsl import configure_machine_scope
 from fesloop.session import CONFIRMATION_ITEMS
 from fesloop.sockets import ControlClient, ControlTimeout
+from stimulator import sciencemode2 as sm2
 from stimulator.rehastim2_emulator import PtyEmulator
 from tests.conftest import long_contraction, wait_until
 from tests.streams import Recorder, pulses_array
@@ -163,6 +164,12 @@ def test_stop_and_reset_end_a_pending_arm_at_start(write_config, processes) -> N
     assert len(times) == 0
 
 
+def watchdogs(emulator: PtyEmulator) -> int:
+    """Watchdog packets the emulated device has received."""
+    with emulator.lock:
+        return sum(p.command == sm2.Cmd.WATCHDOG for p in emulator.device.commands)
+
+
 def test_rehastim2_process_against_the_emulator(write_config, processes) -> None:
     with PtyEmulator() as emulator:
         replace = {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = false",
@@ -205,6 +212,9 @@ def test_rehastim2_process_against_the_emulator(write_config, processes) -> None
             with emulator.lock:
                 device_pulses = [p.time_s for p in emulator.device.pulses]
                 stimulating = emulator.device.stimulating
+            fed = watchdogs(emulator)
+            time.sleep(1.0)  # the loop runs on, the controller is frozen: no keep-alive at all
+            fed_later = watchdogs(emulator)
             os.kill(controller.pid, signal.SIGCONT)
         finally:
             recorder.close()
@@ -214,5 +224,6 @@ def test_rehastim2_process_against_the_emulator(write_config, processes) -> None
     print(f"emulated device: last pulse {last_s * 1e3:.1f} ms after SIGSTOP of the controller")
     assert not stimulating and last_s <= 0.100 + 0.050
     assert status["state"] == "FAULT" and "no fresh command" in status["fault_reason"]
+    assert fed_later == fed  # so a dead controller lets the device's own watchdog fire too
     _, times, amplitudes = pulses_array(recorder.get(b"pulses"))
     assert np.all(amplitudes == np.floor(amplitudes))  # the device's 1 mA grid
