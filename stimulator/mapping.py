@@ -48,18 +48,18 @@ def modulate(
     """The kernel's output per channel (mA) to (amplitude mA, pulse width us) for the driver.
 
     Amplitude channels: the output at the configured pulse width. Pulse-width channels:
-    the current is the ceiling (on the device step) whenever the output is above 0, and
-    the pulse width is scaled so the charge per pulse matches output x configured width,
-    floored to 1 us and raised to the device minimum; it never exceeds the configured
-    width, so peak current and rms density stay within the limits the config was
-    checked against.
+    the current is the ceiling (on the device step) and the pulse width is scaled so the
+    charge per pulse matches output x configured width, floored to 1 us; below the
+    device's minimum width the channel is off (raising it to the minimum would give
+    more charge than the kernel's ramp allows). The width never exceeds the configured
+    one, so peak current and rms density stay within the limits the config was checked
+    against, and the charge per pulse never exceeds output x configured width.
     """
     output = np.asarray(output_ma, dtype=np.float64)
     step = device.amplitude_step_ma
     ceiling = np.floor(np.asarray(ceiling_ma, dtype=np.float64) / step + _GRID_TOLERANCE_STEPS) * step
     width = np.asarray(pulse_width_us, dtype=np.float64)
     scaled_us = np.floor(width * np.minimum(output / np.where(ceiling > 0, ceiling, 1.0), 1.0) + 1e-9)
-    scaled_us = np.minimum(np.maximum(scaled_us, device.pulse_width_us[0]), width)
-    on = output > 0
+    on = np.where(pulse_width_modulated, scaled_us >= device.pulse_width_us[0], output > 0)
     amplitude = np.where(pulse_width_modulated, np.where(on, ceiling, 0.0), output)
-    return amplitude, np.where(pulse_width_modulated & on, scaled_us, width)
+    return amplitude, np.where(pulse_width_modulated & on, np.minimum(scaled_us, width), width)
