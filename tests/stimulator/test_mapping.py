@@ -131,3 +131,28 @@ def test_clamp_is_min_of_device_comfort_electrode(
     ch = channel(electrode_area_cm2=area_cm2, pulse_width_us=pulse_width_us, frequency_hz=frequency_hz, max_ma=max_ma)
     expected = min(device_max_ma, max_ma, electrode_ma(area_cm2, pulse_width_us, frequency_hz))
     assert clamp_ma(ch, device) == pytest.approx(expected, rel=1e-12)
+
+
+LOAD_OHM = 1000.0  # the RehaStim2's specified load (fault matrix, row 17)
+MAX_POWER_DENSITY_W_PER_CM2 = 0.1
+
+
+@settings(max_examples=500)
+@given(
+    area_cm2=st.floats(0.5, 400.0),
+    pulse_width_us=st.floats(20.0, 500.0),
+    frequency_hz=st.floats(1.0, 50.0),
+)
+def test_the_ceiling_also_keeps_the_matrix_power_density_limit(
+    area_cm2: float, pulse_width_us: float, frequency_hz: float
+) -> None:
+    """Row 17 names 0.1 W/cm^2 besides 2 mA/cm^2 rms. At the 1 kOhm load the two agree at 25 cm^2;
+    above it the power limit is the stricter one, but it stays above the device's 130 mA for any
+    pulse width and frequency in range, so the ceiling (device, comfort, 2 mA/cm^2) keeps it too."""
+    ceiling_ma = clamp_ma(
+        channel(electrode_area_cm2=area_cm2, pulse_width_us=pulse_width_us, frequency_hz=frequency_hz, max_ma=130.0),
+        REHASTIM2,
+    )
+    duty = 2.0 * pulse_width_us * 1e-6 * frequency_hz
+    rms_a = ceiling_ma * 1e-3 * math.sqrt(duty)
+    assert rms_a**2 * LOAD_OHM / area_cm2 <= MAX_POWER_DENSITY_W_PER_CM2 * (1 + 1e-9)
