@@ -42,6 +42,13 @@ class Loop:
     def status(self) -> dict:
         return self.stim.request("status", timeout_s=2.0)
 
+    def controller_status(self) -> dict:
+        client = ControlClient(self.ctx, self.config.endpoints.controller_control)
+        try:
+            return client.request("status", timeout_s=2.0)
+        finally:
+            client.close()
+
     def arm_and_stimulate(self) -> None:
         """Reset, arm and wait for 10 pulses, again if a loaded machine tripped the deadline meanwhile."""
 
@@ -113,6 +120,7 @@ def test_frozen_or_killed_acquisition_closes_the_gates_within_bound(loop) -> Non
     os.kill(loop.pids["acquisition"], signal.SIGSTOP)
     time.sleep(0.6)
     frozen = loop.status()
+    frozen_gates = loop.controller_status()["gate"]
     frozen_last_s = loop.last_pulse_after(t_stop)
     os.kill(loop.pids["acquisition"], signal.SIGCONT)
     wait_until(lambda: loop.pulse_times().max() > t_stop + 0.6, 20, what="stimulation after EMG resumes")
@@ -120,12 +128,14 @@ def test_frozen_or_killed_acquisition_closes_the_gates_within_bound(loop) -> Non
     os.kill(loop.pids["acquisition"], signal.SIGKILL)
     time.sleep(0.6)
     killed = loop.status()
+    killed_gates = loop.controller_status()["gate"]
     killed_last_s = loop.last_pulse_after(t_kill)
     print(f"acquisition frozen: last pulse {frozen_last_s * 1e3:.0f} ms; killed: {killed_last_s * 1e3:.0f} ms")
     # Stale EMG closes the gates (controller stale_ms 100) -> output 0; a closed gate is not a fault.
-    for last_s, status in ((frozen_last_s, frozen), (killed_last_s, killed)):
+    for last_s, status, gates in ((frozen_last_s, frozen, frozen_gates), (killed_last_s, killed, killed_gates)):
         assert last_s <= ZERO_WITHIN_S
         assert status["state"] == "ARMED" and status["output_ma"] == [0.0, 0.0]
+        assert gates == ["STALE_EMG", "STALE_EMG"]  # the reason, for the operator
 
 
 @pytest.mark.timeout(90)

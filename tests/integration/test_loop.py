@@ -121,6 +121,16 @@ def test_controller_sigkill_zeroes_output_within_deadline_and_latches_fault(writ
         time.sleep(1.0)
         _, times, amplitudes = pulses_array(recorder.get(b"pulses"))
         status = stim.request("status", timeout_s=2.0)
+        # The controller comes back (row 1: reset is not restart): commands flow, nothing stimulates.
+        t_restart = pylsl.local_clock()
+        received = status["commands_received"]
+        processes.start("controller", str(path), name="controller-restarted")
+        wait_until(
+            lambda: stim.request("status", timeout_s=2.0)["commands_received"] > received + 200, 30,
+            what="commands from the restarted controller",
+        )
+        after_restart = stim.request("status", timeout_s=2.0)
+        _, times_after, amplitudes_after = pulses_array(recorder.get(b"pulses"))
     finally:
         recorder.close()
         stim.close()
@@ -132,6 +142,8 @@ def test_controller_sigkill_zeroes_output_within_deadline_and_latches_fault(writ
     assert last_pulse_after_kill_s <= deadline_s + 0.030
     assert status["state"] == "FAULT" and "fresh command" in status["fault_reason"]
     assert status["output_ma"] == [0.0, 0.0]
+    assert after_restart["state"] == "FAULT" and after_restart["output_ma"] == [0.0, 0.0]
+    assert not ((times_after > t_restart) & (amplitudes_after > 0)).any(), "stimulation resumed by itself"
 
 
 def test_synthetic_board_emg_reaches_the_controller(write_config, processes) -> None:
