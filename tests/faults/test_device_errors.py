@@ -2,8 +2,9 @@
 
 The real three processes drive the RehaStim2 driver against the protocol emulator
 on a pseudo-terminal; the emulated device reports each StimulationError while
-stimulating. Pass: the stimulator latches FAULT naming the cause, its output is
-zero at once, and it does not stimulate again by itself.
+stimulating. Pass: the stimulator latches FAULT naming the cause within 100 ms (the
+time of its published FAULT status against the injection, on the shared clock), its
+output is zero at once, and it does not stimulate again by itself.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pylsl
 import pytest
 import zmq
 
@@ -19,9 +21,17 @@ from fesloop.session import CONFIRMATION_ITEMS
 from fesloop.sockets import ControlClient, ControlTimeout
 from stimulator.rehastim2_emulator import PtyEmulator
 from tests.conftest import long_contraction, wait_until
+from tests.streams import Recorder
 
 LONG_CONTRACTION = long_contraction(start_s=0.0, arm_at_start=False)
 CAUSES = {-1: "emergency", -2: "electrode", -3: "module"}
+FAULT_WITHIN_S = 0.100  # fault matrix row 9: FAULT latched <= 100 ms after the error
+
+
+def _fault_after(recorder: Recorder, t0: float) -> float:
+    """Seconds from ``t0`` to the stimulator's first FAULT status message (published at once on the change)."""
+    times = [m.header.send_time_s for m in recorder.get(b"status") if m.body.fields["state"] == "FAULT"]
+    return min(times) - t0
 
 
 def _rehastim2_config(write_config, emulator: PtyEmulator) -> Path:
@@ -54,10 +64,12 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
         config = load_config(path)
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
+        recorder = Recorder({config.endpoints.pulses: [b"status"]})
         try:
             processes.start_loop(path)
             _arm_and_stimulate(stim, emulator)
             with emulator.lock:
+                t_error = pylsl.local_clock()
                 emulator.device.inject_stimulation_error(code, time.monotonic())
             status = wait_until(
                 lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
@@ -67,8 +79,12 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
             with emulator.lock:
                 stimulating_again = emulator.device.stimulating
         finally:
+            recorder.close()
             stim.close()
             ctx.destroy(linger=0)
+    fault_s = _fault_after(recorder, t_error)
+    print(f"StimulationError {code}: FAULT {fault_s * 1e3:.1f} ms after the error")
+    assert 0 <= fault_s <= FAULT_WITHIN_S
     assert CAUSES[code] in status["fault_reason"].lower(), status["fault_reason"]
     assert status["output_ma"] == [0.0, 0.0]
     assert later["state"] == "FAULT" and not stimulating_again
@@ -85,10 +101,12 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
         config = load_config(path)
         ctx = zmq.Context()
         stim = ControlClient(ctx, config.endpoints.stimulator_control)
+        recorder = Recorder({config.endpoints.pulses: [b"status"]})
         try:
             pids = processes.start_loop(path)
             _arm_and_stimulate(stim, emulator)
         finally:
+            t_pulled = pylsl.local_clock()
             emulator.close()  # the cable is pulled
         try:
             status = wait_until(
@@ -98,10 +116,14 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
             later = stim.request("status", timeout_s=2.0)
             rearm = stim.request("arm", timeout_s=2.0, confirmation=_confirmation())
         finally:
+            recorder.close()
             stim.close()
             ctx.destroy(linger=0)
     finally:
         emulator.close()
+    fault_s = _fault_after(recorder, t_pulled)
+    print(f"cable pulled: FAULT {fault_s * 1e3:.1f} ms later")
+    assert 0 <= fault_s <= FAULT_WITHIN_S
     assert "serial" in status["fault_reason"], status["fault_reason"]
     assert status["output_ma"] == [0.0, 0.0]
     assert later["state"] == "FAULT" and later["output_ma"] == [0.0, 0.0]
