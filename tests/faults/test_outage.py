@@ -80,3 +80,55 @@ def test_the_loop_stops_during_an_outage_and_the_link_comes_back_after_it(write_
     assert reopened["time_s"] - healed_s <= config.endpoints.link_timeout_ms * 1e-3 + 1.0
     assert reopened["links"]["acquisition"]["relinks"] >= 1
     assert "nothing from acquisition" in processes.log("controller")
+
+
+@pytest.mark.timeout(60)
+def test_an_outage_between_controller_and_stimulator_latches_fault_and_nothing_restarts(
+    write_config, processes, tmp_path
+) -> None:
+    """Row 8, the command link: the stimulator's host loses the controller's host. Same as a
+    killed controller (row 1): output 0 within 250 ms, FAULT; after the network is back the
+    command link reconnects (commands arrive again) and the stimulator stays in FAULT at 0 mA."""
+    loop_path = write_config("demo.toml", long_contraction(start_s=0.0), name="loop.toml")
+    loop = load_config(loop_path)
+    upstream_port = int(loop.endpoints.command.rsplit(":", 1)[1])
+    proxy = OutageProxy(upstream_port)
+    stim_path = tmp_path / "stimulator.toml"
+    stim_path.write_text(re.sub(rf"127\.0\.0\.1:{upstream_port}\b", f"127.0.0.1:{proxy.port}", loop_path.read_text()))
+    recorder = Recorder({loop.endpoints.pulses: [b"status", b"pulses"]})
+
+    def stimulator_statuses() -> list[dict]:
+        return [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == "stimulator"]
+
+    try:
+        processes.start("stimulator", str(stim_path), name="stimulator")
+        processes.start("controller", str(loop_path), name="controller")
+        processes.start("acquisition", str(loop_path), name="acquisition")
+        wait_until(lambda: (s := stimulator_statuses()) and s[-1]["state"] == "ARMED" and max(s[-1]["output_ma"]) > 0,
+                   30, what="stimulation on the contraction")
+        cut_s = time.monotonic()
+        proxy.cut()
+        time.sleep(OUTAGE_S)
+        healed_s = time.monotonic()
+        received = stimulator_statuses()[-1]["commands_received"]
+        proxy.heal()
+        wait_until(lambda: stimulator_statuses()[-1]["commands_received"] > received + 100, 10,
+                   what="commands again after the outage")
+        time.sleep(0.5)
+        statuses = stimulator_statuses()
+    finally:
+        recorder.close()
+        proxy.close()
+
+    _, pulse_s, amplitude_ma = pulses_array(recorder.get(b"pulses"))
+    late = pulse_s[(amplitude_ma > 0) & (pulse_s > cut_s)]
+    stopped_ms = (late.max() - cut_s) * 1e3 if len(late) else 0.0
+    faulted = next(s for s in statuses if s["time_s"] > cut_s and s["state"] == "FAULT")
+    back = next(s for s in statuses if s["time_s"] > healed_s and s["commands_received"] > received)
+    print(f"last pulse {stopped_ms:.0f} ms after the cut; commands again {back['time_s'] - healed_s:.2f} s after healing")
+    assert stopped_ms <= 250.0  # fault matrix: output 0 within 250 ms
+    assert "no fresh command" in faulted["fault_reason"]
+    assert back["time_s"] - healed_s <= loop.endpoints.link_timeout_ms * 1e-3 + 1.0
+    assert statuses[-1]["links"]["controller"]["relinks"] >= 1
+    after = [s for s in statuses if s["time_s"] > faulted["time_s"]]
+    assert after and all(s["state"] == "FAULT" and s["output_ma"] == [0.0, 0.0] for s in after)
