@@ -1,4 +1,5 @@
-"""A network outage between two hosts (the amplifier PC and the controller PC), in real processes.
+"""A network outage between two hosts, in real processes: amplifier PC and controller PC, or
+controller PC and stimulator PC (the second test, fault matrix row 8 as row 1).
 
 The controller reaches the acquisition's ``emg`` endpoint through a relay that, for 2.5 s,
 turns every open connection into a black hole and refuses new ones, then lets new
