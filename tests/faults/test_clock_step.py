@@ -1,10 +1,11 @@
-"""The wall clock stepped by an hour during a run (fault matrix row 16).
+"""The wall clock stepped by seconds and by an hour during a run (fault matrix row 16).
 
 The real clock cannot be stepped here, so every process of the loop starts with a
-``sitecustomize`` that makes ``time.time()`` jump +1 h two seconds after start and
--1 h two seconds later. Deadlines and freshness use the monotonic shared clock
-(``pylsl.local_clock``), so there must be no spurious FAULT, no pause in the
-pulses, and a controller killed after the steps still zeroes the output in time.
+``sitecustomize`` that makes ``time.time()`` jump +2 s 1.5 s after start, -2 s a second
+later, +1 h at 3.5 s and -1 h (to an hour behind) at 5.9 s; the controller is killed
+within a few hundred ms of that last step. Deadlines and freshness use the monotonic shared clock
+(``pylsl.local_clock``), so there must be no spurious FAULT, no pause in the pulses,
+and the killed controller still zeroes the output in time.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ _start = _wall()
 def _stepped() -> float:
     now = _wall()
     elapsed = now - _start
-    if 2.0 < elapsed <= 4.0:
-        return now + 3600.0
-    if elapsed > 4.0:
+    if elapsed > 5.9:
         return now - 3600.0
+    if elapsed > 3.5:
+        return now + 3600.0
+    if elapsed > 2.5:
+        return now - 2.0
+    if elapsed > 1.5:
+        return now + 2.0
     return now
 
 
@@ -65,7 +70,7 @@ def test_wall_clock_steps_cause_no_fault_and_no_missed_deadline(write_config, pr
         started = time.monotonic()
         pids = processes.start_loop(path)
         wait_until(lambda: len(pulses_array(recorder.get(b"pulses"))[1]) > 0, 20, what="stimulation")
-        time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))  # both steps have happened
+        time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))  # every step has happened, the last just now
         status = stim.request("status", timeout_s=2.0)
         t_kill = pylsl.local_clock()
         os.kill(pids["controller"], signal.SIGKILL)
