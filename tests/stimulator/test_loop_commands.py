@@ -1,0 +1,66 @@
+"""The stimulator loop acts once per step, on the newest of the commands that queued up.
+
+The real Stimulator in this process with real sockets on loopback; the test plays the
+controller (a PUB bound on the command endpoint). A flood is where this matters: after a
+stall or a burst, what queued is read in one step and only the newest command counts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pylsl
+import pytest
+import zmq
+
+from fesloop import protocol
+from fesloop.config import load_config
+from fesloop.protocol import GateReason
+from stimulator.loop import Stimulator
+
+
+def _command(seq: int, intensity: float) -> list[bytes]:
+    now_s = pylsl.local_clock()
+    body = protocol.Command(
+        now_s - 0.005, np.full(2, intensity, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8)
+    )
+    return protocol.encode(seq, now_s, body)
+
+
+@pytest.mark.timeout(30)
+def test_a_step_reads_every_queued_command_and_acts_on_the_newest(write_config) -> None:
+    config = load_config(write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"}))
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(config.endpoints.command)
+    stim = Stimulator(config)
+    poller = stim.poller()
+    try:
+        seq = 0
+        deadline = time.monotonic() + 10
+        while stim.command_link.counters.received == 0:  # until the subscription is through
+            assert time.monotonic() < deadline, "no command reached the stimulator"
+            seq += 1
+            pub.send_multipart(_command(seq, 0.1))
+            stim.step(poller)
+        stim.step(poller)  # anything still queued from the warm-up
+        accepted = stim.kernel.accepted
+        burst = [0.9, 0.7, 0.5, 0.3, 0.2]  # neither the first, the largest nor the mean is the newest
+        for intensity in burst:
+            seq += 1
+            pub.send_multipart(_command(seq, intensity))
+        deadline = time.monotonic() + 5
+        while stim.command_link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN == 0:
+            assert time.monotonic() < deadline, "the burst did not arrive"
+            time.sleep(0.001)
+        time.sleep(0.05)  # the whole burst in the socket's queue
+        stim.step(poller)
+    finally:
+        stim.rt.close()
+        stim.driver.close()
+        ctx.destroy(linger=0)
+    assert stim.kernel.accepted - accepted == len(burst)  # every one read and checked in the one step
+    assert stim.kernel.last_seq == seq
+    np.testing.assert_allclose(stim.commanded_intensity, [0.2, 0.2], rtol=1e-6)
