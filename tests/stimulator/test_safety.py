@@ -13,6 +13,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from fesloop.config import StimulationChannel, StimulatorConfig
+from fesloop import protocol
 from fesloop.protocol import Command, GateReason
 from fesloop.schema import build
 from stimulator.limits import REHASTIM2, LimitError, electrode_limit_ma
@@ -597,3 +598,63 @@ def test_a_dose_locked_channel_still_drops_at_once_when_its_gate_closes() -> Non
     loop.armed_at_full()
     loop.kernel.dose_locked[0] = True
     assert loop.tick(0.01, [1.0, 1.0], gate_open=[False, True]).tolist() == [0.0, 30.0]
+
+
+FUZZ_MESSAGES = 100_000  # fault matrix row 12: >= 1e5 malformed messages, no crash
+
+
+@pytest.mark.timeout(120)
+def test_a_hundred_thousand_mutated_command_messages_through_decode_and_kernel() -> None:
+    """Valid command messages with bytes flipped, cut or added, or replaced by noise, through
+    protocol.decode and, when they still decode, the kernel. Decode raises nothing but
+    MalformedMessage; every output stays finite, within 0..ceiling, and rises no faster than
+    the ramp. A mutated sequence number may lock the real controller out: the kernel then
+    faults (output 0) and, as an operator would, the test resets and re-arms."""
+    rng = np.random.default_rng(12)
+    kernel = SafetyKernel([QUAD, TIB], REHASTIM2, CFG)
+    seq, now_s, last_ma = 0, 0.0, np.zeros(2)
+    decoded = rejected = faults = 0
+
+    def valid(intensity: float) -> list[bytes]:
+        nonlocal seq
+        seq += 1
+        return protocol.encode(seq, now_s, command([intensity, intensity], now_s=now_s))
+
+    for i in range(FUZZ_MESSAGES):
+        now_s += 0.001
+        if kernel.state is not StimState.ARMED:
+            faults += kernel.state is StimState.FAULT
+            kernel.reset()
+            seq = max(seq, kernel.last_seq)
+            kernel.accept(seq + 1, command([0.5, 0.5], now_s=now_s), now_s)
+            seq += 1
+            kernel.arm(now_s)
+            last_ma = kernel.output_ma.copy()
+        topic, payload = valid(float(rng.uniform(0.0, 1.0)))
+        if i % 4:  # one message in four stays valid, keeping the kernel fed
+            payload = bytearray(payload)
+            match rng.integers(4):
+                case 0:
+                    view = np.frombuffer(payload, dtype=np.uint8)
+                    at = rng.integers(len(view), size=rng.integers(1, 4))
+                    view[at] ^= rng.integers(1, 256, size=len(at), dtype=np.uint8)
+                case 1:
+                    payload = payload[: rng.integers(len(payload))]
+                case 2:
+                    payload += rng.bytes(int(rng.integers(1, 16)))
+                case _:
+                    payload = bytearray(rng.bytes(int(rng.integers(0, 64))))
+            payload = bytes(payload)
+        try:
+            message = protocol.decode([topic, payload])
+        except protocol.MalformedMessage:
+            rejected += 1
+        else:
+            decoded += 1
+            kernel.accept(message.header.seq, message.body, now_s)
+        output_ma = kernel.update(now_s)
+        assert np.isfinite(output_ma).all() and (output_ma >= 0).all() and (output_ma <= kernel.clamp_ma).all()
+        assert (output_ma - last_ma <= RISE_MA_PER_S * 0.001 + 1e-9).all()
+        last_ma = output_ma
+    assert rejected > FUZZ_MESSAGES // 2 and decoded > FUZZ_MESSAGES // 4  # both paths taken, many times
+    print(f"{rejected} rejected by decode, {decoded} decoded, {faults} faults (mutated sequence numbers)")
