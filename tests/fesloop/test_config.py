@@ -390,7 +390,12 @@ def test_pulse_width_outside_device_range_refused(width):
             "RehaStim2 pulse width range is 20-500 us")
 
 
-@pytest.mark.parametrize("frequency", [0.0, 0.5, 50.5, 100.0])
+@pytest.mark.parametrize("frequency", [1.0, 50.0, 1, 50])
+def test_frequency_at_device_edges_accepted(frequency):
+    assert parse_config(minimal(frequency_hz=frequency)).stimulation[0].frequency_hz == frequency
+
+
+@pytest.mark.parametrize("frequency", [0.0, 0.5, 0.999, 50.001, 50.5, 51.0, 100.0])
 def test_frequency_outside_device_range_refused(frequency):
     refused(minimal(frequency_hz=frequency), "stimulation[0].frequency_hz", frequency, "frequency range is 1-50 Hz")
 
