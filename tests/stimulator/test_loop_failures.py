@@ -19,10 +19,9 @@ from stimulator.safety import StimState
 from tests.conftest import wait_until
 
 
-@pytest.mark.timeout(30)
-def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(write_config) -> None:
-    path = write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"})
-    stim = Stimulator(load_config(path))
+def _stimulator(write_config) -> tuple[Stimulator, list[str]]:
+    """A stimulator (simulated driver) whose driver zeroing and kernel fault note, in order, what they saw."""
+    stim = Stimulator(load_config(write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"})))
     order: list[str] = []
     real_zero, real_fault = stim.driver.zero, stim.kernel.fault
 
@@ -31,13 +30,22 @@ def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(wri
         real_zero()
 
     def fault(reason: str) -> None:
-        order.append(f"fault with driver at {stim.driver.amplitude_ma.max():g} mA")
+        order.append(f"fault while {stim.kernel.state.value}, driver at {stim.driver.amplitude_ma.max():g} mA")
         real_fault(reason)
 
     stim.driver.zero, stim.kernel.fault = zero, fault
+    return stim, order
+
+
+def _full_command(now_s: float) -> Command:
+    return Command(now_s, np.ones(2, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8))
+
+
+@pytest.mark.timeout(30)
+def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(write_config) -> None:
+    stim, order = _stimulator(write_config)
     now_s = stim.rt.clock.now()
-    command = Command(now_s, np.ones(2, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8))
-    stim.kernel.accept(1, command, now_s)
+    stim.kernel.accept(1, _full_command(now_s), now_s)
     stim.kernel.arm(now_s)
     stim._apply(now_s + 0.05)
     assert stim.driver.amplitude_ma.max() > 0  # stimulating
@@ -53,7 +61,7 @@ def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(wri
     finally:
         stim.rt.running = False
         thread.join(10)
-    assert order[:2] == ["zero while ARMED", "fault with driver at 0 mA"]
+    assert order[:2] == ["zero while ARMED", "fault while ARMED, driver at 0 mA"]
     assert "USB transfer failed" in stim.kernel.fault_reason
     assert not stim.kernel.output_ma.any()
 
@@ -61,32 +69,20 @@ def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(wri
 @pytest.mark.timeout(30)
 def test_a_failure_while_serving_a_control_request_zeroes_first_and_refuses_it(write_config) -> None:
     """Invariant 7 on the control path: the arm handler's output update fails in the driver."""
-    path = write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"})
-    stim = Stimulator(load_config(path))
-    order: list[str] = []
-    real_zero, real_fault = stim.driver.zero, stim.kernel.fault
+    stim, order = _stimulator(write_config)
 
     def set_output(_amplitude_ma: np.ndarray, _pulse_width_us: np.ndarray, _now_s: float) -> None:
         if stim.kernel.state is StimState.ARMED:
             raise OSError("USB transfer failed")
 
-    def zero() -> None:
-        order.append(f"zero while {stim.kernel.state.value}")
-        real_zero()
-
-    def fault(reason: str) -> None:
-        order.append(f"fault while {stim.kernel.state.value}")
-        real_fault(reason)
-
-    stim.driver.set_output, stim.driver.zero, stim.kernel.fault = set_output, zero, fault
+    stim.driver.set_output = set_output
     try:
         now_s = stim.rt.clock.now()
-        command = Command(now_s, np.ones(2, np.float32), np.ones(2, bool), np.full(2, GateReason.OPEN, np.uint8))
-        assert stim.kernel.accept(1, command, now_s)
+        assert stim.kernel.accept(1, _full_command(now_s), now_s)
         with pytest.raises(ControlRefused, match="FAULT: internal error: OSError\\('USB transfer failed'\\)"):
             stim.rt.control.handlers["arm"]({})
     finally:
         stim.rt.close()
         stim.driver.close()
-    assert order[:2] == ["zero while ARMED", "fault while ARMED"]  # then close() zeroes again
+    assert order[:2] == ["zero while ARMED", "fault while ARMED, driver at 0 mA"]  # then close() zeroes again
     assert stim.kernel.state is StimState.FAULT and not stim.kernel.output_ma.any()
