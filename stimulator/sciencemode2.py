@@ -63,6 +63,8 @@ class StimulationMode(enum.IntEnum):
     STARTED = 2
 
 
+WRONG_MODE = -3  # result code: the command does not apply in the device's present mode
+
 RESULT_TEXT = {
     0: "ok",
     -1: "transfer error",

@@ -4,7 +4,8 @@ Runs inside the stimulator loop's single thread and never blocks: reads take wha
 is waiting, writes are bounded (``WRITE_TIMEOUT_S``), and one command is in
 flight at a time (a cut to zero pre-empts it); its ack must come within 100 ms
 (MaxResponseTime) or the driver raises :class:`DriverFault`. A refused command
-leaves the device as it was (a refused Stop goes out again). It sends nothing on
+leaves the device as it was: a refused Stop goes out again, and after three refusals
+the driver falls silent so the device's watchdog stops it. It sends nothing on
 its own: commands go out when the output changes, ``Watchdog`` only from
 :meth:`keep_alive` (called after a fresh command), and ``InitAck`` in answer to the
 device's ``Init``. So when the loop dies, the
@@ -56,6 +57,7 @@ WRITE_TIMEOUT_S = 0.010  # a packet is < 130 bytes: under 3 ms at 460800 baud
 READ_CHUNK_BYTES = 4096
 MAX_LISTS_PER_CALL = 256  # pulses published per call at most, if the loop was late
 MAX_CRANK_READINGS = 256  # kept until taken (5 s of ActualValues): older ones are dropped
+MAX_REFUSED_STOPS = 3  # then the driver falls silent, so the device's own watchdog stops it
 
 
 class Link(Protocol):
@@ -156,6 +158,7 @@ class RehaStim2Driver:
         self.acks = 0
         self.stale_acks = 0
         self.watchdogs_sent = 0
+        self.refused_stops = 0  # in a row
         self.unexpected_packets = 0
         self._crank: deque[tuple[float, sm2.ActualValues]] = deque(maxlen=MAX_CRANK_READINGS)
         self.actual_values = 0
@@ -255,6 +258,7 @@ class RehaStim2Driver:
             "acks": self.acks,
             "stale_acks": self.stale_acks,
             "watchdogs_sent": self.watchdogs_sent,
+            "refused_stops": self.refused_stops,
             "frame_errors": self.decoder.frame_errors,
             "garbage_bytes": self.decoder.garbage_bytes,
             "unexpected_packets": self.unexpected_packets,
@@ -399,6 +403,7 @@ class RehaStim2Driver:
         self.last_sent_s = now_s
         self.connected = True
         self.silent_reason = ""
+        self.refused_stops = 0
         self._in_flight = None
         self._stopped()
         self.mode = sm2.StimulationMode.START
@@ -411,7 +416,8 @@ class RehaStim2Driver:
         self._in_flight = None
         self.acks += 1
         result = sm2.to_signed(packet.data[0]) if packet.data else -1
-        if result != 0:  # refused: the device did not act on it, it runs (or not) as before
+        if result != 0:
+            self._on_refusal(flight.command, result)
             raise DriverFault(
                 f"RehaStim2 refused {flight.command.name}: {result} ({sm2.RESULT_TEXT.get(result, 'unknown result')})",
                 self._on(self._want_ma),
@@ -431,7 +437,23 @@ class RehaStim2Driver:
             if math.isinf(self._first_list_s):
                 self._first_list_s, self._next_list = now_s, 0
         elif flight.command is sm2.Cmd.STOP_CHANNEL_LIST_MODE:
+            self.refused_stops = 0
             self._stopped()
+
+    def _on_refusal(self, command: sm2.Cmd, result: int) -> None:
+        """A refused command changed nothing on the device, which runs (or not) as before.
+
+        Wrong mode: it is not set up as thought, so not stimulating (its mode is asked
+        before starting again). A refused Stop goes out again from the next update; after
+        ``MAX_REFUSED_STOPS`` in a row the driver falls silent, so the device's watchdog
+        stops it (a packet of ours, even a Stop, would keep it alive).
+        """
+        if result == sm2.WRONG_MODE:
+            self._stopped()
+        elif command is sm2.Cmd.STOP_CHANNEL_LIST_MODE:
+            self.refused_stops += 1
+            if self.refused_stops >= MAX_REFUSED_STOPS:
+                self.silent_reason = f"Stop refused {self.refused_stops} times in a row: silent, so its watchdog stops it"
 
     def _pulses(self, now_s: float) -> protocol.Pulses | None:
         """Pulses of every channel list that started by ``now_s`` (times from the device timing)."""

@@ -11,7 +11,7 @@ import pytest
 from fesloop.config import StimulationChannel
 from stimulator import sciencemode2 as sm2
 from stimulator.drivers.base import DriverFault
-from stimulator.drivers.rehastim2 import ACK_TIMEOUT_S, RehaStim2Driver, SerialLink
+from stimulator.drivers.rehastim2 import ACK_TIMEOUT_S, MAX_REFUSED_STOPS, RehaStim2Driver, SerialLink
 from stimulator.rehastim2_emulator import (
     WATCHDOG_TIMEOUT_S,
     EmulatedMotomed,
@@ -330,6 +330,55 @@ def test_a_refused_stop_goes_out_again_until_the_device_stops(emulator: PtyEmula
     n_sent = len(commands(emulator))
     loop.until(lambda: not emulator.device.stimulating, 0.5, "the Stop sent again", [0.0, 0.0])
     assert sm2.Cmd.STOP_CHANNEL_LIST_MODE in commands(emulator)[n_sent:]
+
+
+def test_stops_refused_again_and_again_silence_the_driver_so_the_device_watchdog_stops_it(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """The line corrupts every packet from now on: each Stop is refused (transfer error) and
+    the device keeps stimulating. After MAX_REFUSED_STOPS the driver sends nothing more, and
+    the device's watchdog stops it 1.2 s after the last valid packet."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    corrupting_writes(driver)
+    refusals = 0
+    end = time.monotonic() + 2.0
+    while not driver.silent_reason and time.monotonic() < end:
+        try:
+            loop.run(0.01, [0.0, 0.0], fresh=False)
+        except DriverFault as exc:
+            assert "refused STOP_CHANNEL_LIST_MODE: -1" in str(exc)
+            refusals += 1
+    assert refusals == MAX_REFUSED_STOPS and f"Stop refused {MAX_REFUSED_STOPS} times" in driver.silent_reason
+    with emulator.lock:
+        assert emulator.device.stimulating
+        last_valid_s = emulator.device.last_valid_s
+    loop.run(0.5, [0.0, 0.0], fresh=True)  # the loop goes on (even fed fresh commands): nothing goes out
+    wait_for(lambda: not emulator.device.stimulating, emulator, "the device's watchdog", WATCHDOG_TIMEOUT_S)
+    with emulator.lock:
+        assert emulator.device.last_valid_s == last_valid_s  # the silence held: nothing valid since
+        assert any("watchdog" in what for _, what in emulator.device.events)
+    with pytest.raises(DriverFault, match="sent Init during stimulation"):  # and the driver learns of the reset
+        loop.until(lambda: False, 1.0, "the device's Init", [0.0, 0.0])
+
+
+def test_an_update_refused_for_the_wrong_mode_means_not_set_up_and_the_driver_starts_over(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """The device lost its set-up without saying so; an update comes back 'wrong mode'. It is not
+    stimulating then: the driver forgets the set-up, and the next output asks its mode first."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    with emulator.lock:
+        emulator.device.mode, emulator.device.channel_list = sm2.StimulationMode.START, None
+    with pytest.raises(DriverFault, match="refused START_CHANNEL_LIST_MODE: -3 \\(wrong mode error\\)"):
+        loop.until(lambda: False, 0.5, "the wrong-mode refusal", [21.0, 10.0])
+    assert driver.mode is None
+    n_sent = len(commands(emulator))
+    stimulating(loop, emulator, [21.0, 10.0])
+    assert [c for c in commands(emulator)[n_sent:] if c != sm2.Cmd.WATCHDOG][:3] == [
+        sm2.Cmd.GET_STIMULATION_MODE, sm2.Cmd.INIT_CHANNEL_LIST_MODE, sm2.Cmd.START_CHANNEL_LIST_MODE,
+    ]  # fmt: skip
 
 
 def test_a_cut_to_zero_goes_out_without_waiting_for_the_ack_in_flight(
