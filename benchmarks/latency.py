@@ -2,7 +2,8 @@
 
 For each case (channels x sampling rate) this runs the three fesloop processes on the
 simulated patient, then, in the same run, the bare three-process relay of
-``relay.py`` with the same message sizes and rates. It reports p50/p99/p99.9/max
+``relay.py`` with the same message sizes and rates, and that relay again speaking
+fesloop's protocol (``wire``: decode and encode, no processing). It reports p50/p99/p99.9/max
 latency, CPU per process (share of one core, from /proc; split into the main loop,
 libzmq's I/O thread and the rest), lost samples and rejected messages, as JSON and
 as Markdown tables. ``--lsl`` runs the pipeline with its LSL outlets open, as the
@@ -44,6 +45,7 @@ CASES = [(16, 2000.0), (64, 2000.0), (16, 4000.0), (64, 4000.0)]
 CHUNK_MS = 2.0  # the demo's acquisition chunk
 WARMUP_S = 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+WHATS = ("pipeline", "relay", "wire")  # the processes; the bare relay; the relay speaking our protocol
 
 
 def free_ports(n: int) -> list[int]:
@@ -198,12 +200,13 @@ def run_pipeline(n_channels: int, fs_hz: float, duration_s: float, workdir: Path
     }
 
 
-def run_relay(n_channels: int, fs_hz: float, duration_s: float, chunk_ms: float) -> dict:
+def run_relay(n_channels: int, fs_hz: float, duration_s: float, chunk_ms: float, mode: str = "bytes") -> dict:
+    """The relay of relay.py in ``mode``: ``bytes`` (the transport floor) or ``wire`` (plus our protocol)."""
     samples = int(round(fs_hz * chunk_ms * 1e-3))
     p = free_ports(2)
     a, b = f"tcp://127.0.0.1:{p[0]}", f"tcp://127.0.0.1:{p[1]}"
     script = str(Path(__file__).with_name("relay.py"))
-    common = [str(n_channels), str(samples), str(chunk_ms * 1e-3), str(duration_s + WARMUP_S)]
+    common = [str(n_channels), str(samples), str(chunk_ms * 1e-3), str(duration_s + WARMUP_S), mode]
     roles = {"sink": ["sink", b, "-"], "relay": ["relay", a, b], "source": ["source", "-", a]}
     procs = {
         role: subprocess.Popen([sys.executable, script, *args, *common], stdout=subprocess.PIPE, text=True)
@@ -245,7 +248,7 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for what in ("pipeline", "relay"):
+        for what in WHATS:
             x = r[what]
             lat = x["latency_ms"]
             fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
@@ -265,7 +268,7 @@ def cpu_table(results: list[dict]) -> str:
     """Each process's share of one core, by thread: main loop / libzmq I/O / other (LSL, clocks)."""
     lines = ["| case | what | process | main loop | libzmq I/O | other | all |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        for what in ("pipeline", "relay"):
+        for what in WHATS:
             for role, share in r[what]["cpu_share"].items():
                 cells = " | ".join(f"{share[k] * 100:.1f} %" for k in ("main", "zmq_io", "other", "all"))
                 lines.append(f"| {r['case']} | {what} | {role} | {cells} |")
@@ -290,7 +293,8 @@ def main() -> None:
             print(f"running {case} ...", file=sys.stderr)
             pipeline = run_pipeline(n_channels, fs_hz, args.duration, Path(tmp), args.chunk_ms, args.lsl)
             relay = run_relay(n_channels, fs_hz, args.duration, args.chunk_ms)
-            results.append({"case": case, "pipeline": pipeline, "relay": relay})
+            wire = run_relay(n_channels, fs_hz, args.duration, args.chunk_ms, "wire")
+            results.append({"case": case, "pipeline": pipeline, "relay": relay, "wire": wire})
     report = {
         "machine": machine(), "duration_s": args.duration, "chunk_ms": args.chunk_ms, "lsl": args.lsl, "results": results,
     }
