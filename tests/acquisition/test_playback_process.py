@@ -186,6 +186,44 @@ def test_lsl_outlet_describes_the_stream(processes, tmp_path: Path) -> None:
     assert -0.005 < pulled_s - stamps[-1] < 1.0
 
 
+def test_gaps_and_stalls_are_marked_on_the_acquisition_markers_stream(processes, tmp_path: Path) -> None:
+    """Fault matrix row 6: what a recording holds of a lost-sample gap and of a stall. A real
+    LSL inlet on the acquisition's markers (what the XDF recorder subscribes to) gets a marker
+    per gap with its size, one when the EMG goes stale and one when it flows again (after the
+    reopened file's first samples, whose index jump over the stall is a gap too)."""
+    playback = tmp_path / "marked.tsv"
+    ramp_playback(playback, 6000, delete=[(4000, 4013)])  # the inlet is open by then
+    text = playback_config_text(playback, loop=False, acquisition="stale_ms = 100.0\nrecover_after_ms = 400.0")
+    config, tap = start(processes, tmp_path, text)
+    configure_machine_scope()
+    try:
+        streams = pylsl.resolve_bypred(f"name='{config.name}-acquisition-markers'", minimum=1, timeout=15)
+        assert streams, "no acquisition markers stream"
+        inlet = pylsl.StreamInlet(streams[0])
+        inlet.open_stream(timeout=5)
+        opened_samples = max((s["samples_sent"] for s in tap.statuses()), default=0)
+        wait_until(lambda: any(s["state"] == "RUNNING" and s["recovery_attempts"] >= 1 for s in tap.statuses()), 20,
+                   what="the stall and the recovery")
+        markers, stamps = [], []
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and len(markers) < 4:
+            samples, times = inlet.pull_chunk(timeout=0.2)
+            markers += [m[0] for m in samples]
+            stamps += times
+        statuses = tap.statuses()
+    finally:
+        tap.close()
+    assert opened_samples < 4000, "the inlet opened after the gap: nothing to check"
+    gaps = {g["first_missing_index"]: g for s in statuses for g in s["recent_gaps"]}
+    restart = gaps[6000]  # after the last sample (index 5999), the reopened file starts later on
+    assert markers == [
+        "gap 13 samples", "fault EMG stale", f"gap {restart['size_samples']} samples", "recovered EMG flowing"
+    ]
+    assert stamps[0] == pytest.approx(gaps[4000]["resumed_at_s"], abs=1e-5)  # at the first sample after it
+    assert stamps[2] == pytest.approx(restart["resumed_at_s"], abs=1e-5)
+    assert stamps[0] < stamps[1] < stamps[2] <= stamps[3]
+
+
 def test_playback_config_runs_the_whole_loop(write_config) -> None:
     """configs/playback.toml: the three processes on the shipped recording, stopped cleanly."""
     import subprocess
