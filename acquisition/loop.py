@@ -169,6 +169,7 @@ class Acquisition:
             "pulses_received": self.pulses_link.counters.received,
             "pulses_unsynced": self.pulses_unsynced,
             "rejected": self.pulses_link.counters.rejected,
+            "dropped": self.pulses_link.counters.dropped,
             "links": {"stimulator": self.pulses_link.status()},
         }
 

@@ -115,6 +115,7 @@ class Controller:
             "emg_received": self.emg_link.counters.received,
             "pulses_received": self.pulses_link.counters.received,
             "rejected": self.emg_link.counters.rejected + self.pulses_link.counters.rejected,
+            "dropped": self.emg_link.counters.dropped + self.pulses_link.counters.dropped,
             "links": {"acquisition": self.emg_link.status(), "stimulator": self.pulses_link.status()},
             "gap_samples": self.estimator.gap_samples if self.estimator else 0,
             "blanked_samples": self.estimator.blanker.blanked_samples if self.estimator and self.estimator.blanker else 0,

@@ -127,7 +127,27 @@ class StreamCounters:
     received: int = 0  # data messages (heartbeats counted apart)
     heartbeats: int = 0
     rejected: int = 0
+    dropped: int = 0  # data messages that never came: gaps in their sender's sequence numbers
     last_error: str = ""
+    _last_seq: dict[protocol.Kind, int] = field(default_factory=dict, repr=False)
+    _sender_pid: object = field(default=None, repr=False)
+
+    def count_sequence(self, kind: protocol.Kind, seq: int) -> None:
+        """A gap in a sender's sequence (per kind) is that many messages dropped on the way
+        (a high-water mark, a lossy link). A number at or below the last is a replay or
+        reordering and counts nothing (whoever acts on messages judges those)."""
+        last = self._last_seq.get(kind)
+        if last is None or seq > last:
+            if last is not None:
+                self.dropped += seq - last - 1
+            self._last_seq[kind] = seq
+
+    def count_heartbeat(self, status: protocol.Status) -> None:
+        """A sender with a new pid restarted: its sequences start again."""
+        pid = status.fields.get("pid")
+        if pid != self._sender_pid:
+            self._sender_pid = pid
+            self._last_seq.clear()
 
 
 @dataclass
@@ -177,8 +197,10 @@ def drain(
             continue
         if message.header.kind is heartbeat:
             counters.heartbeats += 1
+            counters.count_heartbeat(message.body)
         else:
             counters.received += 1
+            counters.count_sequence(message.header.kind, message.header.seq)
             messages.append(message)
 
 
@@ -239,7 +261,7 @@ class Link:
         self._relinked_s = now_s
 
     def status(self) -> dict[str, Any]:
-        return {"heartbeats": self.counters.heartbeats, "relinks": self.relinks}
+        return {"heartbeats": self.counters.heartbeats, "relinks": self.relinks, "dropped": self.counters.dropped}
 
 
 OPEN_REQUESTS = frozenset({"clock"})  # read-only, harmless: any admitted key may send them

@@ -70,9 +70,10 @@ def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, An
     state = stim.get("state", "?") + (f" ({stim['fault_reason']})" if stim.get("fault_reason") else "")
     lost = acq.get("lost_samples", 0)
     rejected = sum(s.get("rejected", 0) for s in (ctl, stim, acq))
+    dropped = sum(s.get("dropped", 0) for s in (ctl, stim, acq))
     return (
         f"{elapsed_s:6.1f}s | activation {activation} | mA {output} | {gates}{crank_text} | stim {state} | "
-        f"e2e p50/p99 {lat} | lost {lost} rejected {rejected}"
+        f"e2e p50/p99 {lat} | lost {lost} dropped {dropped} rejected {rejected}"
     )
 
 

@@ -144,6 +144,7 @@ class Stimulator:
             "device": self.driver.status(),
             "commands_received": self.command_link.counters.received,
             "rejected": self.command_link.counters.rejected + self.kernel.rejected,
+            "dropped": self.command_link.counters.dropped,
             "links": {"controller": self.command_link.status()},
         }
 

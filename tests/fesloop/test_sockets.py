@@ -122,3 +122,52 @@ def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_com
     finally:
         proxy.close()
         ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(20)
+def test_a_link_counts_messages_missing_from_each_senders_sequence_as_dropped() -> None:
+    """Per kind, a gap in the sequence numbers is that many messages dropped; a replayed or
+    reordered number counts nothing; a sender with a new pid (from its heartbeat) starts over."""
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    pub = publisher(ctx, endpoint)
+    link = Link(ctx, endpoint, [b"pulses", b"crank"], 5.0, logging.getLogger("test-link"))
+
+    def pulses(seq: int) -> list[bytes]:
+        return protocol.encode(seq, 0.0, protocol.Pulses(
+            np.zeros(1, np.uint16), np.zeros(1), np.ones(1, np.float32), np.ones(1, np.float32)))
+
+    def crank(seq: int) -> list[bytes]:
+        return protocol.encode(seq, 0.0, protocol.Crank(
+            np.zeros(1), np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32)))
+
+    def heartbeat(pid: int) -> list[bytes]:
+        return protocol.encode(1, 0.0, protocol.Status({"pid": pid}))
+
+    def deliver(messages: list[list[bytes]]) -> None:
+        received = link.counters.received + link.counters.heartbeats
+        for frames in messages:
+            pub.send_multipart(frames)
+        deadline = time.monotonic() + 5
+        while link.counters.received + link.counters.heartbeats < received + len(messages):
+            assert time.monotonic() < deadline, "messages lost on loopback"
+            link.sock.poll(100)
+            link.drain(time.monotonic())
+
+    try:
+        deadline = time.monotonic() + 5
+        while link.counters.heartbeats == 0:  # until the subscription is through
+            assert time.monotonic() < deadline
+            pub.send_multipart(heartbeat(100))
+            link.sock.poll(50)
+            link.drain(time.monotonic())
+        deliver([pulses(1), pulses(2), pulses(3), pulses(6), pulses(7)])
+        assert link.counters.dropped == 2  # 4 and 5
+        deliver([pulses(3), pulses(7), crank(1), crank(2), crank(4)])
+        assert link.counters.dropped == 3  # replays count nothing; crank 3 is missing
+        deliver([heartbeat(100), pulses(8)])
+        assert link.counters.dropped == 3
+        deliver([heartbeat(200), pulses(1), pulses(2), pulses(5), crank(1)])  # the sender restarted
+        assert link.counters.dropped == 5 and link.status()["dropped"] == 5
+    finally:
+        ctx.destroy(linger=0)

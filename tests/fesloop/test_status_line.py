@@ -11,10 +11,10 @@ STIM = {"channels": ["quad_l", "quad_r"], "output_ma": [21.0, 0.0], "state": "AR
 def test_closed_gates_are_named_with_their_reason_and_the_crank_is_shown() -> None:
     ctl = {"activation": {"quad_l": 0.5, "quad_r": 0.0}, "gate": ["OPEN", "NO_CRANK"], "rejected": 2,
            "crank": {"angle_deg": 271.6, "cadence_rpm": 35.04}}
-    line = format_status_line(12.34, ctl, STIM, {"lost_samples": 3})
+    line = format_status_line(12.34, {**ctl, "dropped": 1}, {**STIM, "dropped": 3}, {"lost_samples": 3})
     assert line == (
         "  12.3s | activation quad_l 0.50 quad_r 0.00 | mA quad_l 21.0 quad_r 0.0 | gates closed: quad_r NO_CRANK"
-        " | crank 272 deg 35.0 rpm | stim ARMED | e2e p50/p99 1.1/2.2 ms | lost 3 rejected 3"
+        " | crank 272 deg 35.0 rpm | stim ARMED | e2e p50/p99 1.1/2.2 ms | lost 3 dropped 4 rejected 3"
     )
 
 

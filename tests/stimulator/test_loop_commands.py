@@ -64,3 +64,49 @@ def test_a_step_reads_every_queued_command_and_acts_on_the_newest(write_config) 
     assert stim.kernel.accepted - accepted == len(burst)  # every one read and checked in the one step
     assert stim.kernel.last_seq == seq
     np.testing.assert_allclose(stim.commanded_intensity, [0.2, 0.2], rtol=1e-6)
+
+
+@pytest.mark.timeout(30)
+def test_commands_lost_to_a_flood_are_counted_as_dropped(write_config) -> None:
+    """Fault matrix row 15: a burst far beyond the command socket's high-water mark while the
+    loop is not reading. What is lost shows as gaps in the sequence: received + dropped equals
+    what was sent (a last command after the burst makes a loss at its end visible)."""
+    config = load_config(write_config("demo.toml", {"arm_at_start = true": "arm_at_start = false"}))
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(config.endpoints.command)
+    stim = Stimulator(config)
+    poller = stim.poller()
+    counters = stim.command_link.counters
+    try:
+        seq = 0
+        deadline = time.monotonic() + 10
+        while counters.received == 0:  # until the subscription is through
+            assert time.monotonic() < deadline, "no command reached the stimulator"
+            seq += 1
+            pub.send_multipart(_command(seq, 0.1))
+            stim.step(poller)
+        time.sleep(0.05)
+        stim.step(poller)
+        before = counters.received + counters.dropped
+        burst = 50_000
+        for _ in range(burst):
+            seq += 1
+            pub.send_multipart(_command(seq, 0.1))
+        for _ in range(200):  # read what got through
+            stim.step(poller)
+        seq += 1
+        pub.send_multipart(_command(seq, 0.1))
+        deadline = time.monotonic() + 5
+        while stim.kernel.last_seq != seq:
+            assert time.monotonic() < deadline, "the last command did not arrive"
+            stim.step(poller)
+        status = stim.rt.status()
+    finally:
+        stim.rt.close()
+        stim.driver.close()
+        ctx.destroy(linger=0)
+    assert counters.received + counters.dropped - before == burst + 1
+    assert counters.dropped > 0  # the high-water marks did drop some
+    assert status["dropped"] == counters.dropped and status["links"]["controller"]["dropped"] == counters.dropped
