@@ -225,20 +225,25 @@ class RehaStim2Driver:
     def zero(self) -> None:
         """Want nothing; if the device may be stimulating, send Stop at once, pre-empting any command in flight.
 
-        The Stop's ack decides: refused, the device still runs and the next step sends Stop
-        again. A silent driver (the device did not answer) sends one Stop and no more, so
-        the device's watchdog fires; a lost link sends nothing (the watchdog stops it).
+        The Stop's ack decides: refused, the device still runs and the next update sends
+        Stop again; a Stop already on its way is not repeated. A driver silent after an
+        unanswered command sends one Stop and no more, one silent after refused Stops
+        sends nothing: either way the device's watchdog fires. A lost link sends nothing.
         """
         self._want_ma[:] = 0
+        flight = self._in_flight
         if not self._may_stimulate() or not self.connected or self.link_lost:
+            return
+        if flight is not None and flight.command is sm2.Cmd.STOP_CHANNEL_LIST_MODE:
             return
         now_s = self.clock()
         try:
-            if self.silent_reason:
+            if not self.silent_reason:
+                self._preempt(now_s)
+                self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+            elif self.refused_stops < MAX_REFUSED_STOPS:
                 self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", now_s)
                 self._stopped()
-            else:
-                self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
         except DriverFault:
             return  # the write failed: _link_io marked the link lost, which status reports; zero() must not raise
 
@@ -339,6 +344,7 @@ class RehaStim2Driver:
         flight = self._in_flight
         if flight is not None:
             if flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE and self._cuts_off(flight.settings):
+                self._preempt(now_s)
                 if self._want_ma.any():
                     self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
                 else:
@@ -354,6 +360,24 @@ class RehaStim2Driver:
                 self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
         elif mode is sm2.StimulationMode.STARTED:
             self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+
+    def _preempt(self, now_s: float) -> None:
+        """Before a command overtakes the one in flight: a Start may reach the device all the
+        same, so it counts as applied (its late ack is then stale); the new command's ack, or
+        its refusal, goes on from there."""
+        flight = self._in_flight
+        if flight is not None and flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE:
+            self._started(flight.settings, now_s)
+
+    def _started(self, settings: tuple[sm2.ChannelSetting, ...], now_s: float) -> None:
+        """The device runs ``settings`` (plan order) from ``now_s``."""
+        self.mode = sm2.StimulationMode.STARTED
+        self._device_settings = settings
+        by_order = {int(i): s for i, s in zip(self.plan.order, settings)}
+        self._device_ma[:] = [by_order[i].current_ma for i in range(len(self.names))]
+        self._device_pw_us[:] = [by_order[i].pulse_width_us for i in range(len(self.names))]
+        if math.isinf(self._first_list_s):
+            self._first_list_s, self._next_list = now_s, 0
 
     def _stopped(self) -> None:
         """The device stops (or was told to): no pulses from here, set-up unknown."""
@@ -417,10 +441,11 @@ class RehaStim2Driver:
         self.acks += 1
         result = sm2.to_signed(packet.data[0]) if packet.data else -1
         if result != 0:
+            concerned = self._on(np.maximum(self._want_ma, self._device_ma))  # wanted on, or still on
             self._on_refusal(flight.command, result)
             raise DriverFault(
                 f"RehaStim2 refused {flight.command.name}: {result} ({sm2.RESULT_TEXT.get(result, 'unknown result')})",
-                self._on(self._want_ma),
+                concerned,
             )
         if flight.command is sm2.Cmd.GET_STIMULATION_MODE:
             self.mode = sm2.StimulationMode(packet.data[1]) if len(packet.data) > 1 and packet.data[1] <= 2 else None
@@ -429,13 +454,7 @@ class RehaStim2Driver:
         elif flight.command is sm2.Cmd.INIT_CHANNEL_LIST_MODE:
             self.mode = sm2.StimulationMode.INITIALIZED
         elif flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE:
-            self.mode = sm2.StimulationMode.STARTED
-            self._device_settings = flight.settings
-            by_order = {int(i): s for i, s in zip(self.plan.order, flight.settings)}
-            self._device_ma[:] = [by_order[i].current_ma for i in range(len(self.names))]
-            self._device_pw_us[:] = [by_order[i].pulse_width_us for i in range(len(self.names))]
-            if math.isinf(self._first_list_s):
-                self._first_list_s, self._next_list = now_s, 0
+            self._started(flight.settings, now_s)
         elif flight.command is sm2.Cmd.STOP_CHANNEL_LIST_MODE:
             self.refused_stops = 0
             self._stopped()

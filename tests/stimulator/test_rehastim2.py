@@ -195,6 +195,23 @@ def test_zero_sends_stop_at_once(emulator: PtyEmulator, driver: RehaStim2Driver)
     assert driver.stale_acks <= 1 and driver.mode is not sm2.StimulationMode.STARTED
 
 
+def test_zero_does_not_repeat_a_stop_on_its_way(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    """A loop failing on every step calls zero() every step: one Stop goes out, its ack decides;
+    repeating it would keep the device's watchdog fed."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    with emulator.lock:
+        emulator.device.drop_acks = True  # the Stop's ack is slow to come
+    n_sent = len(commands(emulator))
+    for _ in range(20):
+        driver.zero()
+    wait_for(lambda: not emulator.device.stimulating, emulator, "the Stop")
+    time.sleep(0.05)
+    assert commands(emulator)[n_sent:] == [sm2.Cmd.STOP_CHANNEL_LIST_MODE]
+    with emulator.lock:
+        emulator.device.drop_acks = False
+
+
 def test_keep_alive_only_after_fresh_commands_lets_the_device_watchdog_stop_output(
     emulator: PtyEmulator, driver: RehaStim2Driver
 ) -> None:
@@ -332,6 +349,31 @@ def test_a_refused_stop_goes_out_again_until_the_device_stops(emulator: PtyEmula
     assert sm2.Cmd.STOP_CHANNEL_LIST_MODE in commands(emulator)[n_sent:]
 
 
+def test_a_first_start_overtaken_by_a_refused_stop_still_counts_as_stimulating(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """The first Start is on the line when the output drops to zero; the Stop that overtakes it
+    is corrupted and refused. The Start did reach the device, which stimulates: the driver must
+    count it as stimulating, so zero() (the loop's failure path) sends Stop."""
+    loop = connected(Loop(driver))
+    driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())  # InitChannelListMode goes out
+    wait_for(lambda: emulator.device.mode is sm2.StimulationMode.INITIALIZED, emulator, "the channel list set up")
+    with emulator.lock:  # the emulator reads nothing more until both packets are on the line
+        deadline = time.monotonic() + 2.0
+        while driver.mode is not sm2.StimulationMode.INITIALIZED:  # its ack read: the Start goes out
+            assert time.monotonic() < deadline, "no ack to InitChannelListMode"
+            driver.deliver_due(time.monotonic())
+        restore = corrupting_writes(driver)
+        driver.set_output(np.zeros(2), WIDTHS_US, time.monotonic())  # the Stop overtakes the Start
+        restore()
+    with pytest.raises(DriverFault, match="refused STOP_CHANNEL_LIST_MODE: -1.*quad"):
+        loop.until(lambda: False, 0.5, "the refused Stop", None)
+    with emulator.lock:
+        assert emulator.device.stimulating  # the Start took effect
+    driver.zero()
+    loop.until(lambda: not emulator.device.stimulating, 0.5, "the Stop sent by zero()", None)
+
+
 def test_stops_refused_again_and_again_silence_the_driver_so_the_device_watchdog_stops_it(
     emulator: PtyEmulator, driver: RehaStim2Driver
 ) -> None:
@@ -347,13 +389,18 @@ def test_stops_refused_again_and_again_silence_the_driver_so_the_device_watchdog
         try:
             loop.run(0.01, [0.0, 0.0], fresh=False)
         except DriverFault as exc:
-            assert "refused STOP_CHANNEL_LIST_MODE: -1" in str(exc)
+            assert "refused STOP_CHANNEL_LIST_MODE: -1" in str(exc) and "quad" in str(exc)
             refusals += 1
+            driver.zero()  # as the loop's failure path does
     assert refusals == MAX_REFUSED_STOPS and f"Stop refused {MAX_REFUSED_STOPS} times" in driver.silent_reason
     with emulator.lock:
         assert emulator.device.stimulating
-        last_valid_s = emulator.device.last_valid_s
+        last_valid_s, packets = emulator.device.last_valid_s, emulator.device.transfer_errors
     loop.run(0.5, [0.0, 0.0], fresh=True)  # the loop goes on (even fed fresh commands): nothing goes out
+    driver.zero()
+    assert driver.mode is sm2.StimulationMode.STARTED  # still counted as stimulating: it is
+    with emulator.lock:
+        assert emulator.device.transfer_errors == packets  # not even a (corrupted) Stop since
     wait_for(lambda: not emulator.device.stimulating, emulator, "the device's watchdog", WATCHDOG_TIMEOUT_S)
     with emulator.lock:
         assert emulator.device.last_valid_s == last_valid_s  # the silence held: nothing valid since
