@@ -174,19 +174,21 @@ def test_onset_hysteresis_and_minimum_duration() -> None:
     assert events == [(100, 0, True), (300, 0, False)]
 
 
-def _onset_reference(envelope: np.ndarray, on: np.ndarray, off: np.ndarray, tick: int, min_on: int, min_off: int):
-    """The detector's rule, one channel and one tick at a time: a change lasting its minimum is declared,
-    dated at its first tick."""
+def _onset_reference(
+    envelope: np.ndarray, first_index: int, on: np.ndarray, off: np.ndarray, tick: int, min_on: int, min_off: int
+):
+    """The detector's rule, one channel and one tick (absolute sample index a multiple of
+    ``tick``) at a time: a change lasting its minimum is declared, dated at its first tick."""
     events = []
     for channel in range(envelope.shape[1]):
         active, run = False, 0
-        for index in range(0, len(envelope), tick):
-            value = envelope[index, channel]
+        for local in range(-first_index % tick, len(envelope), tick):
+            value = envelope[local, channel]
             run = run + 1 if (value < off[channel] if active else value > on[channel]) else 0
             needed = -(-(min_off if active else min_on) // tick)
             if run >= needed:
                 active, run = not active, 0
-                events.append((index - (needed - 1) * tick, channel, active))
+                events.append((first_index + local - (needed - 1) * tick, channel, active))
     return sorted(events)
 
 
@@ -197,17 +199,20 @@ def _onset_reference(envelope: np.ndarray, on: np.ndarray, off: np.ndarray, tick
     tick=st.integers(1, 4),
     min_on=st.integers(1, 30),
     min_off=st.integers(1, 30),
+    first_index=st.integers(0, 10**9),
 )
-def test_onset_detector_follows_its_rule_in_any_chunking(levels, sizes, tick, min_on, min_off) -> None:
+def test_onset_detector_follows_its_rule_in_any_chunking(levels, sizes, tick, min_on, min_off, first_index) -> None:
     """Against a per-tick reference: blocks where no change can be pending take the vectorized
-    shortcut, the others the walk; both must give the reference's events, whatever the chunks."""
+    shortcut, the others the walk; both must give the reference's events, whatever the chunks
+    and wherever the stream's sample index starts. The last channel is uncalibrated (infinite
+    thresholds: never an onset)."""
     one = np.concatenate([np.full(length, level) for level, length in levels])
-    envelope = np.column_stack((one, one[::-1], np.roll(one, 7)))
-    on, off = np.array([10.0, 10.0, 5.0]), np.array([5.0, 5.0, 1.0])
+    envelope = np.column_stack((one, one[::-1], np.roll(one, 7), one))
+    on, off = np.array([10.0, 10.0, 5.0, np.inf]), np.array([5.0, 5.0, 1.0, np.inf])
     detector = OnsetDetector(on, off, tick, min_on, min_off)
     found, start, k = [], 0, 0
     while start < len(envelope):
         stop = start + sizes[k % len(sizes)]
-        found.extend(detector.process(envelope[start:stop], start))
+        found.extend(detector.process(envelope[start:stop], first_index + start))
         start, k = stop, k + 1
-    assert sorted(found) == _onset_reference(envelope, on, off, tick, min_on, min_off)
+    assert sorted(found) == _onset_reference(envelope, first_index, on, off, tick, min_on, min_off)

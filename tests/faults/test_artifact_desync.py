@@ -34,7 +34,7 @@ def test_unblanked_artifacts_keep_activation_ceiling_and_ramp(write_config, proc
     recorder = Recorder({config.endpoints.pulses: [b"pulses"]})
     ctx = zmq.Context()
     controller = ControlClient(ctx, config.endpoints.controller_control)
-    activations = []
+    activations: list[dict[str, float]] = []
     try:
         processes.start_loop(path)
         end = time.monotonic() + 30
@@ -43,7 +43,7 @@ def test_unblanked_artifacts_keep_activation_ceiling_and_ramp(write_config, proc
         end = time.monotonic() + RUN_S
         while time.monotonic() < end:
             try:
-                activations.extend(controller.request("status", timeout_s=1.0)["activation"].values())
+                activations.append(controller.request("status", timeout_s=1.0)["activation"])
             except ControlTimeout:
                 pass
             time.sleep(0.05)
@@ -52,7 +52,11 @@ def test_unblanked_artifacts_keep_activation_ceiling_and_ramp(write_config, proc
         recorder.close()
         controller.close()
         ctx.destroy(linger=0)
-    assert activations and all(0.0 <= a <= 1.0 for a in activations)
+    assert activations and all(0.0 <= a <= 1.0 for status in activations for a in status.values())
+    # The artifacts did reach the estimate: the second muscle is at rest, yet its activation rose
+    # (median ~0.24 measured; with the demo's blanking it stays at 0, p90 0.0005).
+    resting = config.muscles[1].name
+    assert np.median([status[resting] for status in activations]) > 0.05
     assert len(times) > 50, "the loop did not stimulate"
     device = DEVICES[config.stimulator.driver]
     for stim in config.stimulation:

@@ -96,31 +96,27 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
     the USB cable is pulled): FAULT naming the serial failure, output zero, the process
     keeps answering, and arming again is refused."""
     emulator = PtyEmulator()
+    path = _rehastim2_config(write_config, emulator)
+    config = load_config(path)
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+    recorder = Recorder({config.endpoints.pulses: [b"status"]})
     try:
-        path = _rehastim2_config(write_config, emulator)
-        config = load_config(path)
-        ctx = zmq.Context()
-        stim = ControlClient(ctx, config.endpoints.stimulator_control)
-        recorder = Recorder({config.endpoints.pulses: [b"status"]})
-        try:
-            pids = processes.start_loop(path)
-            _arm_and_stimulate(stim, emulator)
-        finally:
-            t_pulled = pylsl.local_clock()
-            emulator.close()  # the cable is pulled
-        try:
-            status = wait_until(
-                lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
-            )
-            time.sleep(1.0)
-            later = stim.request("status", timeout_s=2.0)
-            rearm = stim.request("arm", timeout_s=2.0, confirmation=_confirmation())
-        finally:
-            recorder.close()
-            stim.close()
-            ctx.destroy(linger=0)
+        pids = processes.start_loop(path)
+        _arm_and_stimulate(stim, emulator)
+        t_pulled = pylsl.local_clock()
+        emulator.close()  # the cable is pulled
+        status = wait_until(
+            lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
+        )
+        time.sleep(1.0)
+        later = stim.request("status", timeout_s=2.0)
+        rearm = stim.request("arm", timeout_s=2.0, confirmation=_confirmation())
     finally:
         emulator.close()
+        recorder.close()
+        stim.close()
+        ctx.destroy(linger=0)
     fault_s = _fault_after(recorder, t_pulled)
     print(f"cable pulled: FAULT {fault_s * 1e3:.1f} ms later")
     assert 0 <= fault_s <= FAULT_WITHIN_S

@@ -68,19 +68,25 @@ def test_an_exception_in_the_loop_zeroes_the_driver_before_the_fault_latches(wri
 
 @pytest.mark.timeout(30)
 def test_a_failure_while_serving_a_control_request_zeroes_first_and_refuses_it(write_config) -> None:
-    """Invariant 7 on the control path: the arm handler's output update fails in the driver."""
+    """Invariant 7 on the control path: while stimulating, an operator's request (a dose
+    override) applies the output, and the driver fails right after taking it."""
     stim, order = _stimulator(write_config)
-
-    def set_output(_amplitude_ma: np.ndarray, _pulse_width_us: np.ndarray, _now_s: float) -> None:
-        if stim.kernel.state is StimState.ARMED:
-            raise OSError("USB transfer failed")
-
-    stim.driver.set_output = set_output
+    real_set_output = stim.driver.set_output
     try:
         now_s = stim.rt.clock.now()
-        assert stim.kernel.accept(1, _full_command(now_s), now_s)
+        stim.kernel.accept(1, _full_command(now_s), now_s)
+        stim.kernel.arm(now_s)
+        stim._apply(now_s + 0.05)
+        assert stim.driver.amplitude_ma.max() > 0  # stimulating
+
+        def set_output(amplitude_ma: np.ndarray, pulse_width_us: np.ndarray, at_s: float) -> None:
+            real_set_output(amplitude_ma, pulse_width_us, at_s)
+            raise OSError("USB transfer failed")
+
+        stim.driver.set_output = set_output
+        request = {"channel": stim.dose.names[0], "operator": "TS", "reason": "test"}
         with pytest.raises(ControlRefused, match="FAULT: internal error: OSError\\('USB transfer failed'\\)"):
-            stim.rt.control.handlers["arm"]({})
+            stim.rt.control.handlers["override_dose"](request)
     finally:
         stim.rt.close()
         stim.driver.close()
