@@ -192,11 +192,20 @@ class RehaStim2Driver:
     def deliver_due(self, now_s: float) -> protocol.Pulses | None:
         if self.link_lost:
             return None
+        faults = []
         for item in self.decoder.feed(self._link_io(self.link.read_available)):
             if isinstance(item, sm2.Packet):
-                self._on_packet(item, now_s)
+                try:
+                    self._on_packet(item, now_s)
+                except DriverFault as exc:  # the packets after it still tell what the device did
+                    faults.append(exc)
+        if faults:
+            raise faults[0] if len(faults) == 1 else DriverFault(
+                "; ".join(f.cause for f in faults), list(dict.fromkeys(c for f in faults for c in f.channels))
+            )
         flight = self._in_flight
         if flight is not None and now_s - flight.sent_s > ACK_TIMEOUT_S:
+            self._preempt(now_s)  # an unanswered Start may have reached the device: zero() must stop it
             self._in_flight = None
             self.silent_reason = f"no answer to {flight.command.name} within {ACK_TIMEOUT_S * 1e3:.0f} ms"
             raise DriverFault(self.silent_reason, self._on(self._device_ma))
@@ -310,9 +319,12 @@ class RehaStim2Driver:
             raise DriverFault(f"{exc.cause}; the serial link is closed", stimulating) from exc
 
     def _command(self, command: sm2.Cmd, now_s: float, settings: tuple[sm2.ChannelSetting, ...] = ()) -> None:
+        """Send ``command`` and wait for its ack. One that overtakes another waits from when the
+        first went unanswered: a device that answers nothing times out however often gates change."""
         data = self.plan.init.to_bytes() if command is sm2.Cmd.INIT_CHANNEL_LIST_MODE else sm2.start_data(list(settings))
+        overtaken = self._in_flight
         number = self._send(command, data, now_s)
-        self._in_flight = _InFlight(number, command, now_s, settings)
+        self._in_flight = _InFlight(number, command, overtaken.sent_s if overtaken else now_s, settings)
 
     def _settings(self) -> tuple[sm2.ChannelSetting, ...]:
         """One setting per active channel, in increasing device channel order."""
@@ -423,7 +435,7 @@ class RehaStim2Driver:
         was = self._on(self._device_ma) if self.mode is sm2.StimulationMode.STARTED else []
         was_wanted = self._on(self._want_ma)
         self.protocol_version = packet.data[0] if packet.data else None
-        self.link.write(sm2.encode(packet.number, sm2.Cmd.INIT_ACK, bytes((0,))))
+        self._link_io(lambda: self.link.write(sm2.encode(packet.number, sm2.Cmd.INIT_ACK, bytes((0,)))))
         self.last_sent_s = now_s
         self.connected = True
         self.silent_reason = ""
@@ -448,7 +460,9 @@ class RehaStim2Driver:
                 concerned,
             )
         if flight.command is sm2.Cmd.GET_STIMULATION_MODE:
-            self.mode = sm2.StimulationMode(packet.data[1]) if len(packet.data) > 1 and packet.data[1] <= 2 else None
+            if len(packet.data) < 2 or packet.data[1] > max(sm2.StimulationMode):
+                raise DriverFault(f"RehaStim2 answered GetStimulationMode with no known mode: {bytes(packet.data).hex()}")
+            self.mode = sm2.StimulationMode(packet.data[1])
             if self.mode is sm2.StimulationMode.STARTED and not self._device_settings:
                 raise DriverFault("RehaStim2 reports stimulation running after Stop", self.names)
         elif flight.command is sm2.Cmd.INIT_CHANNEL_LIST_MODE:

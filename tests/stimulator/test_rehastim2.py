@@ -374,6 +374,95 @@ def test_a_first_start_overtaken_by_a_refused_stop_still_counts_as_stimulating(
     loop.until(lambda: not emulator.device.stimulating, 0.5, "the Stop sent by zero()", None)
 
 
+def test_a_first_start_left_unanswered_is_stopped_after_the_ack_timeout(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """The device runs the first Start but its ack is lost: after the 100 ms ack timeout the
+    Start counts as applied, the fault names its channels, and zero() sends the one Stop."""
+    loop = connected(Loop(driver))
+    driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())  # InitChannelListMode goes out
+    wait_for(lambda: emulator.device.mode is sm2.StimulationMode.INITIALIZED, emulator, "the channel list set up")
+    with emulator.lock:
+        emulator.device.drop_acks = True  # from the Start on
+        deadline = time.monotonic() + 2.0
+        while driver.mode is not sm2.StimulationMode.INITIALIZED:  # its ack read: the Start goes out
+            assert time.monotonic() < deadline, "no ack to InitChannelListMode"
+            driver.deliver_due(time.monotonic())
+    with pytest.raises(DriverFault, match="no answer to START_CHANNEL_LIST_MODE within 100 ms.*quad"):
+        loop.until(lambda: False, 0.5, "the ack timeout", [20.0, 0.0])
+    with emulator.lock:
+        assert emulator.device.stimulating
+    driver.zero()
+    wait_for(lambda: not emulator.device.stimulating, emulator, "the Stop sent by zero()", 0.5)
+    with emulator.lock:
+        emulator.device.drop_acks = False
+
+
+def test_cuts_overtaking_each_other_do_not_put_off_the_ack_timeout(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """The device answers nothing while two gates close in turn: every cut overtakes the
+    unanswered update, but the 100 ms count runs from the first unanswered command."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 10.0])
+    with emulator.lock:
+        emulator.device.drop_acks = True
+    started = time.monotonic()
+    driver.set_output(np.array([21.0, 10.0]), WIDTHS_US, started)
+    with pytest.raises(DriverFault, match="no answer to START_CHANNEL_LIST_MODE within 100 ms"):
+        for k in range(100):  # 1 s of gates flipping every 10 ms
+            loop.run(0.01, [0.0, 10.0] if k % 2 else [21.0, 0.0])
+    assert time.monotonic() - started < 0.5
+    with emulator.lock:
+        emulator.device.drop_acks = False
+
+
+def test_an_init_ack_that_cannot_be_written_closes_the_link_once(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    def failing(_data: bytes) -> None:
+        raise DriverFault("serial write failed: [Errno 5] Input/output error")
+
+    driver.link.write = failing  # type: ignore[method-assign]
+    loop, faults = Loop(driver), []
+    end = time.monotonic() + 1.3  # the device repeats its Init every 500 ms
+    while time.monotonic() < end:
+        try:
+            loop.run(0.01, None, fresh=False)
+        except DriverFault as exc:
+            faults.append(str(exc))
+    assert len(faults) == 1 and "the serial link is closed" in faults[0]
+    assert driver.link_lost and "serial link lost" in driver.status()["device"]
+
+
+def test_every_packet_of_one_read_is_handled_and_each_fault_named(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    """Two device reports arrive together: the first must not hide the second (nor the
+    state change it carries: the electrode error stopped the device)."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    unknown = sm2.encode(200, sm2.Cmd.UNKNOWN_COMMAND, bytes((99,)))
+    electrode = sm2.encode(201, sm2.Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(-2),)))
+    with emulator.lock:
+        emulator.device.inject_stimulation_error(-2, time.monotonic())  # the device stops, as it would
+        emulator.device.outbox.clear()  # its own report replaced by the pair below, in one write
+        emulator.device.outbox += unknown + electrode
+    with pytest.raises(DriverFault) as error:
+        loop.until(lambda: False, 0.5, "the two reports", [20.0, 0.0])
+    assert "does not know command 99" in str(error.value) and "StimulationError -2: electrode error" in str(error.value)
+    assert driver.mode is sm2.StimulationMode.START
+
+
+def test_an_unknown_stimulation_mode_faults_instead_of_asking_forever(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    loop.until(lambda: not emulator.device.stimulating, 0.5, "stop", [0.0, 0.0])
+    with emulator.lock:
+        emulator.device.mode = 7  # a mode the protocol does not have
+    with pytest.raises(DriverFault, match="GetStimulationMode with no known mode"):
+        loop.until(lambda: False, 0.5, "the answer to GetStimulationMode", [20.0, 0.0])
+    assert commands(emulator).count(sm2.Cmd.GET_STIMULATION_MODE) == 1  # asked once; the fault stops the loop's output
+
+
 def test_stops_refused_again_and_again_silence_the_driver_so_the_device_watchdog_stops_it(
     emulator: PtyEmulator, driver: RehaStim2Driver
 ) -> None:
