@@ -8,8 +8,8 @@ leaves the device as it was: a refused Stop goes out again, and after three refu
 the driver falls silent so the device's watchdog stops it. It sends nothing on
 its own: commands go out when the output changes, ``Watchdog`` only from
 :meth:`keep_alive` (called after a fresh command), and ``InitAck`` in answer to the
-device's ``Init``. So when the loop dies, the
-device's 1200 ms watchdog stops stimulation.
+device's ``Init``. So when the loop dies, the device's 1200 ms watchdog stops
+stimulation.
 
 Session: the device sends Init (every 500 ms until answered) -> InitAck. Output
 above zero -> InitChannelListMode (the timing of :mod:`stimulator.channel_list`),
@@ -19,7 +19,9 @@ after which the device's mode is asked (GetStimulationMode) before starting agai
 A StimulationError, a refused command, an ack timeout, an unexpected Init while
 stimulating or a link error -> DriverFault naming the cause and the channels. After
 an ack timeout the driver falls silent until the device, reset by its own watchdog,
-sends Init again.
+sends Init again. Silent, the driver no longer models the device: pulses it may
+deliver until its watchdog fires (up to 1.2 s) are not published, nor counted in the
+dose.
 
 A MOTOmed on the RehaStim2 sends ActualValues (crank angle, speed, torque) every
 20 ms on its own; the driver keeps each reading with the time it was read, for the
