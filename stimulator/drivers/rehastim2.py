@@ -19,9 +19,9 @@ after which the device's mode is asked (GetStimulationMode) before starting agai
 A StimulationError, a refused command, an ack timeout, an unexpected Init while
 stimulating or a link error -> DriverFault naming the cause and the channels. After
 an ack timeout the driver falls silent until the device, reset by its own watchdog,
-sends Init again. Silent, the driver no longer models the device: pulses it may
-deliver until its watchdog fires (up to 1.2 s) are not published, nor counted in the
-dose.
+sends Init again; meanwhile it counts the device as stopped, so pulses the device
+may deliver until its watchdog fires (up to 1.2 s) are not published, nor counted in
+the dose. (Silent after refused Stops, it keeps counting them: the device answered.)
 
 A MOTOmed on the RehaStim2 sends ActualValues (crank angle, speed, torque) every
 20 ms on its own; the driver keeps each reading with the time it was read, for the
