@@ -45,6 +45,7 @@ class CrankTracker:
         self.stale_s = stale_s
         self.readings = 0
         self.out_of_order = 0  # readings not newer than the last one: dropped
+        self.not_finite = 0  # readings with a NaN or infinite time, angle or cadence: dropped
         self._time_s = -math.inf
         self._angle_deg = 0.0
         self._cadence_rpm = 0.0
@@ -54,6 +55,9 @@ class CrankTracker:
         """Readings in time order; ``cadence_rpm`` None derives the cadence from the angles."""
         for i in range(len(time_s)):
             t_s = float(time_s[i])
+            if not (math.isfinite(t_s) and math.isfinite(angle_deg[i]) and (cadence_rpm is None or math.isfinite(cadence_rpm[i]))):
+                self.not_finite += 1  # a NaN would open every cycling window or poison the cadence
+                continue
             if not t_s > self._time_s:
                 self.out_of_order += 1
                 continue

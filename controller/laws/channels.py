@@ -124,4 +124,5 @@ class ChannelLaws:
         if self.tracker is not None:
             status["crank_readings"] = self.tracker.readings
             status["crank_out_of_order"] = self.tracker.out_of_order
+            status["crank_not_finite"] = self.tracker.not_finite
         return status

@@ -3,6 +3,8 @@ NO_CRANK gate of cycling channels; the crank config refused where it cannot work
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,22 @@ def test_readings_not_newer_than_the_last_are_dropped_and_counted() -> None:
     tracker.add(np.array([1.01, 1.02]), np.array([90.0, 90.0]), np.array([40.0, 40.0]))
     assert tracker.readings == 2 and tracker.out_of_order == 2
     assert tracker.state(1.02).angle_deg == pytest.approx(14.8)
+
+
+def test_readings_with_a_nan_or_infinity_are_dropped_and_counted() -> None:
+    """An encoder dropout sent as NaN must not reach the laws: a NaN angle would open every
+    cycling window (and poison a derived cadence for good), a NaN cadence the PI's integral."""
+    for cadence in (np.array([30.0, np.nan, 30.0, 30.0]), None):
+        tracker = CrankTracker(stale_s=0.2)
+        angles = np.array([250.0, np.nan, 255.0, np.inf]) if cadence is None else np.array([250.0, 252.0, 255.0, np.inf])
+        tracker.add(np.array([1.0, 1.01, 1.02, 1.03]), angles, cadence)
+        crank = tracker.state(1.03)
+        assert tracker.not_finite == 2 and tracker.readings == 2
+        assert math.isfinite(crank.angle_deg) and math.isfinite(crank.cadence_rpm)
+        assert crank.angle_deg == pytest.approx(255.0 + crank.cadence_rpm * 6.0 * 0.01)
+    stamps = CrankTracker(stale_s=0.2)
+    stamps.add(np.array([np.nan, 1.0]), np.array([10.0, 20.0]), np.array([30.0, 30.0]))
+    assert stamps.not_finite == 1 and stamps.readings == 1
 
 
 def lsl_cycling_config() -> str:
