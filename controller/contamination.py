@@ -81,8 +81,8 @@ class ContaminationDetector:
         since_bad = self._running_last(bad, self._last_bad, first_index, n)
         flags = self._flags(n)
         np.less_equal(since_bad, self._holdoff, out=flags)
-        if n:
-            self.contaminated[:] = flags[-1]
+        if n:  # any flagged sample closes the gate for this block's command, however short the hold-off
+            np.logical_or.reduce(flags, axis=0, out=self.contaminated)
         return flags
 
     def _running_last(self, happened: np.ndarray, last: np.ndarray, first_index: int, n: int) -> np.ndarray:

@@ -146,11 +146,28 @@ def test_contamination_closes_the_gate_of_dependent_channels_with_holdoff() -> N
     reasons = np.array(reasons)
     closed = np.flatnonzero(reasons[:, 1] == GateReason.CONTAMINATED)
     assert (reasons[:, 0] == GateReason.OPEN).all()  # the quadriceps channel does not depend on it
-    # From the chunk with the rail (50) to the last chunk ending within 100 ms after it (sample 1209).
-    assert closed[0] == 50 and closed[-1] == 59 and len(closed) == 10
+    # Every chunk holding a contaminated sample: from the one with the rail (50) to the one with
+    # sample 1209, the end of the 100 ms hold-off.
+    assert closed[0] == 50 and closed[-1] == 60 and len(closed) == 11
     marks = [e for e in estimator.events if e.kind.startswith("contamination")]
     assert [(e.channel, e.kind) for e in marks] == [("tibialis_l", "contamination_start"), ("tibialis_l", "contamination_end")]
     assert marks[1].time_s - marks[0].time_s == pytest.approx((10 + 200) / FS_HZ)
+
+
+def test_contamination_shorter_than_a_chunk_still_closes_the_gate() -> None:
+    """Rail and hold-off both end inside one chunk: that chunk's command must not go out OPEN
+    (the rail transient is in its envelope). Large chunks come from LSL sources and slow boards."""
+    config = _config(contamination={"rail_uv": 5000.0, "rail_fraction": 0.9, "holdoff_ms": 5.0})
+    estimator = EmgEstimator(config, FS_HZ, 2)
+    emg = (np.random.default_rng(5).normal(size=(400, 2)) * 20.0).astype(np.float32)
+    emg[205:225, 0] = 4800.0  # 10 ms at the rail, then 5 ms of hold-off: all within samples 200-239
+    gate = np.zeros(2, dtype=np.uint8)
+    reasons = []
+    for start in range(0, 400, 40):  # 20 ms chunks
+        estimator.process(EmgChunk(start, start / FS_HZ, 0.0, FS_HZ, emg[start : start + 40]))
+        estimator.gate_reasons(gate)
+        reasons.append(gate.copy())
+    assert [int(r[0]) for r in reasons] == [GateReason.OPEN] * 5 + [GateReason.CONTAMINATED] + [GateReason.OPEN] * 4
 
 
 def test_flat_line_is_lead_off() -> None:
