@@ -6,6 +6,7 @@ file that ``fesloop calibrate`` writes and the controller loads).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -81,7 +82,12 @@ def mvc_level(envelope_uv: np.ndarray, fs_hz: float) -> np.ndarray:
 
 
 def check_levels(name: str, rest_uv: float, rest_sd_uv: float, mvc_uv: float) -> None:
-    """Refuse an MVC not clearly above rest (a failed trial, a loose electrode, no effort)."""
+    """Refuse levels that are not finite and non-negative (a hand-edited or corrupt file: a
+    negative rest level stimulates at rest), and an MVC not clearly above rest (a failed
+    trial, a loose electrode, no effort)."""
+    for key, value in (("rest_uv", rest_uv), ("rest_sd_uv", rest_sd_uv), ("mvc_uv", mvc_uv)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise CalibrationError(f"{name}: {key} = {value!r}: must be a finite number of uV, not negative")
     needed = max(MVC_MIN_RATIO * rest_uv, rest_uv + MVC_MIN_SD * rest_sd_uv)
     if not mvc_uv > needed:
         raise CalibrationError(

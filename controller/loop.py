@@ -35,14 +35,17 @@ MIN_COMMAND_INTERVAL_S = 1.0 / MAX_COMMAND_RATE_HZ
 
 
 def load_calibration(config: Config) -> Calibration | None:
-    """The calibration file named by the config (None when it names none)."""
+    """The calibration file named by the config (None when it names none); it must hold every configured muscle."""
     path = config.controller.calibration_file
     if not path:
         return None
     try:
-        return Calibration.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        calibration = Calibration.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        for muscle in config.muscles:
+            calibration.muscle(muscle.name)
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"calibration file {path}: {exc}") from None
+    return calibration
 
 
 class Controller:
