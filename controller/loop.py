@@ -77,7 +77,8 @@ class Controller:
         self.emg_pending = False  # a processed chunk whose command has not gone out yet
         self.sent_since_tick = False
         self.n_stim = len(config.stimulation)
-        self.channels_needed = max(m.emg_channel for m in config.muscles) + 1  # an EMG chunk must have as many
+        # An EMG chunk must have as many columns: the muscles' and the sync channel's.
+        self.channels_needed = max(*(m.emg_channel for m in config.muscles), config.controller.blanking.sync_channel) + 1
         self.laws = ChannelLaws(config)
         self.lsl_crank = (
             LslCrank(config.controller.crank) if self.laws.tracker is not None and config.controller.crank.source == "lsl" else None
@@ -167,7 +168,7 @@ class Controller:
         needed = self.channels_needed
         if chunk.data.shape[1] < needed:
             self.emg_link.counters.rejected += 1
-            self.emg_link.counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles need {needed}"
+            self.emg_link.counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles and sync channel need {needed}"
             return
         if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
             self.estimator = EmgEstimator(
