@@ -175,8 +175,10 @@ class Controller:
                 self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration
             )
             self._open_emg_outlets(chunk.sampling_rate_hz)
-        if not self.estimator.process(chunk):
-            self.gap_until_s = now_s + self.config.controller.stale_ms * 1e-3
+        stale_s = self.config.controller.stale_ms * 1e-3
+        stalled = self.last_emg_rx_s is not None and now_s - self.last_emg_rx_s > stale_s
+        if not self.estimator.process(chunk) or stalled:  # held closed for a hold-off, as after a gap (DESIGN 4)
+            self.gap_until_s = now_s + stale_s
         if len(self.estimator.envelope_uv):
             last_s = chunk.first_sample_time_s + (len(chunk.data) - 1 - self.estimator.delay) / chunk.sampling_rate_hz
             self.telemetry.push("filtered-emg", self.estimator.filtered_uv, last_s)

@@ -7,7 +7,8 @@ import pytest
 
 from controller.loop import Controller
 from fesloop.config import load_config
-from fesloop.protocol import EmgChunk
+from fesloop.protocol import EmgChunk, GateReason
+from tests.conftest import clock_peer, wait_until
 
 
 @pytest.mark.timeout(30)
@@ -28,3 +29,34 @@ def test_a_chunk_narrower_than_the_muscles_and_sync_channel_need_is_counted_and_
     assert counters.rejected == 1
     assert counters.last_error == f"EMG has {needed - 1} channels, muscles and sync channel need {needed}"
     assert controller.estimator is not None  # the wide enough chunk was processed
+
+
+@pytest.mark.timeout(30)
+def test_emg_resuming_after_a_stall_holds_the_gates_closed_for_a_hold_off(write_config) -> None:
+    """DESIGN 4: a stale stream is a contamination window, closed while it lasts plus a hold-off.
+    The first chunk after a 1 s stall (no sample lost) reopened every gate at once."""
+    config = load_config(write_config("demo.toml"))
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            t0_s, index = controller.rt.clock.now(), 0
+            for k in range(100):  # 0.2 s of EMG in 2 ms chunks
+                now_s = t0_s + k * 0.002
+                controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+                index += 4
+            streaming = controller.compute(now_s).gate_reason.tolist()
+            now_s += 1.0
+            stale = controller.compute(now_s).gate_reason.tolist()
+            resumed_s, reasons = now_s, []
+            for k in range(60):  # the stream resumes, contiguous (the source only stalled): 120 ms
+                now_s = resumed_s + k * 0.002
+                controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+                index += 4
+                reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
+        finally:
+            controller.rt.close()
+    assert streaming == [GateReason.OPEN] * 2 and stale == [GateReason.STALE_EMG] * 2
+    hold_off_s = config.controller.stale_ms * 1e-3
+    assert all(r == [GateReason.GAP] * 2 for t, r in reasons if t < hold_off_s - 1e-6)
+    assert all(r == [GateReason.OPEN] * 2 for t, r in reasons if t > hold_off_s + 1e-6)
