@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -121,6 +122,20 @@ def wait_for(predicate, emulator: PtyEmulator, what: str, timeout_s: float = 2.0
         if time.monotonic() > end:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.001)
+
+
+@contextmanager
+def first_start_held(driver: RehaStim2Driver, emulator: PtyEmulator) -> Iterator[None]:
+    """The driver sets the channel list up and writes its first Start (20 mA on quad) while the
+    emulator reads nothing: it holds the emulator's lock until the block ends."""
+    driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())  # InitChannelListMode goes out
+    wait_for(lambda: emulator.device.mode is sm2.StimulationMode.INITIALIZED, emulator, "the channel list set up")
+    with emulator.lock:
+        deadline = time.monotonic() + 2.0
+        while driver.mode is not sm2.StimulationMode.INITIALIZED:  # its ack read: the Start goes out
+            assert time.monotonic() < deadline, "no ack to InitChannelListMode"
+            driver.deliver_due(time.monotonic())
+        yield
 
 
 def test_handshake_answers_the_devices_init(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
@@ -356,13 +371,7 @@ def test_a_first_start_overtaken_by_a_refused_stop_still_counts_as_stimulating(
     is corrupted and refused. The Start did reach the device, which stimulates: the driver must
     count it as stimulating, so zero() (the loop's failure path) sends Stop."""
     loop = connected(Loop(driver))
-    driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())  # InitChannelListMode goes out
-    wait_for(lambda: emulator.device.mode is sm2.StimulationMode.INITIALIZED, emulator, "the channel list set up")
-    with emulator.lock:  # the emulator reads nothing more until both packets are on the line
-        deadline = time.monotonic() + 2.0
-        while driver.mode is not sm2.StimulationMode.INITIALIZED:  # its ack read: the Start goes out
-            assert time.monotonic() < deadline, "no ack to InitChannelListMode"
-            driver.deliver_due(time.monotonic())
+    with first_start_held(driver, emulator):  # the emulator reads nothing until both packets are on the line
         restore = corrupting_writes(driver)
         driver.set_output(np.zeros(2), WIDTHS_US, time.monotonic())  # the Stop overtakes the Start
         restore()
@@ -380,14 +389,8 @@ def test_a_first_start_left_unanswered_is_stopped_after_the_ack_timeout(
     """The device runs the first Start but its ack is lost: after the 100 ms ack timeout the
     Start counts as applied, the fault names its channels, and zero() sends the one Stop."""
     loop = connected(Loop(driver))
-    driver.set_output(np.array([20.0, 0.0]), WIDTHS_US, time.monotonic())  # InitChannelListMode goes out
-    wait_for(lambda: emulator.device.mode is sm2.StimulationMode.INITIALIZED, emulator, "the channel list set up")
-    with emulator.lock:
+    with first_start_held(driver, emulator):
         emulator.device.drop_acks = True  # from the Start on
-        deadline = time.monotonic() + 2.0
-        while driver.mode is not sm2.StimulationMode.INITIALIZED:  # its ack read: the Start goes out
-            assert time.monotonic() < deadline, "no ack to InitChannelListMode"
-            driver.deliver_due(time.monotonic())
     with pytest.raises(DriverFault, match="no answer to START_CHANNEL_LIST_MODE within 100 ms.*quad"):
         loop.until(lambda: False, 0.5, "the ack timeout", [20.0, 0.0])
     with emulator.lock:
