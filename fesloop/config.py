@@ -32,6 +32,24 @@ class Endpoints:
     # A subscriber that hears nothing (not even the 5 Hz status) for this long reconnects.
     link_timeout_ms: float = bounded(1000.0, 400.0, 60000.0, "ms (above two 200 ms status periods)")
 
+    def check(self) -> None:
+        """Each a well-formed tcp:// or ipc:// address, each its own (beyond loopback needs keys: checked at bind)."""
+        from fesloop.sockets import EndpointError, check_bind_endpoint
+
+        seen: dict[str, str] = {}
+        for key in ENDPOINT_KEYS:
+            value = getattr(self, key)
+            try:
+                check_bind_endpoint(value, authenticated=True)
+            except EndpointError:
+                raise ConfigError(key, value, "expected tcp://HOST:PORT (port 1-65535) or ipc://PATH") from None
+            if value in seen:
+                raise ConfigError(key, value, f"already the {seen[value]} endpoint: each process binds its own")
+            seen[value] = key
+
+
+ENDPOINT_KEYS = ("emg", "command", "pulses", "acquisition_control", "controller_control", "stimulator_control")
+
 
 @dataclass(frozen=True)
 class Contraction:
@@ -65,7 +83,7 @@ class SimulatedPatientConfig:
     """A virtual muscle per configured muscle, answering delivered pulses."""
 
     sampling_rate_hz: float = bounded(2000.0, 500.0, 20000.0, "Hz")
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**63 - 1, "")
     rest_noise_uv: float = bounded(3.0, 0.0, 1000.0, "uV")
     full_drive_uv: float = bounded(300.0, 1.0, 10000.0, "uV rms")
     mains_uv: float = bounded(5.0, 0.0, 10000.0, "uV")
@@ -561,14 +579,26 @@ class Config:
         if not self.muscles:
             raise ConfigError("muscles", [], "at least one [[muscles]] entry is required")
         names = [m.name for m in self.muscles]
-        for i, name in enumerate(names):
-            if names.index(name) != i:
-                raise ConfigError(f"muscles[{i}].name", name, "muscle names must be unique")
-        for i, contraction in enumerate(self.acquisition.simulated.contractions):
-            if contraction.muscle not in names:
-                raise ConfigError(
-                    f"acquisition.simulated.contractions[{i}].muscle", contraction.muscle, f"must be one of {names}"
-                )
+        _unique_names("muscles", names)
+        _unique_names("stimulation", [s.name for s in self.stimulation])
+        columns = [m.emg_channel for m in self.muscles]
+        for i, column in enumerate(columns):
+            if columns.index(column) != i:
+                raise ConfigError(f"muscles[{i}].emg_channel", column, f"already muscles[{columns.index(column)}]'s column")
+        sync_channel = self.controller.blanking.sync_channel
+        if sync_channel in columns:
+            raise ConfigError("controller.blanking.sync_channel", sync_channel, f"is muscles[{columns.index(sync_channel)}]'s EMG column")
+        simulated = self.acquisition.simulated
+        if self.acquisition.source == "simulated":  # it gives muscle i column i, and no sync column
+            for i, column in enumerate(columns):
+                if column != i:
+                    raise ConfigError(f"muscles[{i}].emg_channel", column, f"the simulated patient's muscle {i} is column {i}")
+            if sync_channel >= 0:
+                raise ConfigError("controller.blanking.sync_channel", sync_channel, "the simulated patient has no sync column: -1")
+        for kind, entries in (("contractions", simulated.contractions), ("faults", simulated.faults)):
+            for i, entry in enumerate(entries):
+                if entry.muscle not in names and not (kind == "faults" and entry.muscle == ""):
+                    raise ConfigError(f"acquisition.simulated.{kind}[{i}].muscle", entry.muscle, f"must be one of {names}")
         device = DEVICES[self.stimulator.driver]
         seen: set[int] = set()
         for i, channel in enumerate(self.stimulation):
@@ -620,6 +650,13 @@ class Config:
 
     def muscle_index(self, name: str) -> int:
         return [m.name for m in self.muscles].index(name)
+
+
+def _unique_names(section: str, names: list[str]) -> None:
+    """Names are how operators and streams tell entries apart: each non-empty and used once."""
+    for i, name in enumerate(names):
+        if not name.strip() or names.index(name) != i:
+            raise ConfigError(f"{section}[{i}].name", name, f"names in [[{section}]] must be unique and not empty")
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:

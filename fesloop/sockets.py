@@ -60,10 +60,14 @@ def check_bind_endpoint(endpoint: str, authenticated: bool = False) -> None:
     Checked for connects too: without keys, a remote peer could be anyone.
     """
     parsed = urlparse(endpoint)
-    if parsed.scheme == "ipc":
+    if parsed.scheme == "ipc" and parsed.netloc + parsed.path:
         return
-    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
-        raise EndpointError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or beyond 0-65535
+        port = None
+    if parsed.scheme != "tcp" or not parsed.hostname or not port:
+        raise EndpointError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT (port 1-65535) or ipc://PATH")
     if parsed.hostname not in LOOPBACK_HOSTS and not authenticated:
         raise EndpointError(
             f"endpoint {endpoint!r}: beyond loopback only with CurveZMQ keys "

@@ -17,8 +17,9 @@ def test_a_chunk_narrower_than_the_muscles_and_sync_channel_need_is_counted_and_
     write_config, edit: dict, needed: int
 ) -> None:
     """A sync channel beyond the board's columns made the estimator index past the chunk and
-    killed the controller; now the chunk is rejected like one missing a muscle's column."""
-    controller = Controller(load_config(write_config("demo.toml", edit)))
+    killed the controller; now the chunk is rejected like one missing a muscle's column. (A
+    board's column count is known only when it streams: the config cannot refuse it.)"""
+    controller = Controller(load_config(write_config("synthetic.toml", edit)))
     try:
         now_s = controller.rt.clock.now()
         for n_columns in (needed - 1, needed):

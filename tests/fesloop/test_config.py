@@ -559,3 +559,42 @@ def test_bad_mwave_window_is_refused(old, new, key, value, allowed):
 def test_muscle_mwave_reference_is_checked():
     refused(edit("mvc_uv = 240.0", "mvc_uv = 240.0\nmwave_reference_uv = -5.0", MWAVE), "muscles[0].mwave_reference_uv",
             -5.0, "within 0.0..1000000.0 uV (0 = the fresh M-wave)")
+
+
+# ---------------------------------------------------------------- names, columns, endpoints
+
+
+SYNTHETIC = (ROOT / "configs" / "synthetic.toml").read_text(encoding="utf-8")
+DEMO_EMG = 'emg = "tcp://127.0.0.1:5601"'
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "value", "allowed"),
+    [
+        ('name = "tibialis_l"\nmuscle = "tibialis_l"', 'name = "quadriceps_l"\nmuscle = "tibialis_l"',
+         "stimulation[1].name", "quadriceps_l", "must be unique and not empty"),  # an override would reset the other
+        ('name = "tibialis_l"\nemg_channel', 'name = " "\nemg_channel', "muscles[1].name", " ", "not empty"),
+        ("emg_channel = 1", "emg_channel = 0", "muscles[1].emg_channel", 0, "already muscles[0]'s column"),
+        ("emg_channel = 1", "emg_channel = 5", "muscles[1].emg_channel", 5, "simulated patient's muscle 1 is column 1"),
+        ("post_ms = 20.0", "post_ms = 20.0\nsync_channel = 3", "controller.blanking.sync_channel", 3,
+         "no sync column"),
+        ("seed = 7", "seed = -1", "acquisition.simulated.seed", -1, "0"),
+        (DEMO_EMG, 'emg = "http://127.0.0.1:5601"', "endpoints.emg", "http://127.0.0.1:5601", "tcp://HOST:PORT"),
+        (DEMO_EMG, 'emg = "tcp://127.0.0.1:99999"', "endpoints.emg", "tcp://127.0.0.1:99999", "port 1-65535"),
+        (DEMO_EMG, 'emg = "tcp://127.0.0.1:5602"', "endpoints.command", "tcp://127.0.0.1:5602", "already the emg endpoint"),
+        ('[[muscles]]\nname = "quadriceps_l"',
+         '[[acquisition.simulated.faults]]\nkind = "flat"\nstart_s = 1.0\nduration_s = 1.0\nmuscle = "nope"\n\n'
+         '[[muscles]]\nname = "quadriceps_l"',
+         "acquisition.simulated.faults[0].muscle", "nope", "must be one of"),
+    ],
+)
+def test_inconsistent_names_columns_and_endpoints_are_refused(old, new, key, value, allowed) -> None:
+    """Each was accepted and failed later: a crash without the key, a silent stale loop, or
+    another channel's dose reset (found in review)."""
+    refused(edit(old, new), key, value, allowed)
+
+
+def test_a_sync_channel_on_a_muscles_column_is_refused_for_any_source() -> None:
+    text = edit("post_ms = 20.0", "post_ms = 20.0\nsync_channel = 1", SYNTHETIC)
+    refused(text, "controller.blanking.sync_channel", 1, "is muscles[1]'s EMG column")
+    assert parse_config(edit("post_ms = 20.0", "post_ms = 20.0\nsync_channel = 2", SYNTHETIC))
