@@ -237,6 +237,10 @@ class Supervisor:
         """Stimulator first (output to zero), then the others; kill what will not stop."""
         stimulator = self._stimulator() if self.children else None
         if stimulator is not None and stimulator.process.poll() is None:
+            try:  # output to zero before anything else; then no pulse is missing from the final totals
+                stimulator.client.request("disarm", timeout_s=1.0)
+            except ControlTimeout:
+                self.failures.append("the stimulator did not answer disarm at shutdown: terminated")
             self._poll_status(stimulator, timeout_s=1.0)  # the final dose totals for the summary
         for child in self.children:
             if child.process.poll() is None:

@@ -102,6 +102,8 @@ class Stimulator:
             raise SafetyRefused(f"override_dose: channel must be one of {self.dose.names}, got {channel!r}")
         if not isinstance(operator, str) or not operator.strip() or not isinstance(reason, str) or not reason.strip():
             raise SafetyRefused("override_dose needs the operator's name and a reason, both on record")
+        if not self.dose.exhausted[self.dose.names.index(channel)]:  # else each call would restart its allowance
+            raise SafetyRefused(f"override_dose: {channel} has reached no dose limit, there is nothing to lift")
         self.dose.override(channel, self.rt.clock.now())
         self._session_events.append(f"dose limit overridden for {channel} by {operator.strip()}: {reason.strip()}")
 

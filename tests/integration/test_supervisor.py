@@ -93,3 +93,30 @@ def test_children_exit_when_the_supervisor_is_killed(supervisor) -> None:
     process.kill()
     process.wait(10)
     wait_until(lambda: not any(_alive(pid) for pid in pids.values()), 10, what="orphaned children to exit")
+
+
+def test_the_summary_counts_every_pulse_delivered_when_the_run_ends_while_stimulating(write_config) -> None:
+    """The stimulator is disarmed first at shutdown (output to zero at once, published as a state
+    change), then its totals are read: no pulse after the disarm, and the summary's pulses per
+    channel equal those published on the pulses stream (the totals used to be read while pulsing)."""
+    from tests.conftest import long_contraction
+    from tests.streams import Recorder, pulses_array
+
+    path = write_config("demo.toml", long_contraction(start_s=0.0))
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"]})
+    try:
+        run = subprocess.run([sys.executable, "-m", "fesloop", "run", str(path), "--duration", "4"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        recorder.close()
+    assert run.returncode == 0, run.stdout + run.stderr
+    channels, times, amplitudes = pulses_array(recorder.get(b"pulses"))
+    disarmed = [m.header.send_time_s for m in recorder.get(b"status")
+                if m.body.fields.get("process") == "stimulator" and m.body.fields.get("state") == "DISARMED"]
+    assert disarmed and times.max() <= disarmed[-1]  # the disarm came first, nothing after it
+    rows = {line.split("|")[1].strip(): int(line.split("|")[4]) for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| channel") and line.count("|") == 9}
+    published = {stim.name: int(((channels == stim.device_channel) & (amplitudes > 0)).sum()) for stim in config.stimulation}
+    assert published[config.stimulation[0].name] > 20  # it was stimulating when the run ended
+    assert rows == published

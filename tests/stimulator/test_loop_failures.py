@@ -84,6 +84,7 @@ def test_a_failure_while_serving_a_control_request_zeroes_first_and_refuses_it(w
             raise OSError("USB transfer failed")
 
         stim.driver.set_output = set_output
+        stim.dose.exhausted_reason[0] = "charge limit reached"  # as a dose limit leaves it: the override applies
         request = {"channel": stim.dose.names[0], "operator": "TS", "reason": "test"}
         with pytest.raises(ControlRefused, match="FAULT: internal error: OSError\\('USB transfer failed'\\)"):
             stim.rt.control.handlers["override_dose"](request)
@@ -92,3 +93,18 @@ def test_a_failure_while_serving_a_control_request_zeroes_first_and_refuses_it(w
         stim.driver.close()
     assert order[:2] == ["zero while ARMED", "fault while ARMED, driver at 0 mA"]  # then close() zeroes again
     assert stim.kernel.state is StimState.FAULT and not stim.kernel.output_ma.any()
+
+
+@pytest.mark.timeout(30)
+def test_an_override_of_a_channel_without_a_reached_limit_is_refused(write_config) -> None:
+    """Each accepted override restarts the channel's allowance: on a channel that reached no limit,
+    repeated overrides would put its limit off indefinitely (found in review)."""
+    stim, _ = _stimulator(write_config)
+    try:
+        request = {"channel": stim.dose.names[0], "operator": "TS", "reason": "test"}
+        with pytest.raises(ControlRefused, match="has reached no dose limit"):
+            stim.rt.control.handlers["override_dose"](request)
+    finally:
+        stim.rt.close()
+        stim.driver.close()
+    assert stim.dose.summary()[0]["overrides"] == 0
