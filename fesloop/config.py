@@ -134,6 +134,13 @@ class BrainflowConfig:
     # Write every raw board row to this BrainFlow file (tab-separated, one sample per line) during the session.
     record_file: str = ""
 
+    def check(self) -> None:
+        """Board rows picked as EMG columns: each a row index, each once."""
+        rows = list(self.emg_channels)
+        for i, row in enumerate(rows):
+            if row < 0 or rows.index(row) != i:
+                raise ConfigError(f"emg_channels[{i}]", row, "a board row index (>= 0), each row once")
+
 
 @dataclass(frozen=True)
 class LslSourceConfig:

@@ -594,6 +594,12 @@ def test_inconsistent_names_columns_and_endpoints_are_refused(old, new, key, val
     refused(edit(old, new), key, value, allowed)
 
 
+@pytest.mark.parametrize(("rows", "index", "value"), [("[-1, 2]", 0, -1), ("[1, 1]", 1, 1)])
+def test_brainflow_emg_rows_are_row_indices_each_once(rows: str, index: int, value: int) -> None:
+    text = edit("emg_channels = []", f"emg_channels = {rows}", SYNTHETIC)
+    refused(text, f"acquisition.brainflow.emg_channels[{index}]", value, "a board row index (>= 0), each row once")
+
+
 def test_a_sync_channel_on_a_muscles_column_is_refused_for_any_source() -> None:
     text = edit("post_ms = 20.0", "post_ms = 20.0\nsync_channel = 1", SYNTHETIC)
     refused(text, "controller.blanking.sync_channel", 1, "is muscles[1]'s EMG column")
