@@ -28,6 +28,11 @@ CAUSES = {-1: "emergency", -2: "electrode", -3: "module"}
 FAULT_WITHIN_S = 0.100  # fault matrix row 9: FAULT latched <= 100 ms after the error
 
 
+def _wait_fault(stim: ControlClient) -> dict:
+    """The stimulator's status once it reports FAULT (within 5 s)."""
+    return wait_until(lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT")
+
+
 def _fault_after(recorder: Recorder, t0: float) -> float:
     """Seconds from ``t0`` to the stimulator's first FAULT status message (published at once on the change)."""
     times = [m.header.send_time_s for m in recorder.get(b"status") if m.body.fields["state"] == "FAULT"]
@@ -71,9 +76,7 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
             with emulator.lock:
                 t_error = pylsl.local_clock()
                 emulator.device.inject_stimulation_error(code, time.monotonic())
-            status = wait_until(
-                lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
-            )
+            status = _wait_fault(stim)
             time.sleep(1.0)
             later = stim.request("status", timeout_s=2.0)
             with emulator.lock:
@@ -106,9 +109,7 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
         _arm_and_stimulate(stim, emulator)
         t_pulled = pylsl.local_clock()
         emulator.close()  # the cable is pulled
-        status = wait_until(
-            lambda: (s := stim.request("status", timeout_s=2.0))["state"] == "FAULT" and s, 5, what="FAULT"
-        )
+        status = _wait_fault(stim)
         time.sleep(1.0)
         later = stim.request("status", timeout_s=2.0)
         rearm = stim.request("arm", timeout_s=2.0, confirmation=_confirmation())

@@ -26,8 +26,14 @@ from tests.streams import Recorder, pulses_array
 OUTAGE_S = 2.5
 
 
-def controller_statuses(recorder: Recorder) -> list[dict]:
-    return [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == "controller"]
+def statuses_of(recorder: Recorder, process: str) -> list[dict]:
+    return [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == process]
+
+
+def stimulating(recorder: Recorder) -> bool:
+    """The stimulator's latest status: ARMED with output above 0 mA."""
+    stim = statuses_of(recorder, "stimulator")
+    return bool(stim) and stim[-1]["state"] == "ARMED" and max(stim[-1]["output_ma"]) > 0
 
 
 @pytest.mark.timeout(60)
@@ -45,20 +51,16 @@ def test_the_loop_stops_during_an_outage_and_the_link_comes_back_after_it(write_
         processes.start("stimulator", str(loop_path), name="stimulator")
         processes.start("controller", str(loop_path), name="controller")
         processes.start("acquisition", str(acq_path), name="acquisition")
-
-        def stimulating() -> bool:
-            stim = [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == "stimulator"]
-            return bool(stim) and stim[-1]["state"] == "ARMED" and max(stim[-1]["output_ma"]) > 0
-
-        wait_until(stimulating, 30, what="stimulation on the contraction")
+        wait_until(lambda: stimulating(recorder), 30, what="stimulation on the contraction")
         cut_s = time.monotonic()
         proxy.cut()
         time.sleep(OUTAGE_S)
         healed_s = time.monotonic()
         proxy.heal()
-        wait_until(lambda: any(s["time_s"] > healed_s and s["gate"][0] == "OPEN" for s in controller_statuses(recorder)),
+        wait_until(lambda: any(s["time_s"] > healed_s and s["gate"][0] == "OPEN"
+                               for s in statuses_of(recorder, "controller")),
                    10, what="the gates open again after the outage")
-        statuses = controller_statuses(recorder)
+        statuses = statuses_of(recorder, "controller")
         stim_statuses = [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == "stimulator"]
     finally:
         recorder.close()
@@ -98,25 +100,21 @@ def test_an_outage_between_controller_and_stimulator_latches_fault_and_nothing_r
     stim_path.write_text(re.sub(rf"127\.0\.0\.1:{upstream_port}\b", f"127.0.0.1:{proxy.port}", loop_path.read_text()))
     recorder = Recorder({loop.endpoints.pulses: [b"status", b"pulses"]})
 
-    def stimulator_statuses() -> list[dict]:
-        return [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == "stimulator"]
-
     try:
         processes.start("stimulator", str(stim_path), name="stimulator")
         processes.start("controller", str(loop_path), name="controller")
         processes.start("acquisition", str(loop_path), name="acquisition")
-        wait_until(lambda: (s := stimulator_statuses()) and s[-1]["state"] == "ARMED" and max(s[-1]["output_ma"]) > 0,
-                   30, what="stimulation on the contraction")
+        wait_until(lambda: stimulating(recorder), 30, what="stimulation on the contraction")
         cut_s = time.monotonic()
         proxy.cut()
         time.sleep(OUTAGE_S)
         healed_s = time.monotonic()
-        received = stimulator_statuses()[-1]["commands_received"]
+        received = statuses_of(recorder, "stimulator")[-1]["commands_received"]
         proxy.heal()
-        wait_until(lambda: stimulator_statuses()[-1]["commands_received"] > received + 100, 10,
+        wait_until(lambda: statuses_of(recorder, "stimulator")[-1]["commands_received"] > received + 100, 10,
                    what="commands again after the outage")
         time.sleep(0.5)
-        statuses = stimulator_statuses()
+        statuses = statuses_of(recorder, "stimulator")
     finally:
         recorder.close()
         proxy.close()
