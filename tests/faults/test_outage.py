@@ -61,7 +61,7 @@ def test_the_loop_stops_during_an_outage_and_the_link_comes_back_after_it(write_
                                for s in statuses_of(recorder, "controller")),
                    10, what="the gates open again after the outage")
         statuses = statuses_of(recorder, "controller")
-        stim_statuses = [m.body.fields for m in recorder.get(b"status") if m.body.fields.get("process") == "stimulator"]
+        stim_statuses = statuses_of(recorder, "stimulator")
     finally:
         recorder.close()
         proxy.close()
