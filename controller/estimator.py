@@ -111,6 +111,8 @@ class EmgEstimator:
         self.artifacts_detected = 0
         self.next_index: int | None = None
         self.gap_samples = 0
+        self._unfinished_raw: tuple[int, float, np.ndarray] | None = None  # (first index, its time, muscles' raw EMG)
+        self._unfinished_envelope_first = 0
 
     def _onset_thresholds(self, cc: ControllerConfig, rest_sd_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         onset = cc.onset
@@ -159,7 +161,21 @@ class EmgEstimator:
         np.copyto(out, GateReason.CONTAMINATED, where=self._stim_contaminated, casting="unsafe")
 
     def process(self, chunk: protocol.EmgChunk) -> bool:
-        """Update the activation; False when the chunk follows a gap (samples lost)."""
+        """Everything for one chunk (:meth:`update`, then :meth:`finish`); False when it follows a gap."""
+        contiguous = self.update(chunk)
+        self.finish()
+        return contiguous
+
+    def update(self, chunk: protocol.EmgChunk) -> bool:
+        """What a command needs: activation and contamination; False when the chunk follows a gap (samples lost).
+
+        The rest (M-wave windows, onset/offset events) waits for :meth:`finish`, so the
+        live controller can send its command first; the next chunk finishes it if no
+        one did. Pulses added in between get their windows on this chunk's time base
+        instead of the next one's: the same sample indices when chunk times follow
+        the sample clock.
+        """
+        self.finish()
         contiguous = self.next_index is None or chunk.first_sample_index == self.next_index
         if not contiguous:
             self.gap_samples += max(chunk.first_sample_index - (self.next_index or 0), 0)
@@ -168,7 +184,7 @@ class EmgEstimator:
         self.next_index = first + n
         self._time_base = (first, chunk.first_sample_time_s)
         raw_uv = self._muscle_columns(chunk.data)
-        self.mwave.process(first, chunk.first_sample_time_s, raw_uv)
+        self._unfinished_raw = (first, chunk.first_sample_time_s, raw_uv)
         if self._pending_pulses:
             self._lock_pending_pulses(chunk)
         if self.finder is not None:
@@ -195,11 +211,20 @@ class EmgEstimator:
         self.filtered_uv = filtered_uv
         if self.contamination.enabled:
             self._contamination_events(self.contamination.process(raw_uv, held_uv, first), first)
-        for index, muscle, is_onset in self.onset.process(envelope_uv, first):
-            self.events.append(Event(self._time_of(index), self.names[muscle], "onset" if is_onset else "offset"))
+        self._unfinished_envelope_first = first
         if n:
             self._normalization(envelope_uv[-1], out=self.activation)
         return contiguous
+
+    def finish(self) -> None:
+        """M-wave windows and onset/offset events of the last chunk :meth:`update` took (once)."""
+        if self._unfinished_raw is None:
+            return
+        first, first_time_s, raw_uv = self._unfinished_raw
+        self._unfinished_raw = None
+        self.mwave.process(first, first_time_s, raw_uv)
+        for index, muscle, is_onset in self.onset.process(self.envelope_uv, self._unfinished_envelope_first):
+            self.events.append(Event(self._time_of(index), self.names[muscle], "onset" if is_onset else "offset"))
 
     def _muscle_columns(self, data: np.ndarray) -> np.ndarray:
         """The muscles' EMG columns of a chunk, as float64 in a reused buffer."""

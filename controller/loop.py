@@ -70,6 +70,7 @@ class Controller:
         self.estimator: EmgEstimator | None = None
         self.last_emg_rx_s: float | None = None
         self.newest_emg_time_s = 0.0
+        self.unfinished_chunk: protocol.EmgChunk | None = None  # updated, its command not sent yet: see finish_chunk
         self.gap_until_s = 0.0
         self.commands_sent = 0
         self.latency_share = LatencyWindow()  # its part of end-to-end latency: EMG chunk received -> command sent
@@ -170,6 +171,7 @@ class Controller:
             self.emg_link.counters.rejected += 1
             self.emg_link.counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles and sync channel need {needed}"
             return
+        self.finish_chunk()  # the previous chunk's, when its command is still held back by the rate limit
         if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
             self.estimator = EmgEstimator(
                 self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration
@@ -177,8 +179,22 @@ class Controller:
             self._open_emg_outlets(chunk.sampling_rate_hz)
         stale_s = self.config.controller.stale_ms * 1e-3
         stalled = self.last_emg_rx_s is not None and now_s - self.last_emg_rx_s > stale_s
-        if not self.estimator.process(chunk) or stalled:  # held closed for a hold-off, as after a gap (DESIGN 4)
+        if not self.estimator.update(chunk) or stalled:  # held closed for a hold-off, as after a gap (DESIGN 4)
             self.gap_until_s = now_s + stale_s
+        self.unfinished_chunk = chunk
+        if self.laws.uses_mwave:
+            self.finish_chunk()
+        self.last_emg_rx_s = now_s
+        self.newest_emg_time_s = chunk.arrival_time_s
+        self.emg_pending = True
+
+    def finish_chunk(self) -> None:
+        """The work on the last chunk that no command waits for: M-waves, onsets, EMG telemetry, event markers."""
+        chunk = self.unfinished_chunk
+        if chunk is None:
+            return
+        self.unfinished_chunk = None
+        self.estimator.finish()
         if len(self.estimator.envelope_uv):
             last_s = chunk.first_sample_time_s + (len(chunk.data) - 1 - self.estimator.delay) / chunk.sampling_rate_hz
             self.telemetry.push("filtered-emg", self.estimator.filtered_uv, last_s)
@@ -190,9 +206,6 @@ class Controller:
             if event.kind.startswith("contamination"):
                 self.rt.log.warning("%s %s at %.3f s", event.channel, event.kind, event.time_s)
         self.estimator.events.clear()
-        self.last_emg_rx_s = now_s
-        self.newest_emg_time_s = chunk.arrival_time_s
-        self.emg_pending = True
 
     def _push_mwaves(self) -> None:
         """Each pulse's M-wave to LSL at the pulse time: its muscle's channel, NaN in the others."""
@@ -249,6 +262,7 @@ class Controller:
         self.last_command_s = now_s
         self.emg_pending = False
         self.sent_since_tick = True
+        self.finish_chunk()
 
     def poller(self) -> zmq.Poller:
         """The sockets a loop step waits on: control, EMG, pulses."""

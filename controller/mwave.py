@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import signal
 
-from controller.buffers import fill_ring, read_ring, write_ring
+from controller.buffers import Columns, fill_ring, read_ring, write_ring
 from controller.dsp import NYQUIST_MARGIN, StreamingSos
 from fesloop.config import MWaveConfig
 
@@ -50,6 +50,7 @@ class MWaveEstimator:
 
     ``muscle_of_device`` maps a stimulator device channel to the muscle (column of the
     EMG handed to :meth:`process`) it stimulates; pulses on other channels are ignored.
+    Only those muscles are filtered and kept: the others can have no M-wave.
     ``reference_uv`` per muscle normalizes to 1; where it is 0 the fresh reference is
     taken: the mean of the first ``reference_pulses`` M-waves evoked at one steady
     charge per pulse (the stimulator's ramp to the first level does not count).
@@ -62,11 +63,16 @@ class MWaveEstimator:
         self._muscle_of_device = dict(muscle_of_device)
         self._start_samples = cfg.window_start_ms * 1e-3 * fs_hz
         self._end_samples = cfg.window_end_ms * 1e-3 * fs_hz
+        stimulated = sorted(set(self._muscle_of_device.values()))
+        self._all_stimulated = stimulated == list(range(n_muscles))
+        self._stimulated = np.array(stimulated, dtype=np.intp)
+        self._slot_of_muscle = {muscle: slot for slot, muscle in enumerate(stimulated)}  # column in the filter and ring
+        self._picked = Columns(len(stimulated))
         sos = signal.butter(2, min(cfg.highpass_hz, NYQUIST_MARGIN * fs_hz), "highpass", fs=fs_hz, output="sos")
-        self._highpass = StreamingSos(sos, n_muscles, steady_start=True)
+        self._highpass = StreamingSos(sos, len(stimulated), steady_start=True)
         self._step = max(int(HISTORY_S * fs_hz), 1)
         self._capacity = math.ceil(self._end_samples) + 2 + self._step
-        self._history_uv = np.full((self._capacity, n_muscles), np.nan)
+        self._history_uv = np.full((self._capacity, len(stimulated)), np.nan)
         self._window_uv = np.empty(self._capacity)
         self._next_index: int | None = None
         self._new_pulses: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -97,7 +103,7 @@ class MWaveEstimator:
         """Take the next block of raw EMG (n_samples, n_muscles), sample ``first_index`` at ``first_time_s``."""
         self._mark_gap(first_index)
         self._window_pulses(first_index, first_time_s)
-        filtered_uv = self._highpass.process(raw_uv)
+        filtered_uv = self._highpass.process(raw_uv) if self._all_stimulated else self._filter_stimulated(raw_uv)
         # Measured in steps short enough that every window ending in a step is still in the ring.
         for start in range(0, raw_uv.shape[0], self._step):
             block_uv = filtered_uv[start : start + self._step]
@@ -105,6 +111,17 @@ class MWaveEstimator:
             self._next_index = first_index + start + len(block_uv)
             if self._pending and self._pending[0][1] < self._next_index:
                 self._measure_ready(self._next_index)
+
+    def _filter_stimulated(self, raw_uv: np.ndarray) -> np.ndarray:
+        """The high-passed columns of the stimulated muscles (a reused buffer).
+
+        Taken channel-major: with ``raw_uv`` in the :class:`Columns` layout (as the
+        estimator hands it) both sides are contiguous and numpy needs no buffer.
+        """
+        filtered_uv = self._picked(raw_uv.shape[0])
+        np.take(raw_uv.T, self._stimulated, axis=0, out=filtered_uv.T, mode="clip")
+        self._highpass.filter_in_place(filtered_uv)
+        return filtered_uv
 
     def _mark_gap(self, first_index: int) -> None:
         """Samples lost in a gap are unknown: windows that touch them are missed, not measured."""
@@ -135,7 +152,8 @@ class MWaveEstimator:
             ready += 1
             amplitude_uv = math.nan
             if first >= oldest:
-                window_uv = read_ring(self._history_uv[:, muscle], first, self._window_uv[: last + 1 - first])
+                slot = self._slot_of_muscle[muscle]
+                window_uv = read_ring(self._history_uv[:, slot], first, self._window_uv[: last + 1 - first])
                 amplitude_uv = window_amplitude_uv(window_uv, self.cfg.method)
             if math.isnan(amplitude_uv):
                 self.missed[muscle] += 1

@@ -39,6 +39,8 @@ class ChannelLaws:
         self.names = [s.name for s in config.stimulation]
         self.laws = [build_law(s.law) for s in config.stimulation]
         self._muscle = [config.muscle_index(s.muscle) for s in config.stimulation]
+        # A law steered by M-waves needs each chunk's before its command; otherwise they can follow the send.
+        self.uses_mwave = any(isinstance(s.law, TrackingLaw) and s.law.measure == "mwave" for s in config.stimulation)
         cycling = [isinstance(s.law, CyclingLaw) for s in config.stimulation]
         self.cycling = np.array(cycling, dtype=bool)
         crank = config.controller.crank

@@ -16,6 +16,7 @@ from controller.onset import OnsetDetector
 from fesloop.config import Contraction, load_config
 from fesloop.protocol import EmgChunk, GateReason
 from tests.conftest import CONFIGS
+from tests.controller.stimulated_patient import stimulated_emg
 
 FS_HZ = 2000.0
 
@@ -68,6 +69,38 @@ def test_whole_estimator_is_chunk_invariant(sizes: list[int], seed: int) -> None
         results.append((_run(estimator, emg, chunking), sorted((round(e.time_s, 9), e.channel, e.kind) for e in estimator.events)))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9, atol=1e-9)
     assert results[0][1] == results[1][1]
+
+
+@pytest.mark.parametrize("finish", ["before_next_pulses", "by_next_update"])
+def test_update_then_finish_is_process(finish: str) -> None:
+    """The live controller sends its command between ``update`` and ``finish`` and pulses may come in
+    between: activations, events (onsets included) and each pulse's M-wave are those of ``process``."""
+    config = _config()
+    contractions = (Contraction("quadriceps_l", 0.5, 1.0, 0.6), Contraction("tibialis_l", 1.2, 0.8, 0.4))
+    patient_cfg = replace(config.acquisition.simulated, contractions=contractions, schedule_period_s=100.0)
+    pulse_s = np.arange(0.3, 1.6, 1 / 30.0)
+    emg, amplitude_ma, width_us = stimulated_emg(patient_cfg, ["quadriceps_l", "tibialis_l"], pulse_s, 30.0, 6000)
+    runs = []
+    for split in (False, True):
+        estimator = EmgEstimator(config, FS_HZ, 2)
+        activations, measurements = [], []
+        for start in range(0, len(emg), 4):
+            chunk = EmgChunk(start, start / FS_HZ, 0.0, FS_HZ, emg[start : start + 4])
+            estimator.update(chunk) if split else estimator.process(chunk)
+            activations.append(estimator.activation.copy())
+            arrived = (pulse_s >= start / FS_HZ) & (pulse_s < (start + 4) / FS_HZ)  # delivered during this chunk
+            estimator.add_pulses(pulse_s[arrived], np.zeros(arrived.sum(), dtype=int), amplitude_ma[arrived], width_us[arrived])
+            if split and finish == "before_next_pulses":
+                estimator.finish()
+            measurements.extend(estimator.mwave.take_measurements())
+        estimator.finish()
+        measurements.extend(estimator.mwave.take_measurements())
+        runs.append((np.array(activations), list(estimator.events), measurements))
+    (activation, events, mwaves), (split_activation, split_events, split_mwaves) = runs
+    np.testing.assert_array_equal(split_activation, activation)
+    assert split_events == events
+    np.testing.assert_array_equal(np.array(split_mwaves), np.array(mwaves))  # (NaN normalized before the reference)
+    assert {e.kind for e in events} >= {"onset", "offset"} and len(mwaves) > 30
 
 
 def test_detected_artifacts_are_blanked_from_pre_to_post() -> None:

@@ -12,12 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import signal
 
-from acquisition.patient import SimulatedPatient, recruitment
+from acquisition.patient import recruitment
 from controller.estimator import EmgEstimator
 from controller.mwave import MWaveEstimator
 from fesloop.config import Contraction, MWaveConfig, load_config
 from fesloop.protocol import EmgChunk
 from tests.conftest import CONFIGS
+from tests.controller.stimulated_patient import stimulated_emg
 
 FS_HZ = 2000.0
 START, END = 10, 40  # window_start_ms = 5, window_end_ms = 20 at 2 kHz, in samples
@@ -155,6 +156,24 @@ def test_pulses_on_other_channels_and_zero_charge_are_ignored() -> None:
     assert max(estimator.recent_uv[1]) < 40.0  # channel 1 carries no M-wave
 
 
+def test_only_stimulated_muscles_are_filtered_each_in_its_own_column() -> None:
+    """Four muscles, two stimulated (device 5 -> muscle 3, device 2 -> muscle 1): each is measured as the
+    one-shot reference of its own column, the unstimulated ones (here carrying the M-waves) are not filtered."""
+    emg = _scripted(2000, PULSES, PEAKS_UV)
+    four = np.column_stack([emg[:, 0], emg[:, 1], emg[:, 1] * 0.5, emg[:, 0] * 0.25])
+    estimator = MWaveEstimator(CFG, FS_HZ, {5: 3, 2: 1}, np.zeros(4))
+    n = len(PULSES)
+    channels = np.where(np.arange(n) % 2 == 0, 5, 2)
+    estimator.add_pulses(PULSES / FS_HZ, channels, np.full(n, 9.0))
+    _feed(estimator, four, [4])
+    to_3, to_1 = channels == 5, channels == 2
+    assert estimator.measured.tolist() == [0, to_1.sum(), 0, to_3.sum()]
+    taken = estimator.take_measurements()
+    np.testing.assert_allclose([m.amplitude_uv for m in taken if m.muscle == 3], _reference(four, PULSES[to_3], 3), rtol=1e-9)
+    np.testing.assert_allclose([m.amplitude_uv for m in taken if m.muscle == 1], _reference(four, PULSES[to_1], 1), rtol=1e-9)
+    assert estimator._highpass._zi.shape[0] == 2  # two filtered columns, not four
+
+
 def test_windows_touching_lost_samples_are_missed() -> None:
     emg = _scripted(2000, PULSES, PEAKS_UV)
     estimator = _estimator()
@@ -188,12 +207,8 @@ def test_emg_estimator_measures_the_patients_m_wave_before_blanking_without_touc
     patient_cfg = replace(
         config.acquisition.simulated, contractions=(Contraction("quadriceps_l", 0.2, 5.0, 0.4),), mains_uv=0.0
     )
-    patient = SimulatedPatient(patient_cfg, ["quadriceps_l"], {0: 0}, 0.0)
     pulse_s = np.arange(0.1, 1.9, 1 / 30)
-    amplitude_ma, width_us = np.full(len(pulse_s), 32.0), np.full(len(pulse_s), 300.0)
-    patient.add_pulses(np.zeros(len(pulse_s), dtype=int), pulse_s, amplitude_ma, width_us)
-    emg = np.zeros((4000, 1), dtype=np.float32)
-    patient.render(0, emg)
+    emg, amplitude_ma, width_us = stimulated_emg(patient_cfg, ["quadriceps_l"], pulse_s, 32.0, 4000)
     envelopes = []
     for amplitude in (amplitude_ma, np.zeros(len(pulse_s))):  # zero charge: no M-wave is measured
         estimator = EmgEstimator(config, FS_HZ, 1)
