@@ -21,6 +21,7 @@ import zmq
 
 from controller.calibration import Calibration, CalibrationError
 from controller.estimator import EmgEstimator
+from controller.mwave import Measurement
 from controller.crank import LslCrank
 from controller.laws.channels import ChannelLaws
 from fesloop import protocol
@@ -71,6 +72,7 @@ class Controller:
         self.last_emg_rx_s: float | None = None
         self.newest_emg_time_s = 0.0
         self.unfinished_chunk: protocol.EmgChunk | None = None  # updated, its command not sent yet: see finish_chunk
+        self.telemetry_unsynced = 0  # chunks whose LSL telemetry was dropped: the acquisition's clock was not known yet
         self.gap_until_s = 0.0
         self.commands_sent = 0
         self.latency_share = LatencyWindow()  # its part of end-to-end latency: EMG chunk received -> command sent
@@ -130,6 +132,7 @@ class Controller:
             else [],
             "events": dict(self.event_counts),
             "pulses_unsynced": self.pulses_unsynced,
+            "telemetry_unsynced": self.telemetry_unsynced,
             "mwave": self.estimator.mwave.status(self.estimator.names) if self.estimator else {},
             **self.laws.status(),
             **self._crank_source_status(),
@@ -194,27 +197,39 @@ class Controller:
         if chunk is None:
             return
         self.unfinished_chunk = None
-        self.estimator.finish()
-        if len(self.estimator.envelope_uv):
-            last_s = chunk.first_sample_time_s + (len(chunk.data) - 1 - self.estimator.delay) / chunk.sampling_rate_hz
-            self.telemetry.push("filtered-emg", self.estimator.filtered_uv, last_s)
-            self.telemetry.push("envelope", self.estimator.envelope_uv, last_s)
-        self._push_mwaves()
-        for event in self.estimator.events:
+        estimator = self.estimator
+        estimator.finish()
+        measurements = estimator.mwave.take_measurements()
+        for event in estimator.events:
             self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
-            self.telemetry.marker(f"{event.kind} {event.channel}", event.time_s)
             if event.kind.startswith("contamination"):
-                self.rt.log.warning("%s %s at %.3f s", event.channel, event.kind, event.time_s)
-        self.estimator.events.clear()
+                self.rt.log.warning("%s %s at %.3f s (acquisition clock)", event.channel, event.kind, event.time_s)
+        if self.clocks.peers["acquisition"].known:
+            self._publish_chunk(chunk, measurements)
+        else:
+            self.telemetry_unsynced += 1
+        estimator.events.clear()
 
-    def _push_mwaves(self) -> None:
-        """Each pulse's M-wave to LSL at the pulse time: its muscle's channel, NaN in the others."""
-        measurements = self.estimator.mwave.take_measurements()
-        if measurements:
+    def _publish_chunk(self, chunk: protocol.EmgChunk, measurements: list[Measurement]) -> None:
+        """The chunk's filtered EMG, envelope, M-waves and events to LSL, on this host's clock (DESIGN 3).
+
+        Their times are the acquisition's (EMG sample times): a recording corrects each
+        outlet by its own host's clock offset, so they are put on this process's clock first.
+        """
+        estimator = self.estimator
+        if len(estimator.envelope_uv):
+            last_s = chunk.first_sample_time_s + (len(chunk.data) - 1 - estimator.delay) / chunk.sampling_rate_hz
+            last_s = self.clocks.to_local("acquisition", last_s)
+            self.telemetry.push("filtered-emg", estimator.filtered_uv, last_s)
+            self.telemetry.push("envelope", estimator.envelope_uv, last_s)
+        if measurements:  # each pulse's M-wave at the pulse time: its muscle's channel, NaN in the others
             samples = np.full((len(measurements), len(self.config.muscles)), np.nan)
             for row, measurement in enumerate(measurements):
                 samples[row, measurement.muscle] = measurement.amplitude_uv
-            self.telemetry.push("mwave", samples, np.array([m.pulse_time_s for m in measurements]))
+            pulse_s = np.array([m.pulse_time_s for m in measurements])
+            self.telemetry.push("mwave", samples, self.clocks.to_local("acquisition", pulse_s))
+        for event in estimator.events:
+            self.telemetry.marker(f"{event.kind} {event.channel}", self.clocks.to_local("acquisition", event.time_s))
 
     def _open_emg_outlets(self, fs_hz: float) -> None:
         """LSL filtered EMG and envelope per muscle at the EMG rate (known from the first chunk), and M-waves."""

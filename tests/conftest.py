@@ -151,18 +151,24 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
 
 
 @contextmanager
-def clock_peer(endpoint: str, security: Security | None = None) -> Iterator[None]:
+def clock_peer(
+    endpoint: str, security: Security | None = None, shift_s: float = 0.0, host: str | None = None
+) -> Iterator[None]:
     """Answer ``clock`` control requests on ``endpoint`` from a thread, as a peer process on this host would.
 
     For tests that play one of the loop's processes themselves (e.g. the controller
     feeding a real stimulator, which measures the acquisition's clock before it trusts
-    EMG ages). With ``security`` (that process's keys) it is a CURVE server.
+    EMG ages). With ``security`` (that process's keys) it is a CURVE server. With
+    ``host``, a peer on another host whose clock reads ``shift_s`` ahead of this one.
     """
     ctx = zmq.Context()
     if security is not None:
         security.start(ctx)
     server = ControlServer(control_server(ctx, endpoint, security), security=security)
-    server.handlers["clock"] = lambda _request: clock_reply(LslClock())
+    if host is None:
+        server.handlers["clock"] = lambda _request: clock_reply(LslClock())
+    else:
+        server.handlers["clock"] = lambda _request: {"now_s": LslClock().now() + shift_s, "clock_id": host}
     stop = threading.Event()
 
     def serve() -> None:

@@ -21,7 +21,7 @@ import zmq
 from fesloop import protocol
 from fesloop.config import load_config
 from fesloop.sockets import ControlClient
-from tests.conftest import free_ports, wait_until
+from tests.conftest import clock_peer, free_ports, wait_until
 from tests.streams import Recorder, pulses_array
 
 pytestmark = pytest.mark.timeout(90)
@@ -136,7 +136,49 @@ def test_gates_stay_closed_while_a_peer_clock_is_unknown(write_config, processes
         controller.close()
         ctx.destroy(linger=0)
     assert status["emg_received"] > 0 and not status["peer_clocks"]["acquisition"]["synchronized"]
+    assert status["telemetry_unsynced"] > 0  # its EMG telemetry cannot be put on the controller's clock: not pushed
     assert status["peer_clocks"]["stimulator"]["synchronized"]
     reasons = np.concatenate([m.body.gate_reason for m in commands])
     assert (reasons == protocol.GateReason.CLOCK_UNSYNCED).all()
     assert len(times) == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_controllers_lsl_streams_are_stamped_on_its_own_clock(write_config) -> None:
+    """DESIGN 3: every LSL timestamp is the publishing host's clock (a recording corrects each outlet by its
+    host's offset). The controller's envelope, filtered EMG, M-wave and EMG event markers are timed by EMG
+    samples stamped on the acquisition host's clock (here 5000 s ahead): they were pushed 5000 s off."""
+    from controller.loop import Controller
+    from tests.recording.test_telemetry import Puller
+
+    name = f"stamps{time.monotonic_ns()}"
+    config = load_config(write_config("demo.toml", {'name = "demo"': f'name = "{name}"'}))
+    acquisition_shift_s = 5000.0
+    with clock_peer(config.endpoints.acquisition_control, shift_s=acquisition_shift_s, host="pc-acquisition"), \
+            clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            rng = np.random.default_rng(0)
+
+            def feed(k: int, sd_uv: float) -> None:
+                now_s = controller.rt.clock.now()
+                first_s = now_s + acquisition_shift_s  # the acquisition stamps samples on its own clock
+                data = (rng.normal(size=(4, 2)) * sd_uv).astype(np.float32)
+                controller.on_emg(protocol.EmgChunk(4 * k, first_s, first_s, 2000.0, data), now_s)
+                controller.publish_command(now_s)
+
+            feed(0, 1.0)  # opens the EMG outlets
+            envelope, markers = Puller(f"{name}-envelope"), Puller(f"{name}-controller-markers")
+            wait_until(lambda: controller.telemetry.has_consumer("envelope"), 10, what="the envelope's consumer")
+            start_s = controller.rt.clock.now()
+            for k in range(1, 400):
+                feed(k, 1.0 if k < 150 else 200.0)  # rest, then a contraction: onset markers
+                time.sleep(0.001)
+            end_s = controller.rt.clock.now()
+        finally:
+            controller.rt.close()
+    envelope.join(), markers.join()
+    assert len(envelope.stamps) > 500 and any(s[0].startswith("onset") for s in markers.samples)
+    for stamps in (envelope.stamps, markers.stamps):
+        assert start_s - 1.0 < min(stamps) and max(stamps) < end_s + 1.0, (start_s, min(stamps), max(stamps))
