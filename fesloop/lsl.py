@@ -13,9 +13,14 @@ from pathlib import Path
 import numpy as np
 import pylsl
 
+# PortRange: each outlet takes a port from [16572, 16572 + PortRange); one beyond the range
+# gets a random port that a machine-scope (unicast) resolve never asks, so the stream is
+# invisible. liblsl's default 32 ports do not hold two sessions' outlets (19 each) next to
+# the lab's other LSL apps.
 MACHINE_SCOPE_CONFIG = """\
 [ports]
 IPv6 = disable
+PortRange = 512
 
 [multicast]
 ResolveScope = machine

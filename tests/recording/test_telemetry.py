@@ -83,3 +83,15 @@ def test_unknown_stream_is_refused() -> None:
     config = dataclasses.replace(config, acquisition=dataclasses.replace(config.acquisition, lsl=False))
     with pytest.raises(ValueError, match="not one of the acquisition streams"):
         Telemetry(config, "acquisition").add_stream("pulses", "x", ["a"], 0.0)
+
+
+def test_more_outlets_than_liblsls_default_port_range_are_all_found() -> None:
+    """Two sessions' outlets (19 each) on one machine, plus the tests' own: beyond liblsl's default
+    32 ports an outlet got a port no machine-scope resolve asks, and a recording refused to start."""
+    from fesloop.lsl import make_outlet
+
+    prefix = f"ports{time.monotonic_ns()}"
+    outlets = [make_outlet(f"{prefix}-{i}", "Test", ["x"], 10.0, f"{prefix}-{i}") for i in range(40)]
+    found = pylsl.resolve_bypred(f"starts-with(name, '{prefix}-')", minimum=len(outlets), timeout=10)
+    assert len({info.name() for info in found}) == len(outlets)
+    del outlets
