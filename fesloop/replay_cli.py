@@ -105,8 +105,7 @@ def replay(
     from controller.loop import load_calibration
 
     estimator = EmgEstimator(config, fs_hz, emg_uv.shape[1], load_calibration(config))
-    if pulses is not None:
-        estimator.add_pulses(*pulses)
+    pulses_due = _PulsesDue(pulses, config.controller.blanking.pre_ms * 1e-3)
     chunk = max(int(round(fs_hz / config.controller.control_rate_hz)), 1)
     n_stim = len(config.stimulation)
     gate = np.zeros(n_stim, dtype=np.uint8)
@@ -130,6 +129,7 @@ def replay(
                 for name in estimator.names:
                     events.writerow([f"{(index[start - 1] + 1) / fs_hz:.6f}", name, "contamination_start"])
                     events.writerow([f"{first / fs_hz:.6f}", name, "contamination_end"])
+            pulses_due.give(estimator, (first + len(data)) / fs_hz)
             estimator.process(EmgChunk(first, first / fs_hz, first / fs_hz, fs_hz, data))
             estimator.gate_reasons(gate)
             time_s = (first + len(data) - 1 - estimator.delay) / fs_hz
@@ -143,6 +143,30 @@ def replay(
                 mwaves.writerow([f"{m.pulse_time_s:.6f}", estimator.names[m.muscle], f"{m.amplitude_uv:.3f}",
                                  f"{m.normalized:.5f}"])
     return estimator
+
+
+class _PulsesDue:
+    """A recording's pulses handed to the estimator chunk by chunk, as the live loop receives them.
+
+    All at once, they overflowed the blanker's memory of recent pulses (sized for
+    the live rate) and only the last ones were blanked.
+    """
+
+    def __init__(self, pulses: tuple[np.ndarray, ...] | None, pre_s: float) -> None:
+        if pulses is None:
+            self._pulses: tuple[np.ndarray, ...] = (np.zeros(0),)
+        else:
+            order = np.argsort(pulses[0], kind="stable")
+            self._pulses = tuple(np.asarray(column)[order] for column in pulses)
+        self._pre_s = pre_s
+        self._given = 0
+
+    def give(self, estimator: EmgEstimator, end_s: float) -> None:
+        """Hand over every pulse whose artifact window starts before ``end_s`` (the chunk's end)."""
+        due = int(np.searchsorted(self._pulses[0], end_s + self._pre_s))
+        if due > self._given:
+            estimator.add_pulses(*(column[self._given : due] for column in self._pulses))
+            self._given = due
 
 
 def _chunks(index: np.ndarray, size: int) -> list[tuple[int, int]]:

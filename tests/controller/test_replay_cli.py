@@ -60,3 +60,21 @@ def test_replay_refuses_a_missing_rate_and_unknown_formats(tmp_path: Path) -> No
     (tmp_path / "x.wav").write_bytes(b"RIFF")
     unknown = _replay("--emg", str(tmp_path / "x.wav"), "--fs", "1000", "--out", str(tmp_path))
     assert unknown.returncode != 0 and "unsupported format" in unknown.stderr
+
+
+@pytest.mark.timeout(60)
+def test_replay_blanks_around_every_pulse_of_a_long_recording(tmp_path: Path) -> None:
+    """Replay handed all pulses to the blanker at once; it remembers the recent ones only (1024, sized for
+    the live rate), so a 60 s recording at 30 Hz was blanked around its last 1024 pulses only."""
+    from fesloop.config import load_config
+    from fesloop.replay_cli import replay
+
+    config = load_config(CONFIGS / "demo.toml")
+    fs_hz = 2000.0
+    emg = np.random.default_rng(0).normal(size=(int(60 * fs_hz), 2)).astype(np.float32) * 20
+    pulse_index = np.arange(2000, len(emg) - 100, 67)  # on samples, 33.5 ms apart: windows never overlap
+    blanking = config.controller.blanking
+    window_samples = round(blanking.pre_ms * 1e-3 * fs_hz) + round(blanking.post_ms * 1e-3 * fs_hz) + 1
+    estimator = replay(config, emg, fs_hz, (pulse_index / fs_hz, np.zeros(len(pulse_index), dtype=int)), tmp_path)
+    assert len(pulse_index) > 1700
+    assert estimator.blanker.blanked_samples == len(pulse_index) * window_samples
