@@ -87,6 +87,7 @@ def replay(
     pulses: tuple[np.ndarray, ...] | None,
     out_dir: Path,
     sample_index: np.ndarray | None = None,
+    sample_time_s: np.ndarray | None = None,
 ) -> EmgEstimator:
     """Replay ``emg_uv`` and write activation.csv, events.csv and mwave.csv into ``out_dir``.
 
@@ -95,6 +96,8 @@ def replay(
     the recording's grid when samples were lost (chunks never span a gap, so the
     estimator sees the gap as live; each gap is a contamination window of every muscle
     in ``events.csv``, from the first missing sample to the next one received).
+    ``sample_time_s``: each sample's time from the first (a recording's clock, which
+    the pulse times share); without it, ``sample_index / fs_hz``.
     """
     needed = max(m.emg_channel for m in config.muscles) + 1
     if emg_uv.shape[1] < needed:
@@ -122,17 +125,18 @@ def replay(
         events.writerow(["time_s", "channel", "event"])
         mwaves.writerow(["time_s", "muscle", "amplitude_uv", "normalized"])
         index = np.arange(len(emg_uv)) if sample_index is None else sample_index
+        times_s = index / fs_hz if sample_time_s is None else sample_time_s
         for start, stop in _chunks(index, chunk):
             data = emg_uv[start:stop]
-            first = int(index[start])
+            first, first_s = int(index[start]), float(times_s[start])
             if start and first != index[start - 1] + 1:  # lost samples: a contamination window on every muscle
                 for name in estimator.names:
-                    events.writerow([f"{(index[start - 1] + 1) / fs_hz:.6f}", name, "contamination_start"])
-                    events.writerow([f"{first / fs_hz:.6f}", name, "contamination_end"])
-            pulses_due.give(estimator, (first + len(data)) / fs_hz)
-            estimator.process(EmgChunk(first, first / fs_hz, first / fs_hz, fs_hz, data))
+                    events.writerow([f"{times_s[start - 1] + 1 / fs_hz:.6f}", name, "contamination_start"])
+                    events.writerow([f"{first_s:.6f}", name, "contamination_end"])
+            pulses_due.give(estimator, first_s + len(data) / fs_hz)
+            estimator.process(EmgChunk(first, first_s, first_s, fs_hz, data))
             estimator.gate_reasons(gate)
-            time_s = (first + len(data) - 1 - estimator.delay) / fs_hz
+            time_s = first_s + (len(data) - 1 - estimator.delay) / fs_hz
             activation.writerow(
                 [f"{time_s:.6f}", *(f"{a:.5f}" for a in estimator.activation), *(int(g == GateReason.OPEN) for g in gate)]
             )
@@ -178,12 +182,13 @@ def _chunks(index: np.ndarray, size: int) -> list[tuple[int, int]]:
 
 def main(config: Config, args: argparse.Namespace) -> int:
     """Entry of ``fesloop replay``; returns the exit code."""
-    sample_index = None
+    sample_index = sample_time_s = None
     try:
         suffix = args.emg.suffix.lower()
         if suffix == ".xdf":
             recording = read_xdf(args.emg, args.stream, args.fs)
-            emg_uv, fs_hz, sample_index = recording.emg_uv, recording.fs_hz, recording.sample_index
+            emg_uv, fs_hz = recording.emg_uv, recording.fs_hz
+            sample_index, sample_time_s = recording.sample_index, recording.sample_time_s
             pulses = read_pulses(args.pulses) if args.pulses is not None else (
                 recording.pulse_time_s, recording.pulse_channel, recording.pulse_amplitude_ma, recording.pulse_width_us
             )
@@ -196,7 +201,7 @@ def main(config: Config, args: argparse.Namespace) -> int:
             pulses = read_pulses(args.pulses) if args.pulses is not None else None
         else:
             raise ReplayError(f"{args.emg}: unsupported format (use .csv, .txt, .npy or .xdf)")
-        estimator = replay(config, emg_uv, fs_hz, pulses, args.out, sample_index)
+        estimator = replay(config, emg_uv, fs_hz, pulses, args.out, sample_index, sample_time_s)
     except (OSError, ReplayError, ValueError) as exc:
         raise SystemExit(f"fesloop replay: {exc}") from None
     print(

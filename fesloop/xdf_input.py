@@ -2,8 +2,14 @@
 
 Used by ``fesloop replay`` and ``fesloop convert``. The EMG stream is the one of type
 ``EMG`` (or the one named); its nominal rate is the sampling rate. Lost samples are
-never filled: they are found from the timestamps (a step of more than 1.5 sample
-periods) and reported as gaps, with each sample's index on the recording's own grid.
+never filled: they are found from the timestamps and reported as gaps, with each
+sample's index on the recording's own grid.
+
+Timestamps are late by a varying delay (a chunk is stamped when it reaches a host)
+and drift (the amplifier's clock against the host's). Their lower envelope, the
+least lead of the timestamps over the sample count within ``LEVEL_WINDOW_S``, is
+the least-delayed estimate of the true sample times: across a gap it rises by the
+samples lost, and sample times follow it (drift kept, delay jitter gone).
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import minimum_filter1d
 
 from fesloop.xdf_session import Session, Stream, load_session
 
-GAP_PERIODS = 1.5  # a timestamp step above this many sample periods means samples were lost
+LEVEL_WINDOW_S = 0.25  # the lower envelope of the timestamps is taken over this long (many chunks)
+RISE_SAMPLES = 0.75  # an envelope rise this large (in samples) across a step is a gap; drift adds ~fs x window x ppm
 
 
 class XdfInputError(ValueError):
@@ -29,6 +37,7 @@ class XdfEmg:
     emg_uv: np.ndarray  # float32 (n_samples, n_channels)
     fs_hz: float
     sample_index: np.ndarray  # int64 (n_samples,): position on the recording's sample grid (gaps skip)
+    sample_time_s: np.ndarray  # (n_samples,) from the first sample, on the recording's clock (drift kept, jitter not)
     labels: list[str]
     pulse_time_s: np.ndarray
     pulse_channel: np.ndarray
@@ -44,10 +53,58 @@ class XdfEmg:
 
 
 def sample_indices(times_s: np.ndarray, fs_hz: float) -> np.ndarray:
-    """Each sample's index on the grid of the first one: consecutive unless a timestamp step shows a gap."""
-    steps = np.diff(times_s) * fs_hz
-    jumps = np.where(steps > GAP_PERIODS, np.rint(steps).astype(np.int64), 1)
+    """Each sample's index on the grid of the first one: consecutive unless the timestamps show a gap.
+
+    Across a gap of n samples the lower envelope of the timestamps' lead over the
+    sample count (before the boundary vs after it) rises by n; a late chunk followed
+    by an early one does not move it. The gap is put where the rise first reaches its
+    top (within a chunk or two when the delay jitters by more than the gap); gaps
+    closer together than ``LEVEL_WINDOW_S`` are reported as one, with all their samples;
+    in the last ``LEVEL_WINDOW_S`` of a recording samples are taken as consecutive.
+    """
+    if not len(times_s):
+        return np.zeros(0, dtype=np.int64)
+    lead = _lead_samples(times_s, fs_hz, np.arange(len(times_s)))
+    window = _window(fs_hz)
+    rise = (_leading_min(lead, window) - _trailing_min(lead, window))[:-1]  # per boundary i | i + 1
+    rise[max(len(rise) - window, 0) :] = 0.0  # too few samples after these to judge the envelope
+    jumps = np.ones(len(rise), dtype=np.int64)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], rise > RISE_SAMPLES, [0])).astype(np.int8)))
+    for start, stop in zip(edges[::2], edges[1::2]):
+        top = rise[start:stop].max()
+        at = start + int(np.argmax(rise[start:stop] >= top - 0.5))
+        jumps[at] += max(int(np.rint(top)), 1)
     return np.concatenate(([0], np.cumsum(jumps))).astype(np.int64)
+
+
+def sample_times(times_s: np.ndarray, sample_index: np.ndarray, fs_hz: float) -> np.ndarray:
+    """Each sample's time from the first timestamp: the timestamps' lower envelope (drift kept, jitter not)."""
+    if not len(times_s):
+        return np.zeros(0)
+    lead = _lead_samples(times_s, fs_hz, sample_index)
+    return (sample_index + minimum_filter1d(lead, _window(fs_hz), mode="nearest")) / fs_hz
+
+
+def _lead_samples(times_s: np.ndarray, fs_hz: float, sample_index: np.ndarray) -> np.ndarray:
+    """How far (in samples) each timestamp is ahead of its place on the grid."""
+    return (np.asarray(times_s, dtype=np.float64) - times_s[0]) * fs_hz - sample_index
+
+
+def _window(fs_hz: float) -> int:
+    return max(int(LEVEL_WINDOW_S * fs_hz), 1)
+
+
+def _trailing_min(x: np.ndarray, size: int) -> np.ndarray:
+    """``out[i] = min(x[i - size + 1 : i + 1])`` (fewer at the start)."""
+    return minimum_filter1d(x, size, mode="nearest", origin=(size - 1) // 2)
+
+
+def _leading_min(x: np.ndarray, size: int) -> np.ndarray:
+    """``out[i] = min(x[i + 1 : i + 1 + size])`` (fewer at the end; the last one is x[-1])."""
+    out = np.empty_like(x)
+    out[:-1] = minimum_filter1d(x, size, mode="nearest", origin=-(size // 2))[1:]
+    out[-1:] = x[-1:]
+    return out
 
 
 def _emg_stream(session: Session, name: str) -> Stream:
@@ -79,10 +136,12 @@ def read_xdf(path: Path, stream_name: str = "", fs_hz: float | None = None) -> X
     pulses = next((s for s in session.streams.values() if s.type == "StimulationPulses"), None)
     rows = np.asarray(pulses.data, dtype=np.float64).reshape(-1, 3) if pulses is not None else np.zeros((0, 3))
     times = (pulses.times_s - emg.times_s[0]) if pulses is not None else np.zeros(0)
+    sample_index = sample_indices(emg.times_s, emg.rate_hz)
     return XdfEmg(
         data,
         emg.rate_hz,
-        sample_indices(emg.times_s, emg.rate_hz),
+        sample_index,
+        sample_times(emg.times_s, sample_index, emg.rate_hz),
         emg.labels,
         times,
         rows[:, 0].astype(np.int64),

@@ -13,7 +13,7 @@ import pytest
 from fesloop.config import load_config
 from fesloop.replay_cli import replay
 from fesloop.xdf_session import Session, Stream
-from fesloop.xdf_input import XdfInputError, _emg_stream, sample_indices
+from fesloop.xdf_input import XdfInputError, _emg_stream, sample_indices, sample_times
 from tests.conftest import CONFIGS
 
 FS_HZ = 2000.0
@@ -61,3 +61,54 @@ def test_no_or_several_emg_streams_are_refused_naming_what_there_is() -> None:
     with pytest.raises(XdfInputError, match="several streams of type EMG"):
         _emg_stream(two, "")
     assert _emg_stream(two, "right").name == "right"
+
+
+def _stamped(kept: np.ndarray, drift_ppm: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timestamps, true times from the first) of samples on grid places ``kept``: the amplifier's clock
+    off by ``drift_ppm``, every 4-sample chunk stamped late by an exponential delay (mean 2 ms)."""
+    true_s = kept / FS_HZ * (1 + drift_ppm * 1e-6)
+    delay_s = np.repeat(np.random.default_rng(seed).exponential(2e-3, len(kept) // 4 + 1), 4)[: len(kept)]
+    return 100.0 + true_s + delay_s, true_s - true_s[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("drift_ppm", [-300.0, 0.0, 300.0])
+def test_late_chunks_and_drift_are_not_gaps_and_real_gaps_are_found(seed: int, drift_ppm: float) -> None:
+    """Chunks stamped on arrival jump by up to ~10 periods: each step over 1.5 periods was a gap
+    (a real synthetic-board recording with no loss showed 25). Gaps of 7 and 501 samples are exact."""
+    kept = np.r_[0:20000, 20007:21500, 22001:40000]
+    times, _ = _stamped(kept, drift_ppm, seed)
+    assert (np.diff(times) * FS_HZ > 1.5).sum() > 1000  # the old rule's gaps
+    np.testing.assert_array_equal(sample_indices(times, FS_HZ), kept)
+
+
+def test_sample_times_follow_the_amplifiers_drift_not_the_delay_jitter() -> None:
+    kept = np.r_[0:20000, 20007:60000]
+    times, true_s = _stamped(kept, 300.0, seed=5)
+    sample_time_s = sample_times(times, sample_indices(times, FS_HZ), FS_HZ)
+    assert np.ptp(sample_time_s - true_s) < 0.5e-3  # a constant (the least delay) and < 0.5 ms
+    assert np.ptp(times - times[0] - true_s) > 8e-3  # the stamps themselves jitter by ~10 ms
+    assert np.ptp(kept / FS_HZ - true_s) > 8e-3  # and the nominal grid is 9 ms off by the end
+
+
+@pytest.mark.timeout(60)
+def test_replay_blanks_pulses_on_the_recordings_clock_under_drift(tmp_path) -> None:
+    """Replay timed samples as index / fs while pulses keep their recorded times: with the amplifier
+    500 ppm fast, artifacts t s in came t x 0.5 ms before their pulses; from 5 to 18 s that is outside
+    every blanking window (1 ms before to 20 ms after each pulse, 30 Hz)."""
+    config = load_config(CONFIGS / "demo.toml")
+    n = int(20 * FS_HZ)
+    stamps_s = 100.0 + np.arange(n) / FS_HZ * (1 + 500e-6)
+    pulse_s = np.arange(1.0, 19.0, 1 / 30)  # on the recording's clock, from the first sample
+    emg = np.random.default_rng(3).normal(0, 2.0, (n, 2)).astype(np.float32)
+    for k in np.searchsorted(stamps_s - stamps_s[0], pulse_s):
+        emg[k : k + 6] += 5000.0  # the artifact, where the recorded clock puts the pulse
+    index = sample_indices(stamps_s, FS_HZ)
+    peaks = []
+    for times in (None, sample_times(stamps_s, index, FS_HZ)):
+        out = tmp_path / ("nominal" if times is None else "recorded")
+        replay(config, emg, FS_HZ, (pulse_s, np.zeros(len(pulse_s), dtype=int)), out, index, times)
+        table = np.genfromtxt(out / "activation.csv", delimiter=",", names=True)
+        peaks.append(table[config.muscles[0].name][(table["time_s"] > 5.0) & (table["time_s"] < 18.0)].max())
+    nominal, recorded = peaks
+    assert recorded < 0.05 and nominal > 0.5, peaks
