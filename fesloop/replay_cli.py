@@ -95,7 +95,8 @@ def replay(
     amplitudes (mA) and pulse widths (us). ``sample_index``: each sample's place on
     the recording's grid when samples were lost (chunks never span a gap, so the
     estimator sees the gap as live; each gap is a contamination window of every muscle
-    in ``events.csv``, from the first missing sample to the next one received).
+    in ``events.csv``, from the first missing sample to the next one received, and
+    closes every gate for ``stale_ms`` after it, as the live controller does).
     ``sample_time_s``: each sample's time from the first (a recording's clock, which
     the pulse times share); without it, ``sample_index / fs_hz``.
     """
@@ -126,6 +127,7 @@ def replay(
         mwaves.writerow(["time_s", "muscle", "amplitude_uv", "normalized"])
         index = np.arange(len(emg_uv)) if sample_index is None else sample_index
         times_s = index / fs_hz if sample_time_s is None else sample_time_s
+        hold_off_s, held_until_s = config.controller.stale_ms * 1e-3, float("-inf")
         for start, stop in _chunks(index, chunk):
             data = emg_uv[start:stop]
             first, first_s = int(index[start]), float(times_s[start])
@@ -134,9 +136,12 @@ def replay(
                     events.writerow([f"{times_s[start - 1] + 1 / fs_hz:.6f}", name, "contamination_start"])
                     events.writerow([f"{first_s:.6f}", name, "contamination_end"])
             pulses_due.give(estimator, first_s + len(data) / fs_hz)
-            estimator.process(EmgChunk(first, first_s, first_s, fs_hz, data))
+            if not estimator.process(EmgChunk(first, first_s, first_s, fs_hz, data)):
+                held_until_s = first_s + hold_off_s  # as live: closed for a hold-off after lost samples
             estimator.gate_reasons(gate)
             time_s = first_s + (len(data) - 1 - estimator.delay) / fs_hz
+            if time_s < held_until_s:
+                gate[:] = GateReason.GAP
             activation.writerow(
                 [f"{time_s:.6f}", *(f"{a:.5f}" for a in estimator.activation), *(int(g == GateReason.OPEN) for g in gate)]
             )

@@ -44,6 +44,13 @@ def test_replay_chunks_never_span_a_gap_and_mark_it_as_a_contamination_window(tm
         {"time_s": f"{3000 / FS_HZ:.6f}", "channel": muscle, "event": "contamination_start"},
         {"time_s": f"{3200 / FS_HZ:.6f}", "channel": muscle, "event": "contamination_end"},
     ]
+    # The gate stays closed for the hold-off after the gap (stale_ms), as in the live controller.
+    table = np.genfromtxt(tmp_path / "activation.csv", delimiter=",", names=True)
+    gate, time_s = table[f"gate_{config.stimulation[0].name}"], table["time_s"]
+    resumed_s, hold_off_s = 3200 / FS_HZ, config.controller.stale_ms * 1e-3
+    assert gate[(time_s > resumed_s) & (time_s < resumed_s + hold_off_s - 0.01)].max() == 0
+    assert gate[(time_s > resumed_s + hold_off_s + 0.01) & (time_s < resumed_s + hold_off_s + 0.1)].min() == 1
+    assert gate[(time_s > 1.0) & (time_s < 1.45)].min() == 1
 
 
 def _session(*streams: Stream) -> Session:
