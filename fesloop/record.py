@@ -28,6 +28,7 @@ RESOLVE_S = 1.0  # liblsl answers a resolve in about 0.5 s
 # LabRecorder pulls every 500 ms and drops what arrives after it is told to stop: wait this long first.
 FLUSH_S = 1.0
 STOP_TIMEOUT_S = 30.0  # it waits for its clock-offset thread (about 5 s) before closing the file
+ALIVE_CHECK_S = 0.5  # how often `fesloop record` checks that LabRecorderCLI still runs
 
 
 class RecordingError(RuntimeError):
@@ -44,7 +45,11 @@ def labrecorder_cli() -> Path:
 
 @dataclass(frozen=True)
 class Selector:
-    """One stream to record: equal name/type/source_id where set; fesloop's own have a fesloop- source_id."""
+    """One stream to record: equal name/type/source_id where set.
+
+    fesloop's own have a fesloop- source_id; a ``[recording]`` selector never matches
+    one (``type = "EMG"`` meant another amplifier, not fesloop's EMG stream recorded twice).
+    """
 
     name: str = ""
     type: str = ""
@@ -60,12 +65,14 @@ class Selector:
             if "'" in value:
                 raise RecordingError(f"stream selector {value!r} may not contain a single quote")
         parts = [f"{key}='{value}'" for key, value in self._fields()]
-        return " and ".join(parts + (["starts-with(source_id,'fesloop-')"] if self.fesloop else []))
+        ours = "starts-with(source_id,'fesloop-')"
+        return " and ".join([*parts, ours if self.fesloop else f"not({ours})"])
 
     def matches(self, info: pylsl.StreamInfo) -> bool:
         values = {"name": info.name(), "type": info.type(), "source_id": info.source_id()}
-        own = not self.fesloop or values["source_id"].startswith("fesloop-")
-        return own and all(values[key] == value for key, value in self._fields())
+        return values["source_id"].startswith("fesloop-") == self.fesloop and all(
+            values[key] == value for key, value in self._fields()
+        )
 
 
 def selectors(config: Config) -> list[Selector]:
@@ -129,6 +136,10 @@ class Recorder:
     def started(self) -> bool:
         return self._process is not None
 
+    def exit_code(self) -> int | None:
+        """LabRecorderCLI's exit code if it has stopped by itself (crash, kill, disk full), else None."""
+        return None if self._process is None else self._process.poll()
+
     def _collecting(self) -> bool:
         # LabRecorder's threads print concurrently, so two messages can share a line: count
         # occurrences, not line starts.
@@ -146,16 +157,17 @@ class Recorder:
         """Let in-flight samples arrive, then have LabRecorderCLI write the footers and close the file."""
         if self._process is None:
             return
-        time.sleep(FLUSH_S)
         process, self._process = self._process, None
-        try:
-            assert process.stdin is not None
-            process.stdin.write("\n")
-            process.stdin.close()
-            process.wait(STOP_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired):
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            time.sleep(FLUSH_S)
+            try:
+                assert process.stdin is not None
+                process.stdin.write("\n")
+                process.stdin.close()
+                process.wait(STOP_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired):
+                process.kill()
+                process.wait()
         if process.returncode != 0:
             raise RecordingError(f"LabRecorderCLI exited with code {process.returncode}: " + "\n".join(self.lines[-20:]))
 
@@ -175,7 +187,10 @@ def main(path: Path, config: Config, duration_s: float | None) -> int:
     try:
         recorder.start()
         print(f"fesloop record: recording {len(recorder.queries)} streams to {path} (Ctrl+C to stop)", flush=True)
-        stop.wait(duration_s)
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while recorder.exit_code() is None and not stop.wait(ALIVE_CHECK_S):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
         recorder.stop()
     except RecordingError as exc:
         recorder.kill()

@@ -2,8 +2,9 @@
 
 A convenience, never a requirement: each process runs alone just as well. The
 supervisor waits until every process reports ready, prints a status line at ~5 Hz,
-and on Ctrl+C, SIGTERM, ``--duration`` or any child dying stops the stimulator
-first (output to zero), then the controller, then acquisition. Children exit by
+and on Ctrl+C, SIGTERM, ``--duration``, any child dying or (with ``--record``) the
+recorder dying stops the stimulator first (output to zero), then the controller, then
+acquisition: a session asked to be recorded never goes on unrecorded. Children exit by
 themselves if the supervisor disappears, so none is ever orphaned.
 """
 
@@ -114,11 +115,15 @@ class Supervisor:
         self.stop_requested = True
 
     def _check_alive(self) -> bool:
+        """Every process runs, and so does the recording if one was asked for (else the session stops)."""
         for child in self.children:
             code = child.process.poll()
             if code is not None:
                 self.failures.append(f"{child.role} exited unexpectedly with code {code}")
                 return False
+        if self.recorder is not None and (code := self.recorder.exit_code()) is not None:
+            self.out.write(f"\nfesloop: the recording stopped (LabRecorderCLI exited with code {code}): stopping\n")
+            return False  # the cause is reported when the recording is closed
         return True
 
     def _poll_status(self, child: Child, timeout_s: float = 0.2) -> dict[str, Any]:

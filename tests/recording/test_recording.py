@@ -229,3 +229,65 @@ def test_convert_of_the_xdf_writes_its_emg_samples_to_a_playback_file(recording,
     np.testing.assert_allclose(written, samples, rtol=1e-9, atol=1e-6)  # %.10g of the float32 uV values
     counter = table[:, descr["package_num_channel"]]
     assert np.array_equal(counter, np.arange(len(samples)) % 256)  # the recording lost nothing
+
+
+def _labrecorder_writing(xdf: str) -> int | None:
+    """The pid of the LabRecorderCLI writing ``xdf`` (Linux /proc)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmdline[0].endswith(b"LabRecorderCLI") and xdf.encode() in cmdline:
+                return int(entry)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_a_session_stops_when_its_recorder_dies(write_config, processes, tmp_path) -> None:
+    """LabRecorderCLI killed mid-session (crash, OOM, disk full): the stimulation went on unrecorded and
+    the failure showed only at the end. Now the session stops at once, stimulator first, exit code 1."""
+    import signal
+    import time
+
+    from tests.conftest import wait_until
+
+    path = write_config("demo.toml", {'name = "demo"': f'name = "dies{os.getpid()}"'})
+    xdf = tmp_path / "session.xdf"
+    run = processes.start("run", str(path), "--duration", "60", "--record", str(xdf), name="run")
+    wait_until(lambda: "running (Ctrl+C" in processes.log("run"), 60, what="the recorded session running")
+    recorder_pid = _labrecorder_writing(str(xdf))
+    assert recorder_pid is not None
+    os.kill(recorder_pid, signal.SIGKILL)
+    killed_s = time.monotonic()
+    code = run.wait(30)
+    log = processes.log("run")
+    assert code == 1, log
+    assert time.monotonic() - killed_s < 15.0  # not at the end of the 60 s session
+    assert "the recording stopped (LabRecorderCLI exited with code -9): stopping" in log
+    assert "recording: LabRecorderCLI exited with code -9" in log
+    summary = log[log.index("# Session summary"):]
+    assert "Faults: none" in summary  # stopped in order: disarmed first, not a fault
+
+
+@pytest.mark.timeout(60)
+def test_a_recording_selector_never_matches_fesloops_own_streams() -> None:
+    """`[recording] streams = [{type = "EMG"}]` (a second amplifier) was satisfied by fesloop's own EMG
+    stream: the wait passed with the amplifier absent and the EMG stream was recorded twice."""
+    import pylsl
+
+    from fesloop.lsl import make_outlet
+    from fesloop.record import RecordingError, Selector, wait_for_streams
+
+    tag = f"sel{os.getpid()}"
+    stream_type = f"EMG{tag}"  # a type no other test's stream has
+    own = make_outlet(f"{tag}-emg", stream_type, ["a"], 100.0, f"fesloop-{tag}-emg")
+    wanted = [Selector(type=stream_type)]
+    with pytest.raises(RecordingError, match="not visible"):
+        wait_for_streams(wanted, 1.5)
+    amplifier = make_outlet(f"{tag}-amp", stream_type, ["a"], 100.0, f"amp-{tag}")
+    wait_for_streams(wanted, 10.0)
+    found = pylsl.resolve_bypred(wanted[0].query(), minimum=1, timeout=5)  # what LabRecorderCLI would record
+    assert [info.source_id() for info in found] == [f"amp-{tag}"]
+    del own, amplifier
