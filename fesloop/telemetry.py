@@ -168,7 +168,9 @@ class Telemetry:
         self._outlets.clear()
 
     def summary(self) -> dict[str, dict[str, int]]:
-        return {key: dataclasses.asdict(counts) for key, counts in self.counts.items()}
+        """Counts per stream. Called on the publishing thread too: iterates a copy (taken in one
+        step under the GIL), as the loop adds streams meanwhile (the controller's on its first EMG)."""
+        return {key: dataclasses.asdict(counts) for key, counts in dict(self.counts).items()}
 
     def _put(self, key: str, data: Any, time_s: Any) -> None:
         if len(self._queue) >= QUEUE_ITEMS:

@@ -95,3 +95,41 @@ def test_more_outlets_than_liblsls_default_port_range_are_all_found() -> None:
     found = pylsl.resolve_bypred(f"starts-with(name, '{prefix}-')", minimum=len(outlets), timeout=10)
     assert len({info.name() for info in found}) == len(outlets)
     del outlets
+
+
+def test_summary_is_safe_while_the_loop_adds_streams() -> None:
+    """The publishing thread puts summary() into every status sample while the loop may add a stream
+    (the controller opens its EMG outlets on the first chunk): iterating the live dict raised
+    "dictionary changed size during iteration" and ended the thread, so LSL publishing stopped."""
+    import sys
+
+    from fesloop.telemetry import Counts
+
+    config = dataclasses.replace(load_config(CONFIGS / "demo.toml"), name=f"summary{time.monotonic_ns()}")
+    telemetry = Telemetry(config, "controller", {"calibration": "{}"})
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                telemetry.summary()
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(20000):
+            telemetry.counts[f"added{i}"] = Counts()
+            if errors:
+                break
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(interval)
+        telemetry.close({"time_s": pylsl.local_clock()})
+    assert not errors
