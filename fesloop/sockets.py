@@ -269,6 +269,9 @@ class Link:
 
 
 OPEN_REQUESTS = frozenset({"clock"})  # read-only, harmless: any admitted key may send them
+# Requests answered per serve_pending call: the rest wait for the next call, so requests sent
+# back to back cannot hold the caller's loop (the stimulator checks its deadline and gates in it).
+REQUESTS_PER_CALL = 4
 
 
 @dataclass
@@ -285,8 +288,12 @@ class ControlServer:
     security: Security | None = None
 
     def serve_pending(self) -> None:
-        """Answer every request waiting, without blocking."""
-        while True:
+        """Answer the requests waiting, at most ``REQUESTS_PER_CALL``, without blocking.
+
+        REP takes requests from its clients in turn, so during one client's flood
+        another client's request (an operator's stop) is among the next few answered.
+        """
+        for _ in range(REQUESTS_PER_CALL):
             try:
                 frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -125,6 +126,80 @@ def test_stop_latches_until_reset_and_reset_never_restarts_output(write_config, 
     events = [s[0] for s in samples]
     assert "ARMED -> STOPPED: stop requested" in events and "STOPPED -> DISARMED: reset" in events
     assert "STOPPED" in states and states[-1] == "DISARMED"  # every state change on status too
+
+
+class Flood:
+    """A client sending ``status`` requests back to back from a thread: a DEALER that never
+    waits for a reply (it reads those that come), until closed. No key is needed on loopback;
+    a key allowed only ``status`` could do the same."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.replies = 0
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.connect(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        request = [b"", b'{"cmd": "status"}']
+        while not self._stop.is_set():
+            try:
+                self._sock.send_multipart(request, zmq.NOBLOCK)
+            except zmq.Again:  # every queue on the way is full
+                self._sock.poll(1)
+            while self._sock.poll(0):
+                self._sock.recv_multipart()
+                self.replies += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._ctx.destroy(linger=0)
+
+
+def test_a_flood_of_control_requests_delays_neither_the_deadline_fault_nor_a_stop(write_config, processes) -> None:
+    """While a client floods the stimulator's control socket, its loop still runs the safety
+    checks between requests: with the controller frozen, FAULT on the deadline is latched within
+    the fault matrix's 250 ms (or earlier: on a busy machine the flood can take the controller's
+    CPU, so commands come late), and another client's stop and reset get through."""
+    path = write_config("demo.toml", LONG_CONTRACTION)
+    config = load_config(path)
+    recorder = Recorder({config.endpoints.pulses: [b"pulses", b"status"]})
+    ctx = zmq.Context()
+    stim = ControlClient(ctx, config.endpoints.stimulator_control)
+    flood = None
+    try:
+        processes.start_loop(path)
+        controller = processes.started[1]
+        wait_stimulating(recorder, config.stimulation[0].threshold_ma)
+        flood = Flood(config.endpoints.stimulator_control)
+        wait_until(lambda: flood.replies > 1000, 10, what="the flood being answered")
+        answered_before = flood.replies
+        t_stop = pylsl.local_clock()
+        os.kill(controller.pid, signal.SIGSTOP)
+
+        def fault() -> dict | None:
+            return next((m.body.fields for m in recorder.get(b"status") if m.body.fields["state"] == "FAULT"), None)
+
+        faulted = wait_until(fault, 10, what="FAULT with the controller frozen during the flood")
+        stopped = stim.request("stop", timeout_s=2.0)
+        reset = stim.request("reset", timeout_s=2.0)
+        answered_after = flood.replies
+    finally:
+        if flood is not None:
+            flood.close()
+        recorder.close()
+        stim.close()
+        ctx.destroy(linger=0)
+    print(f"FAULT {(faulted['time_s'] - t_stop) * 1e3:.0f} ms after SIGSTOP of the controller")
+    assert "no fresh command" in faulted["fault_reason"] and faulted["output_ma"] == [0.0, 0.0]
+    assert faulted["time_s"] - t_stop <= 0.250  # fault matrix: output 0 within 250 ms
+    assert stopped["ok"] and stopped["state"] == "STOPPED"
+    assert reset["ok"] and reset["state"] == "DISARMED"
+    assert answered_after > answered_before  # the flood went on all along
 
 
 def test_stop_and_reset_end_a_pending_arm_at_start(write_config, processes) -> None:
