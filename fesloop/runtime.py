@@ -136,6 +136,7 @@ class ProcessRuntime:
             "process": self.name,
             "pid": os.getpid(),
             "time_s": self.clock.now(),
+            "control_rejected": self.control.rejected,  # bad control requests, answered and dropped
             **security,
             **clocks,
             **self.status_fields(),

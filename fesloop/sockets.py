@@ -274,12 +274,18 @@ OPEN_REQUESTS = frozenset({"clock"})  # read-only, harmless: any admitted key ma
 REQUESTS_PER_CALL = 4
 
 
+class BadRequest(ValueError):
+    """A control request that is not one frame holding a JSON object with a known ``cmd``."""
+
+
 @dataclass
 class ControlServer:
     """Answers JSON control requests on a REP socket, one handler per command.
 
-    With ``security``, each request is authorized by the key that sent it (the
-    per-message ``User-Id`` ZAP set); a refusal is counted and logged there.
+    A bad request (see :class:`BadRequest`) is counted in ``rejected``, answered with
+    the reason and never acted on. With ``security``, each request is authorized by the
+    key that sent it (the per-message ``User-Id`` ZAP set); a refusal is counted and
+    logged there.
     """
 
     sock: zmq.Socket
@@ -295,32 +301,52 @@ class ControlServer:
         """
         for _ in range(REQUESTS_PER_CALL):
             try:
-                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            user_id = frame.get("User-Id") if self.security is not None else ""
-            try:
-                answer = self._answer(frame.bytes, user_id)
-            except Exception as exc:
-                # Reply first so the REP socket is not left waiting, then let the process handle it.
-                self.sock.send(json.dumps({"ok": False, "error": f"internal error: {exc!r}"}).encode())
-                raise
-            self.sock.send(json.dumps(answer).encode())
+            self._serve(frames)
 
-    def _answer(self, raw: bytes, user_id: str) -> dict[str, Any]:
+    def _serve(self, frames: list[zmq.Frame]) -> None:
+        """Answer one request (every frame of it is read: REP must reply before the next)."""
+        user_id = frames[0].get("User-Id") if self.security is not None else ""
         try:
-            request = json.loads(raw)
-            cmd = request["cmd"]
-            handler = self.handlers[cmd]
-        except (ValueError, TypeError, KeyError):
+            answer = self._answer(frames, user_id)
+        except Exception as exc:
+            # Reply first so the REP socket is not left waiting, then let the process handle it.
+            self.sock.send(json.dumps({"ok": False, "error": f"internal error: {exc!r}"}).encode())
+            raise
+        self.sock.send(json.dumps(answer).encode())
+
+    def _answer(self, frames: list[zmq.Frame], user_id: str) -> dict[str, Any]:
+        try:
+            request = self._parse(frames)
+        except BadRequest as exc:
             self.rejected += 1
-            return {"ok": False, "error": f"bad request; commands: {sorted(self.handlers)}"}
+            return {"ok": False, "error": f"bad request ({exc}); commands: {sorted(self.handlers)}"}
+        cmd = request["cmd"]
         if self.security is not None and cmd not in OPEN_REQUESTS and not self.security.may(user_id, cmd):
             return {"ok": False, "error": f"key {self.security.key_name(user_id)!r} may not send {cmd!r}"}
         try:
-            return {"ok": True, **handler(request)}
+            return {"ok": True, **self.handlers[cmd](request)}
         except ControlRefused as exc:
             return {"ok": False, "error": str(exc)}
+
+    def _parse(self, frames: list[zmq.Frame]) -> dict[str, Any]:
+        """The request: one frame, a JSON object whose ``cmd`` has a handler (else BadRequest)."""
+        if len(frames) != 1:
+            raise BadRequest(f"{len(frames)} frames, expected 1")
+        try:
+            request = json.loads(frames[0].bytes)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+            raise BadRequest(f"not JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise BadRequest("not a JSON object")
+        cmd = request.get("cmd")
+        if not isinstance(cmd, str):
+            raise BadRequest("no cmd string")
+        if cmd not in self.handlers:
+            raise BadRequest(f"unknown cmd {cmd[:40]!r}")
+        return request
 
 
 class ControlRefused(RuntimeError):

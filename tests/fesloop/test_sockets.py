@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -77,6 +78,66 @@ def test_refusals_and_bad_requests_are_answered(server_and_client) -> None:
         thread.join(5)
         assert reply["ok"] is False and expected in reply["error"] and not errors
     assert server.rejected == 1
+
+
+DEEP = 5000  # beyond the recursion limit of Python's JSON parser, within CONTROL_MAX_BYTES
+MALFORMED = [
+    b"[" * 60000,
+    b'{"cmd": "stop", "reason": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+    b'{"cmd": "stop", "reason": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}",
+    b"\xff\xfe{",
+    b"stop",
+    b'["stop"]',
+    b'"stop"',
+    b'{"cmd": ["stop"]}',
+    b'{"cmd": null}',
+    b'{"command": "stop"}',
+]
+
+
+def _raw_request(server: ControlServer, frames: list[bytes]) -> tuple[dict, list[BaseException]]:
+    """Send ``frames`` as one request on a raw REQ; the reply and what serving it raised."""
+    sock = server.sock.context.socket(zmq.REQ)
+    sock.linger = 0
+    sock.connect(server.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    try:
+        errors, thread = _serve_once(server)
+        sock.send_multipart(frames)
+        thread.join(5)
+        assert sock.poll(5000), f"no reply to {frames[0][:30]!r}..."
+        return json.loads(sock.recv()), errors
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_malformed_requests_are_counted_answered_and_never_acted_on(server_and_client) -> None:
+    """Nested too deeply to parse, not JSON, not an object, no cmd string: each one a bad request."""
+    server, _ = server_and_client
+    acted: list[dict] = []
+    server.handlers["stop"] = lambda request: acted.append(request) or {}
+    server.handlers["status"] = lambda _r: {"state": "ARMED"}
+    for body in MALFORMED:
+        reply, errors = _raw_request(server, [body])
+        assert not errors, f"{body[:30]!r}...: {errors}"
+        assert reply["ok"] is False and reply["error"].startswith("bad request ("), reply
+    assert server.rejected == len(MALFORMED) and acted == []
+    assert _raw_request(server, [b'{"cmd": "status"}']) == ({"ok": True, "state": "ARMED"}, [])
+
+
+@pytest.mark.timeout(30)
+def test_a_request_of_several_frames_is_a_bad_request_and_never_acted_on(server_and_client) -> None:
+    """Acting on the first frame and then failing to reply (REP still holds the rest) was the old way."""
+    server, _ = server_and_client
+    acted: list[dict] = []
+    server.handlers["stop"] = lambda request: acted.append(request) or {}
+    for frames in ([b'{"cmd": "stop"}', b"extra"], [b'{"cmd": "stop"}'] * 3):
+        reply, errors = _raw_request(server, frames)
+        assert not errors
+        assert reply == {"ok": False, "error": f"bad request ({len(frames)} frames, expected 1); commands: ['stop']"}
+    assert server.rejected == 2 and acted == []
+    assert _raw_request(server, [b'{"cmd": "stop"}']) == ({"ok": True}, [])
+    assert len(acted) == 1
 
 
 def test_a_link_cut_by_an_outage_reconnects_after_its_timeout_and_the_stream_comes_back(caplog) -> None:

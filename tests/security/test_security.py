@@ -8,6 +8,7 @@ each denial is counted in status and logged.
 
 from __future__ import annotations
 
+import json
 import socket
 import stat
 import subprocess
@@ -22,7 +23,7 @@ import zmq
 from fesloop import protocol
 from fesloop.cli import main as cli_main
 from fesloop.clock import LslClock
-from fesloop.config import load_config
+from fesloop.config import Config, load_config
 from fesloop.protocol import GateReason
 from fesloop.security import Security, SecurityError
 from fesloop.sockets import ControlClient, ControlTimeout, EndpointError, check_bind_endpoint
@@ -66,15 +67,17 @@ def test_process_refuses_to_bind_beyond_loopback_without_keys(write_config, proc
     assert "beyond loopback only with CurveZMQ keys" in processes.log("controller")
 
 
-def _control(ctx: zmq.Context, endpoint: str, cmd: str, curve: tuple[bytes, bytes, bytes] | None) -> bytes | None:
+def _control(
+    ctx: zmq.Context, endpoint: str, frames: list[bytes], curve: tuple[bytes, bytes, bytes] | None, timeout_ms: int = 500
+) -> bytes | None:
     """One raw REQ attempt (NULL security, or CURVE with (public, secret, server key)); the reply or None."""
     sock = ctx.socket(zmq.REQ)
     sock.linger = 0
     if curve is not None:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
     sock.connect(endpoint)
-    sock.send(b'{"cmd": "%s"}' % cmd.encode())
-    reply = sock.recv() if sock.poll(500) else None
+    sock.send_multipart(frames)
+    reply = sock.recv() if sock.poll(timeout_ms) else None
     sock.close()
     return reply
 
@@ -84,6 +87,26 @@ def _garbage(endpoint: str) -> None:
     with socket.create_connection((host, int(port)), timeout=2) as raw:
         raw.sendall(b'\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f{"cmd": "stop"}' + bytes(range(256)) * 8)
         time.sleep(0.1)
+
+
+def _malformed_requests(ctx: zmq.Context, config: Config, keys_dir: Path) -> dict[str, bytes | None]:
+    """Bad requests from listed keys: the monitor's to the stimulator (JSON nested too deeply to
+    parse, and a stop with a second frame), and process keys' (allowed only ``clock``) to the
+    controller and the acquisition."""
+    nested = [b"[" * 60000]
+    attempts = {
+        "monitor nested -> stimulator": ("monitor", "stimulator", nested),
+        "monitor 2-frame stop -> stimulator": ("monitor", "stimulator", [b'{"cmd": "stop"}', b"x"]),
+        "acquisition nested -> controller": ("acquisition", "controller", nested),
+        "controller nested -> acquisition": ("controller", "acquisition", nested),
+    }
+    replies = {}
+    for what, (key, server, frames) in attempts.items():
+        public, secret = zmq.auth.load_certificate(keys_dir / f"{key}.key_secret")
+        server_key = zmq.auth.load_certificate(keys_dir / f"{server}.key")[0]
+        endpoint = getattr(config.endpoints, f"{server}_control")
+        replies[what] = _control(ctx, endpoint, frames, (public, secret, server_key), timeout_ms=5000)
+    return replies
 
 
 @pytest.mark.timeout(90)
@@ -108,12 +131,15 @@ def test_attackers_cannot_change_the_output_and_are_counted(secured_config, keys
         stim_control = config.endpoints.stimulator_control
         unknown_public, unknown_secret = zmq.curve_keypair()
         for cmd in ("stop", "disarm", "shutdown"):
-            assert _control(ctx, stim_control, cmd, None) is None  # NULL security: no handshake
-            assert _control(ctx, stim_control, cmd, (unknown_public, unknown_secret, stim_key)) is None
+            request = [b'{"cmd": "%s"}' % cmd.encode()]
+            assert _control(ctx, stim_control, request, None) is None  # NULL security: no handshake
+            assert _control(ctx, stim_control, request, (unknown_public, unknown_secret, stim_key)) is None
         _garbage(stim_control)
         _garbage(config.endpoints.pulses)
+        malformed = _malformed_requests(ctx, config, keys_dir)
         refused = {cmd: monitor.request(cmd, timeout_s=2.0) for cmd in ("arm", "disarm", "reset", "shutdown")}
         after = wait_until(stimulating, 5, what="stimulation still going after the attacks")
+        running = [process.poll() is None for process in processes.started]
         security = after["security"]
 
         stopped = monitor.request("stop", timeout_s=2.0)  # the monitor may stop...
@@ -124,6 +150,9 @@ def test_attackers_cannot_change_the_output_and_are_counted(secured_config, keys
         monitor.close()
         ctx.destroy(linger=0)
     assert after["pulses_delivered"] > before["pulses_delivered"]
+    assert all(r is not None and json.loads(r)["error"].startswith("bad request (") for r in malformed.values()), malformed
+    assert after["control_rejected"] == 2  # the monitor's two
+    assert all(running)
     for cmd, reply in refused.items():
         assert reply == {"ok": False, "error": f"key 'monitor' may not send {cmd!r}"}
     assert security["denied_keys"] >= 3  # one per unknown-key attempt
