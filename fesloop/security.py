@@ -50,8 +50,10 @@ class SecurityError(RuntimeError):
 
 
 def generate_keys(directory: Path, names: tuple[str, ...] = PROCESS_ROLES + DEFAULT_CLIENTS) -> list[Path]:
-    """Create ``NAME.key`` (public) and ``NAME.key_secret`` (mode 0600) for each name; never overwrite."""
+    """Create ``NAME.key`` (public, mode 0644) and ``NAME.key_secret`` (mode 0600) for each name
+    in ``directory`` (made mode 0700); never overwrite, never into a directory others may write."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _refuse_writable_by_others(directory, "key directory")
     existing = [directory / f"{n}{ext}" for n in names for ext in (".key", ".key_secret")]
     clash = [str(p) for p in existing if p.exists()]
     if clash:
@@ -67,11 +69,20 @@ def generate_keys(directory: Path, names: tuple[str, ...] = PROCESS_ROLES + DEFA
     return existing
 
 
+def _refuse_writable_by_others(path: Path, what: str) -> None:
+    """The key files are the allow-list: whoever may write one, or the directory holding
+    them, may list a key of their own (and get the operator's rights)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022:
+        raise SecurityError(f"{what} {path} is writable by group or others (mode {mode:04o}): chmod go-w {path}")
+
+
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
     if not path.is_file():
         raise SecurityError(f"key file {path} not found (make keys with `fesloop keys generate DIR`)")
     if secret and stat.S_IMODE(path.stat().st_mode) & 0o077:
         raise SecurityError(f"secret key file {path} is readable by others: chmod 600 {path}")
+    _refuse_writable_by_others(path, "key file")
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -153,6 +164,7 @@ class Security:
         self.public, secret = _load(keys_dir / f"{role}.key_secret", secret=True)
         assert secret is not None
         self.secret = secret
+        _refuse_writable_by_others(keys_dir, "key directory")
         names = [*PROCESS_ROLES, *(c.key for c in config.clients)]
         self.public_keys = {name: _load(keys_dir / f"{name}.key", secret=False)[0] for name in names}
         self._names_by_key = {key.decode(): name for name, key in self.public_keys.items()}

@@ -9,6 +9,8 @@ each denial is counted in status and logged.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import stat
 import subprocess
@@ -32,13 +34,33 @@ from tests.conftest import clock_peer, long_contraction, wait_until
 LONG_CONTRACTION = long_contraction()
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def test_keys_generate_makes_private_secrets_and_never_overwrites(tmp_path: Path, capsys) -> None:
-    assert cli_main(["keys", "generate", str(tmp_path / "k")]) == 0
+    umask = os.umask(0)  # the modes must not depend on the user's umask
+    try:
+        assert cli_main(["keys", "generate", str(tmp_path / "k")]) == 0
+    finally:
+        os.umask(umask)
+    assert _mode(tmp_path / "k") == 0o700
     for role in ("acquisition", "controller", "stimulator", "operator", "monitor"):
-        assert stat.S_IMODE((tmp_path / "k" / f"{role}.key_secret").stat().st_mode) == 0o600
+        assert _mode(tmp_path / "k" / f"{role}.key_secret") == 0o600
+        assert _mode(tmp_path / "k" / f"{role}.key") == 0o644
         assert "secret-key" not in (tmp_path / "k" / f"{role}.key").read_text()
     with pytest.raises(SystemExit, match="refusing to overwrite"):
         cli_main(["keys", "generate", str(tmp_path / "k")])
+
+
+def test_keys_generate_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
+    directory = tmp_path / "k"
+    directory.mkdir()
+    directory.chmod(0o777)
+    expected = f"key directory {directory} is writable by group or others (mode 0777): chmod go-w {directory}"
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        cli_main(["keys", "generate", str(directory)])
+    assert list(directory.iterdir()) == []
 
 
 def test_secret_key_readable_by_others_is_refused(secured_config, keys_dir: Path) -> None:
@@ -46,6 +68,35 @@ def test_secret_key_readable_by_others_is_refused(secured_config, keys_dir: Path
     (keys_dir / "stimulator.key_secret").chmod(0o644)
     with pytest.raises(SecurityError, match="readable by others: chmod 600"):
         Security(config.security, "stimulator")
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("", 0o777), ("", 0o730), ("operator.key", 0o666), ("operator.key", 0o646), ("controller.key", 0o664)],
+    ids=["dir-0777", "dir-0730", "operator-0666", "operator-0646", "controller-0664"],
+)
+def test_an_allow_list_others_may_write_is_refused(secured_config, keys_dir: Path, name: str, mode: int) -> None:
+    """Another local user who may write the key directory or a public key file could swap
+    operator.key for their own key and arm, reset and shut down: refused at start, naming it."""
+    config = load_config(secured_config())
+    path = keys_dir / name if name else keys_dir
+    path.chmod(mode)
+    if name == "operator.key":  # the swap itself
+        attacker_public, _ = zmq.curve_keypair()
+        path.write_text(f'metadata\ncurve\n    public-key = "{attacker_public.decode()}"\n')
+    what = "key file" if name else "key directory"
+    expected = f"{what} {path} is writable by group or others (mode {mode:04o}): chmod go-w {path}"
+    with pytest.raises(SecurityError, match=re.escape(expected)):
+        Security(config.security, "stimulator")
+
+
+@pytest.mark.timeout(30)
+def test_process_refuses_to_start_with_a_key_directory_others_may_write(secured_config, keys_dir, processes) -> None:
+    path = secured_config("demo.toml")
+    keys_dir.chmod(0o777)
+    stimulator = processes.start("stimulator", str(path), name="stimulator")
+    assert stimulator.wait(20) == 1
+    assert f"key directory {keys_dir} is writable by group or others (mode 0777)" in processes.log("stimulator")
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5602", "tcp://10.1.2.3:5602", "tcp://*:5602"])
