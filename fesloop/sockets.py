@@ -378,12 +378,19 @@ class ControlClient:
         return sock
 
     def request(self, cmd: str, timeout_s: float = 1.0, **args: Any) -> dict[str, Any]:
+        """The reply to ``cmd``; ControlTimeout if none came within ``timeout_s``.
+
+        After a timeout the server may still carry the request out (it was sent, and a busy
+        process answers later): ask ``status`` before taking an ``arm`` as failed.
+        """
         self._sock.send(json.dumps({"cmd": cmd, **args}).encode())
         if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return json.loads(self._sock.recv())
         self._sock.close(linger=0)
         self._sock = self._connect()
-        raise ControlTimeout(f"no reply to {cmd!r} from {self.endpoint} within {timeout_s} s")
+        raise ControlTimeout(
+            f"no reply to {cmd!r} from {self.endpoint} within {timeout_s} s (it may still be carried out: ask status)"
+        )
 
     def close(self) -> None:
         self._sock.close(linger=0)
