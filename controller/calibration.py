@@ -14,12 +14,36 @@ import numpy as np
 
 MVC_WINDOW_S = 0.5  # the MVC level is the highest mean envelope over this long
 MVC_MIN_RATIO = 2.0  # an MVC must be at least this many times the rest level ...
-MVC_MIN_SD = 10.0  # ... and this many rest SDs above it
+MVC_MIN_SD = 10.0  # ... and this many rest SDs above it ...
+# ... and this far above it, in uV of envelope as the controller computes it. A connected
+# electrode always carries the amplifier's noise (~1 uV rms in band: an envelope of 0.7-0.8 uV,
+# SD 0.04-0.07 uV through this estimator at 1-2 kHz); real MVCs sit 100-190 uV above rest
+# (tests/data recordings, the simulated patient). Ten times the amplifier noise is the least a
+# contraction must add for resting noise not to read as a large activation.
+MVC_MIN_ABOVE_REST_UV = 10.0
+# A rest envelope below these has no amplifier noise in it, so no electrode: a lead-off flat line
+# (~1e-12 uV), a digital zero, a wrong uV scale. The quietest real rest in tests/data reads
+# 1.2 uV, SD 0.18 uV (BioSPPy emg.txt, very weak activity).
+REST_MIN_UV = 0.5  # below the envelope of 1 uV rms amplifier noise (0.7-0.8 uV)
+REST_SD_MIN_UV = 0.02  # half the SD of that noise's envelope (0.04-0.07 uV): a flat line or a pure hum
+# A phase (rest, one MVC trial) with more of its samples flagged by the controller's contamination
+# detector (lead-off, saturation, motion) is refused: what is left is too little to trust.
+MAX_FLAGGED_SHARE = 0.5
 FORMAT = "fesloop-calibration/1"
 
 
 class CalibrationError(ValueError):
     """The recorded trials cannot give a trustworthy calibration."""
+
+
+class LevelError(CalibrationError):
+    """A level normalization cannot rely on: names the muscle, the key, the value and what is allowed."""
+
+    def __init__(self, muscle: str, key: str, value: object, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{muscle}: {key} = {value!r}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -69,40 +93,98 @@ class Calibration:
         return calibration
 
 
-def rest_level(envelope_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and SD per channel of an envelope recorded at rest, (n_samples, n_channels)."""
-    return envelope_uv.mean(axis=0), envelope_uv.std(axis=0)
+def rest_level(envelope_uv: np.ndarray, flagged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and SD per channel of an envelope recorded at rest, (n_samples, n_channels), over the
+    samples not ``flagged`` contaminated (same shape; None: none is)."""
+    clean = True if flagged is None else ~flagged
+    return envelope_uv.mean(axis=0, where=clean), envelope_uv.std(axis=0, where=clean)
 
 
-def mvc_level(envelope_uv: np.ndarray, fs_hz: float) -> np.ndarray:
-    """Per channel, the highest mean envelope over any MVC_WINDOW_S (robust to single spikes)."""
+def mvc_level(envelope_uv: np.ndarray, fs_hz: float, flagged: np.ndarray | None = None) -> np.ndarray:
+    """Per channel, the highest mean envelope over any MVC_WINDOW_S (robust to single spikes) that
+    holds no ``flagged`` sample (same shape; None: none is); -inf where no window is clean."""
     n = min(max(int(MVC_WINDOW_S * fs_hz), 1), len(envelope_uv))
-    cumulative = np.cumsum(np.vstack((np.zeros((1, envelope_uv.shape[1])), envelope_uv)), axis=0)
-    return ((cumulative[n:] - cumulative[:-n]) / n).max(axis=0)
+    means = _window_sums(envelope_uv, n) / n
+    if flagged is not None:
+        means[_window_sums(flagged, n) > 0] = -np.inf
+    return means.max(axis=0)
 
 
-def check_levels(name: str, rest_uv: float, rest_sd_uv: float, mvc_uv: float) -> None:
-    """Refuse levels that are not finite and non-negative (a hand-edited or corrupt file: a
-    negative rest level stimulates at rest), and an MVC not clearly above rest (a failed
-    trial, a loose electrode, no effort)."""
+def _window_sums(values: np.ndarray, n: int) -> np.ndarray:
+    """Per channel, the sum of every ``n`` consecutive rows of ``values`` (n_samples, n_channels)."""
+    cumulative = np.cumsum(np.vstack((np.zeros((1, values.shape[1])), values)), axis=0)
+    return cumulative[n:] - cumulative[:-n]
+
+
+def check_levels(name: str, rest_uv: float, rest_sd_uv: float | None, mvc_uv: float) -> None:
+    """Refuse levels that normalization cannot rely on (:class:`LevelError`).
+
+    Not finite or negative: a hand-edited or corrupt file (a negative rest level stimulates
+    at rest). Rest below the floors: no amplifier noise, so no electrode (lead-off). An MVC
+    not clearly above rest: a failed trial, a loose electrode, no effort; resting noise would
+    then read as a large activation. ``rest_sd_uv`` None: not measured (a config's levels).
+    """
     for key, value in (("rest_uv", rest_uv), ("rest_sd_uv", rest_sd_uv), ("mvc_uv", mvc_uv)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise CalibrationError(f"{name}: {key} = {value!r}: must be a finite number of uV, not negative")
-    needed = max(MVC_MIN_RATIO * rest_uv, rest_uv + MVC_MIN_SD * rest_sd_uv)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise LevelError(name, key, value, "must be a finite number of uV, not negative")
+    if rest_uv < REST_MIN_UV:
+        raise LevelError(
+            name, "rest_uv", rest_uv, f"must be at least {REST_MIN_UV:g} uV, the amplifier noise of a connected electrode (lead-off?)"
+        )
+    if rest_sd_uv is not None and rest_sd_uv < REST_SD_MIN_UV:
+        raise LevelError(
+            name, "rest_sd_uv", rest_sd_uv, f"must be at least {REST_SD_MIN_UV:g} uV: a resting envelope varies (lead-off?)"
+        )
+    sd_uv = rest_sd_uv or 0.0
+    needed = max(MVC_MIN_RATIO * rest_uv, rest_uv + MVC_MIN_SD * sd_uv, rest_uv + MVC_MIN_ABOVE_REST_UV)
     if not mvc_uv > needed:
+        raise LevelError(
+            name, "mvc_uv", mvc_uv,
+            f"not clearly above rest ({rest_uv:.3g} uV, SD {sd_uv:.3g} uV): must exceed {needed:.3g} uV "
+            f"({MVC_MIN_RATIO:g} x rest, rest + {MVC_MIN_SD:g} SD and rest + {MVC_MIN_ABOVE_REST_UV:g} uV); "
+            "a failed or weak trial, a loose electrode?",
+        )
+
+
+def check_flagged_share(name: str, phase: str, flagged: np.ndarray) -> None:
+    """Refuse a phase whose samples the contamination detector flagged more than MAX_FLAGGED_SHARE of."""
+    share = float(flagged.mean()) if len(flagged) else 0.0
+    if share > MAX_FLAGGED_SHARE:
         raise CalibrationError(
-            f"{name}: MVC level {mvc_uv:.3g} uV is not clearly above rest ({rest_uv:.3g} uV, SD {rest_sd_uv:.3g} uV); "
-            f"it must exceed {needed:.3g} uV ({MVC_MIN_RATIO:g} x rest and rest + {MVC_MIN_SD:g} SD). "
-            "Check the electrodes and repeat with a maximal contraction."
+            f"{name}: {share:.0%} of its {phase} phase is contaminated (lead-off, saturation or motion, as the "
+            f"controller flags it; at most {MAX_FLAGGED_SHARE:.0%} may be): check the electrodes and repeat"
         )
 
 
 def muscle_calibration(
-    name: str, rest_envelope_uv: np.ndarray, trial_envelopes_uv: list[np.ndarray], fs_hz: float
+    name: str,
+    rest_envelope_uv: np.ndarray,
+    trial_envelopes_uv: list[np.ndarray],
+    fs_hz: float,
+    rest_flagged: np.ndarray | None = None,
+    trials_flagged: list[np.ndarray] | None = None,
 ) -> MuscleCalibration:
-    """One muscle's calibration from its rest envelope and its MVC trial envelopes (1-D each)."""
-    rest, sd = (float(v[0]) for v in rest_level(rest_envelope_uv[:, np.newaxis]))
-    trials = tuple(float(mvc_level(t[:, np.newaxis], fs_hz)[0]) for t in trial_envelopes_uv)
+    """One muscle's calibration from its rest envelope and its MVC trial envelopes (1-D each),
+    leaving out the samples the contamination detector flagged (``*_flagged``, one bool array
+    per envelope; None: none flagged): a lead-off flat line must not become the rest level."""
+    rest_flagged = np.zeros(len(rest_envelope_uv), dtype=bool) if rest_flagged is None else rest_flagged
+    check_flagged_share(name, "rest", rest_flagged)
+    rest, sd = (float(v[0]) for v in rest_level(rest_envelope_uv[:, np.newaxis], rest_flagged[:, np.newaxis]))
+    if trials_flagged is None:
+        trials_flagged = [np.zeros(len(t), dtype=bool) for t in trial_envelopes_uv]
+    trials = tuple(
+        _trial_level(name, f"MVC {k + 1}/{len(trial_envelopes_uv)}", envelope, flagged, fs_hz)
+        for k, (envelope, flagged) in enumerate(zip(trial_envelopes_uv, trials_flagged, strict=True))
+    )
     mvc = max(trials)
     check_levels(name, rest, sd, mvc)
     return MuscleCalibration(name, rest, sd, mvc, trials, rest + 3.0 * sd, rest + 0.1 * (mvc - rest))
+
+
+def _trial_level(name: str, phase: str, envelope_uv: np.ndarray, flagged: np.ndarray, fs_hz: float) -> float:
+    """One MVC trial's level over its clean samples; refused when too much of it, or every window, is flagged."""
+    check_flagged_share(name, phase, flagged)
+    level = float(mvc_level(envelope_uv[:, np.newaxis], fs_hz, flagged[:, np.newaxis])[0])
+    if not math.isfinite(level):
+        raise CalibrationError(f"{name}: no {MVC_WINDOW_S:g} s of its {phase} phase is free of contamination: repeat it")
+    return level

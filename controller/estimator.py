@@ -18,7 +18,7 @@ from controller.artifacts import ArtifactFinder
 from controller.blanking import Blanker
 from controller.calibration import Calibration
 from controller.contamination import ContaminationDetector
-from controller.buffers import Columns, Rows, column_steps
+from controller.buffers import Columns, RepeatedRow, Rows, column_steps
 from controller.dsp import EnvelopeEstimator, Normalization
 from controller.mwave import MWaveEstimator
 from controller.onset import OnsetDetector
@@ -44,8 +44,8 @@ class EmgEstimator:
     """Everything between an EMG chunk and an activation per muscle (no I/O).
 
     Allocates no array data per chunk: ``activation`` is updated in place, and
-    ``envelope_uv`` / ``filtered_uv`` are views of buffers the next chunk overwrites
-    (copy what must be kept).
+    ``envelope_uv`` / ``filtered_uv`` / ``contamination_flags`` are views of buffers the next
+    chunk overwrites (copy what must be kept).
     """
 
     def __init__(
@@ -97,6 +97,9 @@ class EmgEstimator:
         # The last block's envelope and band-filtered EMG, aligned with its samples (views of reused buffers).
         self.envelope_uv = np.zeros((0, n_muscles))
         self.filtered_uv = np.zeros((0, n_muscles))
+        # Per sample of the last block: flagged contaminated (hold-off included), aligned with envelope_uv.
+        self.contamination_flags = np.zeros((0, n_muscles), dtype=bool)
+        self._never_flagged = RepeatedRow(np.zeros(n_muscles, dtype=bool))  # the flags when detection is off
         first_channel = int(self._channels[0]) if n_muscles else 0
         in_order = np.array_equal(self._channels, np.arange(first_channel, first_channel + n_muscles))
         self._channel_slice = slice(first_channel, first_channel + n_muscles) if in_order else None
@@ -210,7 +213,10 @@ class EmgEstimator:
         self.envelope_uv = envelope_uv
         self.filtered_uv = filtered_uv
         if self.contamination.enabled:
-            self._contamination_events(self.contamination.process(raw_uv, held_uv, first), first)
+            self.contamination_flags = self.contamination.process(raw_uv, held_uv, first)
+            self._contamination_events(self.contamination_flags, first)
+        else:
+            self.contamination_flags = self._never_flagged(n)
         self._unfinished_envelope_first = first
         if n:
             self._normalization(envelope_uv[-1], out=self.activation)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -91,6 +91,20 @@ class PhaseMarkers:
         self._outlet = None
 
 
+@dataclass
+class PhaseSamples:
+    """One phase's envelope and contamination flags, chunk by chunk ((n, n_muscles) each)."""
+
+    envelope_uv: list[np.ndarray] = field(default_factory=list)
+    flagged: list[np.ndarray] = field(default_factory=list)
+
+    def joined(self, n_muscles: int) -> tuple[np.ndarray, np.ndarray]:
+        """(envelope_uv, flagged), each (n_samples, n_muscles)."""
+        if not self.envelope_uv:
+            return np.zeros((0, n_muscles)), np.zeros((0, n_muscles), dtype=bool)
+        return np.vstack(self.envelope_uv), np.vstack(self.flagged)
+
+
 def phase_name(phase: Phase, names: list[str]) -> str:
     """``rest``, or ``mvc 2/3 quadriceps_l``: how markers name a phase."""
     return "rest" if phase.muscle is None else f"mvc {phase.label.split()[-1]} {names[phase.muscle]}"
@@ -98,8 +112,8 @@ def phase_name(phase: Phase, names: list[str]) -> str:
 
 def record(
     config: Config, phases: list[Phase], timeout_s: float, markers: PhaseMarkers
-) -> tuple[list[list[np.ndarray]], float]:
-    """Envelope samples per phase (one (n, n_muscles) array per chunk) and the sampling rate.
+) -> tuple[list[PhaseSamples], float]:
+    """Envelope samples and their contamination flags per phase, and the sampling rate.
 
     Each phase's start and end go to ``markers`` stamped with the EMG sample time they refer to.
     """
@@ -110,7 +124,7 @@ def record(
     ctx = zmq.Context()
     sock = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], hwm=10000)
     counters = StreamCounters()
-    collected: list[list[np.ndarray]] = [[] for _ in phases]
+    collected = [PhaseSamples() for _ in phases]
     estimator: EmgEstimator | None = None
     t0_s: float | None = None
     announced: set[tuple[int, int]] = set()
@@ -133,7 +147,8 @@ def record(
                 for i, phase in enumerate(phases):
                     inside = (times_s >= phase.start_s) & (times_s < phase.stop_s)
                     if inside.any():
-                        collected[i].append(estimator.envelope_uv[inside].copy())
+                        collected[i].envelope_uv.append(estimator.envelope_uv[inside].copy())
+                        collected[i].flagged.append(estimator.contamination_flags[inside].copy())
                 now_s = times_s[-1] if n else 0.0
                 for text, phase_s in _announce(phases, names, now_s, announced):
                     markers.mark(text, t0_s + phase_s)
@@ -166,15 +181,21 @@ def _announce(
     return edges
 
 
-def compute(config: Config, config_path: str, phases: list[Phase], collected: list[list[np.ndarray]], fs_hz: float) -> Calibration:
-    joined = [np.vstack(c) if c else np.zeros((0, len(config.muscles))) for c in collected]
+def compute(config: Config, config_path: str, phases: list[Phase], collected: list[PhaseSamples], fs_hz: float) -> Calibration:
+    """Each muscle's levels from its phases, leaving out the samples the contamination detector flagged."""
+    joined = [c.joined(len(config.muscles)) for c in collected]
     muscles = []
     for m, muscle in enumerate(config.muscles):
-        rest = joined[0][:, m]
-        trials = [joined[i][:, m] for i, p in enumerate(phases) if p.muscle == m and len(joined[i])]
+        rest, rest_flagged = (a[:, m] for a in joined[0])
+        trials = [i for i, p in enumerate(phases) if p.muscle == m and len(joined[i][0])]
         if not len(rest) or not trials:
             raise CalibrationError(f"{muscle.name}: no EMG recorded in its rest or MVC phases")
-        muscles.append(muscle_calibration(muscle.name, rest, trials, fs_hz))
+        muscles.append(
+            muscle_calibration(
+                muscle.name, rest, [joined[i][0][:, m] for i in trials], fs_hz,
+                rest_flagged, [joined[i][1][:, m] for i in trials],
+            )
+        )
     return Calibration(
         config.name, config_path, datetime.now(timezone.utc).isoformat(timespec="seconds"), fs_hz, tuple(muscles)
     )

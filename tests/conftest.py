@@ -139,6 +139,26 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         group.cleanup()
 
 
+@contextmanager
+def fesloop_cli(*args: str) -> Iterator[subprocess.Popen]:
+    """``python -m fesloop ARGS``, stdout and stderr piped as text; killed on the way out if it still runs."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fesloop", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)
+
+
+def completed(process: subprocess.Popen, timeout_s: float) -> subprocess.CompletedProcess:
+    """Wait for ``process`` (of :func:`fesloop_cli`) to end; its exit code and output."""
+    stdout, stderr = process.communicate(timeout=timeout_s)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until truthy; fail the test naming ``what`` on timeout."""
     deadline = time.monotonic() + timeout_s

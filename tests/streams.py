@@ -1,4 +1,4 @@
-"""Test helpers for published streams: a background recorder and pulse arrays."""
+"""Test helpers for published streams: a background recorder, pulse arrays, a stand-in acquisition."""
 
 from __future__ import annotations
 
@@ -55,3 +55,39 @@ def pulses_array(messages: list[protocol.Message]) -> tuple[np.ndarray, np.ndarr
         np.concatenate([b.time_s for b in bodies]),
         np.concatenate([b.amplitude_ma for b in bodies]),
     )
+
+
+class EmgFeed:
+    """A stand-in acquisition: publishes recorded EMG as ``emg`` chunks, each right after the last.
+
+    An XPUB socket, so :meth:`wait_for_subscriber` can hold the first chunk until someone
+    listens (a PUB drops what it sends before the subscription arrives); it never drops a
+    chunk after that, however fast the test sends.
+    """
+
+    def __init__(self, endpoint: str, fs_hz: float, chunk: int) -> None:
+        self.fs_hz = fs_hz
+        self.chunk = chunk
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.bind(endpoint)
+        self._seq = 0
+        self._next_index = 0
+
+    def wait_for_subscriber(self, timeout_s: float) -> None:
+        assert self._sock.poll(int(timeout_s * 1000)), f"no subscriber within {timeout_s} s"
+        self._sock.recv()
+
+    def send(self, emg_uv: np.ndarray) -> None:
+        """``emg_uv`` (n_samples, n_channels) in chunks, on the sample clock (time = index / fs)."""
+        for start in range(0, len(emg_uv), self.chunk):
+            data = np.ascontiguousarray(emg_uv[start : start + self.chunk], dtype=np.float32)
+            time_s = self._next_index / self.fs_hz
+            chunk = protocol.EmgChunk(self._next_index, time_s, time_s, self.fs_hz, data)
+            self._sock.send_multipart(protocol.encode(self._seq, 0.0, chunk))
+            self._seq += 1
+            self._next_index += len(data)
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 from controller.calibration import Calibration
 from fesloop.lsl import configure_machine_scope
+from tests.conftest import completed, fesloop_cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,10 +47,14 @@ def _write(write_config, contracting: bool):
 
 def _calibrate(path, out, processes, markers: list[tuple[str, float]] | None = None) -> subprocess.CompletedProcess:
     """Run ``fesloop calibrate`` against a fresh acquisition; with ``markers``, collect its LSL markers."""
-    calibrate = subprocess.Popen(
-        [sys.executable, "-m", "fesloop", "calibrate", str(path), "--out", str(out), *SHORT],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    with fesloop_cli("calibrate", str(path), "--out", str(out), *SHORT) as calibrate:
+        return _run_with_acquisition(calibrate, path, processes, markers)
+
+
+def _run_with_acquisition(
+    calibrate: subprocess.Popen, path, processes, markers: list[tuple[str, float]] | None
+) -> subprocess.CompletedProcess:
+    """Start the acquisition ``calibrate`` listens to (markers collected first) and wait for calibrate's end."""
     stop = threading.Event()
     reader = None
     try:
@@ -72,15 +76,11 @@ def _calibrate(path, out, processes, markers: list[tuple[str, float]] | None = N
             reader = threading.Thread(target=pull, daemon=True)
             reader.start()
         processes.start("acquisition", str(path), name="acquisition")
-        stdout, stderr = calibrate.communicate(timeout=40)
+        return completed(calibrate, 40)
     finally:
-        if calibrate.poll() is None:
-            calibrate.kill()
-            calibrate.wait(5)
         stop.set()
         if reader is not None:
             reader.join(2)
-    return subprocess.CompletedProcess(calibrate.args, calibrate.returncode, stdout, stderr)
 
 
 def test_calibrate_measures_rest_and_mvc_from_live_emg(write_config, processes, tmp_path) -> None:

@@ -38,6 +38,25 @@ def test_levels_that_are_not_finite_non_negative_numbers_are_refused_naming_them
         Calibration.from_dict(raw)
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("levels", "key"),
+    [
+        ({"rest_uv": 6.92e-13, "rest_sd_uv": 3.47e-16, "mvc_uv": 0.325}, "rest_uv"),  # the review's lead-off file
+        ({"rest_uv": 0.49, "rest_sd_uv": 0.1, "mvc_uv": 200.0}, "rest_uv"),
+        ({"rest_uv": 3.0, "rest_sd_uv": 0.019, "mvc_uv": 200.0}, "rest_sd_uv"),
+        ({"rest_uv": 4.26, "rest_sd_uv": 0.3, "mvc_uv": 14.0}, "mvc_uv"),  # above 2 x rest and rest + 10 SD
+    ],
+)
+def test_levels_below_the_absolute_floors_are_refused_at_load(levels: dict, key: str) -> None:
+    """A file with rest ~0 and SD ~0 passed any MVC (2 x 0, 0 + 10 x 0): with the review's file a
+    real resting envelope of 4.26 uV read as activation 1.0. An MVC 9.7 uV above a 4.26 uV rest
+    passed too: resting noise of 1 uV then reads as 0.1."""
+    raw = json.loads(json.dumps(_file([_muscle("quadriceps_l", **levels)])))
+    with pytest.raises(CalibrationError, match=f"^quadriceps_l: {key} = {levels[key]!r}: "):
+        Calibration.from_dict(raw)
+
+
 def test_a_file_without_a_configured_muscle_is_refused_naming_it(write_config, tmp_path: Path) -> None:
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(_file([_muscle("quadriceps_l")])))
