@@ -135,14 +135,15 @@ def check_levels(name: str, rest_uv: float, rest_sd_uv: float | None, mvc_uv: fl
         raise LevelError(
             name, "rest_sd_uv", rest_sd_uv, f"must be at least {REST_SD_MIN_UV:g} uV: a resting envelope varies (lead-off?)"
         )
-    sd_uv = rest_sd_uv or 0.0
-    needed = max(MVC_MIN_RATIO * rest_uv, rest_uv + MVC_MIN_SD * sd_uv, rest_uv + MVC_MIN_ABOVE_REST_UV)
+    needed = max(MVC_MIN_RATIO * rest_uv, rest_uv + MVC_MIN_ABOVE_REST_UV, rest_uv + MVC_MIN_SD * (rest_sd_uv or 0.0))
     if not mvc_uv > needed:
+        rest = f"rest {rest_uv:.3g} uV" + ("" if rest_sd_uv is None else f", SD {rest_sd_uv:.3g} uV")
+        rule = f"{MVC_MIN_RATIO:g} x rest, rest + {MVC_MIN_ABOVE_REST_UV:g} uV" + (
+            "" if rest_sd_uv is None else f", rest + {MVC_MIN_SD:g} SD"
+        )
         raise LevelError(
             name, "mvc_uv", mvc_uv,
-            f"not clearly above rest ({rest_uv:.3g} uV, SD {sd_uv:.3g} uV): must exceed {needed:.3g} uV "
-            f"({MVC_MIN_RATIO:g} x rest, rest + {MVC_MIN_SD:g} SD and rest + {MVC_MIN_ABOVE_REST_UV:g} uV); "
-            "a failed or weak trial, a loose electrode?",
+            f"not clearly above rest ({rest}): must exceed {needed:.3g} uV ({rule}); a failed or weak trial, a loose electrode?",
         )
 
 

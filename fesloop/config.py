@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from controller.calibration import LevelError, check_levels
 from fesloop.schema import ConfigError, bounded, build
 from stimulator.channel_list import plan_channel_list
 from stimulator.limits import DEVICES, LimitError, check_channel
@@ -178,14 +179,17 @@ class Muscle:
     emg_channel: int = bounded(lo=0, hi=1023)
     rest_uv: float = bounded(lo=0.0, unit="uV")
     mvc_uv: float = bounded(lo=0.0, unit="uV")
-    rest_sd_uv: float = bounded(0.0, 0.0, 1e6, "uV (envelope SD at rest; needed by onset mode rest_sd)")
+    rest_sd_uv: float = bounded(0.0, 0.0, 1e6, "uV (envelope SD at rest, 0 = not measured; needed by onset mode rest_sd)")
     # The M-wave that normalizes to 1 (e.g. M-max measured beforehand); 0 = the fresh M-wave of the session.
     mwave_reference_uv: float = bounded(0.0, 0.0, 1e6, "uV (0 = the fresh M-wave)")
     placement: str = ""  # where the electrodes sit (e.g. "SENIAM vastus lateralis, left"); goes into the LSL stream
 
     def check(self) -> None:
-        if self.mvc_uv <= self.rest_uv:
-            raise ConfigError("mvc_uv", self.mvc_uv, f"must be above rest_uv ({self.rest_uv:g} uV)")
+        """The rule a calibration file's levels follow (rest_sd_uv 0: not measured, no SD rule)."""
+        try:
+            check_levels(self.name, self.rest_uv, self.rest_sd_uv or None, self.mvc_uv)
+        except LevelError as exc:
+            raise ConfigError(exc.key, exc.value, exc.allowed) from None
 
 
 @dataclass(frozen=True)

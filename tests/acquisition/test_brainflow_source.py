@@ -79,8 +79,8 @@ def test_injected_gaps_and_duplicates_are_counted_exactly(tmp_path: Path) -> Non
 
 def test_synthetic_board_streams_contiguous_microvolts_on_the_shared_clock() -> None:
     config = parse_config(
-        '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
-        '[[muscles]]\nname = "b"\nemg_channel = 1\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
+        '[[muscles]]\nname = "b"\nemg_channel = 1\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     )
     source = BrainFlowSource(config)
     blocks = read_all(source, 250, timeout_s=5)
@@ -115,7 +115,7 @@ def test_playback_board_needs_its_master_board(tmp_path: Path) -> None:
     config = playback_config(tmp_path / "x.tsv", extra="")
     bad = parse_config(
         '[acquisition]\nsource = "brainflow"\n[acquisition.brainflow]\nboard = "PLAYBACK_FILE_BOARD"\n'
-        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     )
     with pytest.raises(SourceError, match="master_board is empty"):
         BrainFlowSource(bad)

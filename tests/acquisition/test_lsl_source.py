@@ -27,8 +27,8 @@ def make_outlet(source_id: str) -> pylsl.StreamOutlet:
 def source_for(source_id: str) -> LslSource:
     return LslSource(parse_config(
         f'[acquisition]\nsource = "lsl"\n[acquisition.lsl_inlet]\nsource_id = "{source_id}"\nscale_uv = 2.0\n'
-        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
-        '[[muscles]]\nname = "b"\nemg_channel = 1\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
+        '[[muscles]]\nname = "b"\nemg_channel = 1\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     ))
 
 
@@ -86,7 +86,7 @@ def test_lsl_inlet_gaps_from_timestamps_and_recovery_after_the_outlet_is_lost() 
 def test_no_matching_stream_is_a_source_error_naming_the_query() -> None:
     source = LslSource(parse_config(
         '[acquisition]\nsource = "lsl"\n[acquisition.lsl_inlet]\nname = "nobody-here"\nresolve_timeout_s = 0.2\n'
-        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     ))
     with pytest.raises(SourceError, match="no LSL stream matches name='nobody-here' and type='EMG'"):
         source.start(0.0)
@@ -96,7 +96,7 @@ def test_fesloops_own_emg_outlet_is_never_picked_up() -> None:
     own = make_outlet(f"fesloop-demo-emg-{uuid.uuid4().hex[:8]}")
     source = LslSource(parse_config(
         '[acquisition]\nsource = "lsl"\n[acquisition.lsl_inlet]\nname = "test-amp"\nresolve_timeout_s = 0.5\n'
-        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     ))
     with pytest.raises(SourceError, match="no LSL stream matches"):
         source.start(0.0)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.calibration import FORMAT, Calibration, CalibrationError
 from fesloop.config import DEFAULT_CONFIG, Config, load_config, parse_config
 from fesloop.schema import ConfigError
 from stimulator.limits import REHASTIM2, electrode_limit_ma
@@ -326,7 +327,32 @@ def test_bad_literal_is_refused(text, key, value, allowed):
 
 def test_mvc_not_above_rest_is_refused():
     text = edit("rest_uv = 3.0\nmvc_uv = 240.0", "rest_uv = 300.0\nmvc_uv = 240.0", count=2)
-    refused(text, "muscles[0].mvc_uv", 240.0, "must be above rest_uv (300 uV)")
+    refused(text, "muscles[0].mvc_uv", 240.0, "not clearly above rest (rest 300 uV): must exceed 600 uV")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("levels", "key", "allowed"),
+    [
+        ({"rest_uv": 5.0, "mvc_uv": 5.01}, "mvc_uv", "must exceed 15 uV (2 x rest, rest + 10 uV)"),
+        ({"rest_uv": 3.0, "mvc_uv": 40.0, "rest_sd_uv": 5.0}, "mvc_uv", "must exceed 53 uV (2 x rest, rest + 10 uV, rest + 10 SD)"),
+        ({"rest_uv": 0.2, "mvc_uv": 240.0}, "rest_uv", "must be at least 0.5 uV"),
+        ({"rest_uv": 3.0, "mvc_uv": 240.0, "rest_sd_uv": 0.01}, "rest_sd_uv", "must be at least 0.02 uV"),
+    ],
+)
+def test_muscle_levels_follow_the_calibration_files_rule(levels: dict, key: str, allowed: str) -> None:
+    """A config's levels only needed mvc > rest: rest 5, MVC 5.01 loaded (a calibration file with
+    them was refused), and resting noise flipped the activation to 1.0. Now the same rule
+    (controller.calibration.check_levels), with key, value and the allowed range; the same
+    levels in a calibration file are refused naming the same key."""
+    lines = "\n".join(f"{k} = {v!r}" for k, v in levels.items())
+    refused(edit("rest_uv = 3.0\nmvc_uv = 240.0", lines, count=2), f"muscles[0].{key}", levels[key], allowed)
+    muscle = {"name": "m", "rest_sd_uv": 0.1, **levels, "mvc_trials_uv": [levels["mvc_uv"]], "onset_rest_3sd_uv": 0.0,
+              "onset_10pct_mvc_uv": 0.0}
+    raw = {"format": FORMAT, "config_name": "", "config_path": "", "created_utc": "", "sampling_rate_hz": 2000.0,
+           "muscles": [muscle]}
+    with pytest.raises(CalibrationError, match=f"^m: {key} = {levels[key]!r}: "):
+        Calibration.from_dict(raw)
 
 
 @pytest.mark.parametrize(
