@@ -5,14 +5,19 @@ estimator on it, so the levels are measured exactly as the controller will see t
 Phases are timed on the EMG's own sample clock from the first chunk received: a
 countdown, rest, then for each muscle ``--trials`` maximal contractions. A
 calibration whose MVC is not clearly above rest is refused and nothing is written;
-a good one replaces the file atomically.
+a good one replaces the file atomically, the previous one kept as ``<name>.bak``.
+Where the file cannot be written is found before the first trial; a write that
+fails at the end still prints the measured calibration, so no trial is lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -201,17 +206,59 @@ def compute(config: Config, config_path: str, phases: list[Phase], collected: li
     )
 
 
-def write_atomically(path: Path, calibration: Calibration) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+def backup_path(path: Path) -> Path:
+    """Where an existing calibration file is kept when a new one replaces it."""
+    return path.with_name(path.name + ".bak")
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless a calibration can be written to ``path``: tried with the temporary
+    file the write will use, before the patient does any trial."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+    temporary = _temporary_path(path)
+    temporary.touch()
+    temporary.unlink()
+
+
+def write_atomically(path: Path, calibration: Calibration) -> Path | None:
+    """Write ``path`` whole or not at all: a temporary file, fsynced, then renamed over it. An
+    existing file is first copied to :func:`backup_path` (replacing an older backup), whose
+    path is returned (None: there was none)."""
+    temporary = _temporary_path(path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(json.dumps(calibration.to_dict(), indent=2) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        backup = backup_path(path) if path.exists() else None
+        if backup is not None:
+            shutil.copy2(path, backup)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+    return backup
 
 
 def main(config: Config, args: argparse.Namespace) -> int:
-    """Entry of ``fesloop calibrate``; returns the exit code (1 when refused)."""
+    """Entry of ``fesloop calibrate``; returns the exit code (1 when refused or not written)."""
     out = args.out or Path(config.controller.calibration_file or DEFAULT_OUT)
     if min(args.rest_s, args.trial_s) <= 0 or args.pause_s < 0 or args.trials < 1:
         sys.exit("fesloop calibrate: --rest-s and --trial-s must be positive, --pause-s >= 0, --trials >= 1")
+    try:
+        check_writable(out)
+    except OSError as exc:
+        sys.exit(f"fesloop calibrate: cannot write the calibration to {out}: {exc}; no trial started")
+    if out.exists():
+        print(f"{out} exists: it will be kept as {backup_path(out)}", flush=True)
     phases = schedule(len(config.muscles), args.rest_s, args.trials, args.trial_s, args.pause_s)
     markers = PhaseMarkers(config)
     try:
@@ -222,13 +269,24 @@ def main(config: Config, args: argparse.Namespace) -> int:
         markers.close()
         print(f"fesloop calibrate: refused, nothing written: {exc}", file=sys.stderr)
         return 1
-    write_atomically(out, calibration)
-    markers.mark(f"calibration written to {out}", pylsl.local_clock())
-    markers.close()
     for m in calibration.muscles:
         print(
             f"{m.name}: rest {m.rest_uv:.3g} uV (SD {m.rest_sd_uv:.3g}), MVC {m.mvc_uv:.3g} uV; "
             f"suggested onset: {m.onset_rest_3sd_uv:.3g} uV (rest + 3 SD) or {m.onset_10pct_mvc_uv:.3g} uV (10 % MVC)"
         )
-    print(f"wrote {out}")
+    try:
+        backup = write_atomically(out, calibration)
+    except OSError as exc:
+        markers.mark(f"calibration not written: {exc}", pylsl.local_clock())
+        markers.close()
+        print(json.dumps(calibration.to_dict(), indent=2))
+        print(
+            f"fesloop calibrate: could not write {out}: {exc}; the calibration measured is printed above "
+            "(save it as a .json file to use it)",
+            file=sys.stderr,
+        )
+        return 1
+    markers.mark(f"calibration written to {out}", pylsl.local_clock())
+    markers.close()
+    print(f"wrote {out}" + (f" (the previous file is kept as {backup})" if backup else ""))
     return 0
