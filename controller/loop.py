@@ -49,6 +49,15 @@ def load_calibration(config: Config) -> Calibration | None:
     return calibration
 
 
+def check_calibration_rate(config: Config, calibration: Calibration, fs_hz: float) -> None:
+    """Refuse a calibration measured from EMG at another rate (another amplifier or setting), naming both."""
+    if not math.isclose(calibration.sampling_rate_hz, fs_hz, rel_tol=1e-9):
+        raise CalibrationError(
+            f"calibration file {config.controller.calibration_file}: made from EMG at "
+            f"{calibration.sampling_rate_hz:g} Hz, the EMG is at {fs_hz:g} Hz (calibrate again at this rate)"
+        )
+
+
 class Controller:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -168,6 +177,17 @@ class Controller:
             return {"crank_source": "motomed", "crank_unsynced": self.crank_unsynced}
         return {}
 
+    def _refuse_calibration_at_another_rate(self, fs_hz: float) -> None:
+        """Like an unreadable file, a calibration made at another EMG rate keeps every gate closed (NOT_CALIBRATED)."""
+        if self.calibration is None:
+            return
+        try:
+            check_calibration_rate(self.config, self.calibration, fs_hz)
+        except CalibrationError as exc:
+            self.calibration = None
+            self.calibration_error = str(exc)
+            self.rt.log.error("%s; every gate stays closed (NOT_CALIBRATED)", exc)
+
     def on_emg(self, chunk: protocol.EmgChunk, now_s: float) -> None:
         needed = self.channels_needed
         if chunk.data.shape[1] < needed:
@@ -176,6 +196,7 @@ class Controller:
             return
         self.finish_chunk()  # the previous chunk's, when its command is still held back by the rate limit
         if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
+            self._refuse_calibration_at_another_rate(chunk.sampling_rate_hz)
             self.estimator = EmgEstimator(
                 self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration
             )

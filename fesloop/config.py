@@ -8,7 +8,7 @@ with the key path, the value and what is allowed (:class:`ConfigError`).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -331,6 +331,7 @@ class ControllerConfig:
     onset: OnsetConfig = field(default_factory=OnsetConfig)
     mwave: MWaveConfig = field(default_factory=MWaveConfig)
     # Written by `fesloop calibrate`; when set, its rest/MVC levels replace the muscles' own.
+    # A relative path is taken from the config file's folder.
     calibration_file: str = ""
     ergometer: ErgometerConfig = field(default_factory=ErgometerConfig)
     crank: CrankConfig = field(default_factory=CrankConfig)
@@ -680,6 +681,16 @@ def parse_config(text: str, source: str = "<string>") -> Config:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Load a config file (the demo config when ``path`` is None)."""
+    """Load a config file (the demo config when ``path`` is None); a relative
+    ``controller.calibration_file`` is taken from the config file's folder."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    return parse_config(path.read_text(encoding="utf-8"), str(path))
+    return _calibration_file_from(parse_config(path.read_text(encoding="utf-8"), str(path)), path.absolute().parent)
+
+
+def _calibration_file_from(config: Config, folder: Path) -> Config:
+    """``config`` with a relative calibration_file made absolute from ``folder``: the calibration
+    belongs with the rig's config, not with the folder a process happens to start in."""
+    file = config.controller.calibration_file
+    if not file or Path(file).is_absolute():
+        return config
+    return replace(config, controller=replace(config.controller, calibration_file=str(folder / file)))

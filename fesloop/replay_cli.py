@@ -106,9 +106,12 @@ def replay(
     # Imported here, not at the top: every `fesloop` command builds this module's arguments,
     # and the estimator brings scipy.signal (~0.7 s) that only a replay needs.
     from controller.estimator import EmgEstimator
-    from controller.loop import load_calibration
+    from controller.loop import check_calibration_rate, load_calibration
 
-    estimator = EmgEstimator(config, fs_hz, emg_uv.shape[1], load_calibration(config))
+    calibration = load_calibration(config)
+    if calibration is not None:
+        check_calibration_rate(config, calibration, fs_hz)
+    estimator = EmgEstimator(config, fs_hz, emg_uv.shape[1], calibration)
     pulses_due = _PulsesDue(pulses, config.controller.blanking.pre_ms * 1e-3)
     chunk = max(int(round(fs_hz / config.controller.control_rate_hz)), 1)
     n_stim = len(config.stimulation)

@@ -13,6 +13,7 @@ from controller.calibration import FORMAT, Calibration, CalibrationError
 from controller.loop import Controller, load_calibration
 from fesloop.config import load_config
 from fesloop.protocol import EmgChunk, GateReason
+from tests.conftest import completed, fesloop_cli
 
 
 def _muscle(name: str, **levels: float) -> dict:
@@ -21,9 +22,9 @@ def _muscle(name: str, **levels: float) -> dict:
             "onset_10pct_mvc_uv": 22.7}
 
 
-def _file(muscles: list[dict]) -> dict:
+def _file(muscles: list[dict], sampling_rate_hz: float = 2000.0) -> dict:
     return {"format": FORMAT, "config_name": "demo", "config_path": "demo.toml", "created_utc": "2026-11-27T00:00:00Z",
-            "sampling_rate_hz": 2000.0, "muscles": muscles}
+            "sampling_rate_hz": sampling_rate_hz, "muscles": muscles}
 
 
 @pytest.mark.parametrize(
@@ -66,11 +67,22 @@ def test_a_file_without_a_configured_muscle_is_refused_naming_it(write_config, t
 
 
 @pytest.mark.timeout(30)
-def test_a_refused_file_keeps_every_gate_closed_and_the_controller_running(write_config, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("muscles", "sampling_rate_hz", "error"),
+    [
+        (["quadriceps_l"], 2000.0, "no muscle 'tibialis_l'"),
+        (["quadriceps_l", "tibialis_l"], 250.0, "made from EMG at 250 Hz, the EMG is at 2000 Hz"),
+    ],
+    ids=["missing_muscle", "another_rate"],
+)
+def test_a_refused_file_keeps_every_gate_closed_and_the_controller_running(
+    write_config, tmp_path: Path, muscles: list[str], sampling_rate_hz: float, error: str
+) -> None:
     """The file lacks a configured muscle: it used to load, and the first EMG chunk then raised out
-    of the loop and killed the controller. Now: NOT_CALIBRATED, and EMG chunks are processed."""
+    of the loop and killed the controller. The file was made from EMG at another rate (another
+    amplifier or setting): it was used without a word. Now: NOT_CALIBRATED, and EMG chunks are processed."""
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps(_file([_muscle("quadriceps_l")])))
+    path.write_text(json.dumps(_file([_muscle(name) for name in muscles], sampling_rate_hz)))
     config = load_config(write_config("demo.toml", {"[controller]\n": f'[controller]\ncalibration_file = "{path}"\n'}))
     controller = Controller(config)
     try:
@@ -79,5 +91,45 @@ def test_a_refused_file_keeps_every_gate_closed_and_the_controller_running(write
         command = controller.compute(now_s)
     finally:
         controller.rt.close()
-    assert "no muscle 'tibialis_l'" in controller.calibration_error
+    assert f"calibration file {path}: " in controller.calibration_error and error in controller.calibration_error
     assert command.gate_reason.tolist() == [GateReason.NOT_CALIBRATED] * 2 and not command.gate_open.any()
+
+
+@pytest.mark.timeout(10)
+def test_a_relative_calibration_file_is_taken_from_the_config_folder(write_config, tmp_path: Path, monkeypatch) -> None:
+    """It was taken from the current folder: `fesloop run` started elsewhere used whatever
+    calibration.json lay there (another rig's, another patient's) without a word."""
+    (tmp_path / "rig").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for folder, mvc_uv in (("rig", 200.0), ("elsewhere", 150.0)):
+        muscles = [_muscle(name, mvc_uv=mvc_uv) for name in ("quadriceps_l", "tibialis_l")]
+        (tmp_path / folder / "calibration.json").write_text(json.dumps(_file(muscles)))
+    config_path = write_config(
+        "demo.toml", {"[controller]\n": '[controller]\ncalibration_file = "calibration.json"\n'}, name="rig/rig.toml"
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load_config(config_path)
+    assert config.controller.calibration_file == str(tmp_path / "rig" / "calibration.json")
+    assert load_calibration(config).muscle("quadriceps_l").mvc_uv == 200.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("sampling_rate_hz", "exit_code"), [(1000.0, 0), (2000.0, 1)])
+def test_replay_refuses_a_calibration_made_at_another_rate(
+    write_config, tmp_path: Path, sampling_rate_hz: float, exit_code: int
+) -> None:
+    """replay.toml's own commented line, switched on: the file beside the config is used (the
+    command runs from the repository), and only when it was made at the recording's rate."""
+    (tmp_path / "calibration.json").write_text(json.dumps(_file([_muscle("muscle")], sampling_rate_hz)))
+    config_path = write_config(
+        "replay.toml", {'# calibration_file = "calibration.json"': 'calibration_file = "calibration.json"'}
+    )
+    emg = Path(__file__).resolve().parent.parent / "data" / "biosppy" / "emg_1.txt"
+    with fesloop_cli("replay", str(config_path), "--emg", str(emg), "--fs", "1000", "--out", str(tmp_path / "out")) as process:
+        result = completed(process, 50)
+    assert result.returncode == exit_code, result.stderr
+    if exit_code:
+        assert result.stderr.strip() == (
+            f"fesloop replay: calibration file {tmp_path / 'calibration.json'}: made from EMG at 2000 Hz, "
+            "the EMG is at 1000 Hz (calibrate again at this rate)"
+        )
