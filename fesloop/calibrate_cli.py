@@ -30,12 +30,14 @@ import zmq
 
 from controller.calibration import Calibration, CalibrationError, muscle_calibration
 from fesloop import protocol
+from fesloop.arguments import require_number
 from fesloop.config import Config
 from fesloop.lsl import make_outlet
 from fesloop.sockets import StreamCounters, drain, subscriber
 from fesloop.telemetry import LINGER_S, config_json, stream_name
 
 DEFAULT_OUT = "calibration.json"
+MAX_TIMEOUT_S = 3600.0  # --timeout-s: longer is no calibration session (and overflows a socket poll in ms)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,11 +250,19 @@ def write_atomically(path: Path, calibration: Calibration) -> Path | None:
     return backup
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Durations finite and positive (nan used to pass; a negative timeout waited forever), before anything starts."""
+    for option, value in (("--rest-s", args.rest_s), ("--trial-s", args.trial_s)):
+        require_number("calibrate", option, value, 0.0)
+    require_number("calibrate", "--pause-s", args.pause_s, 0.0, low_included=True)
+    require_number("calibrate", "--trials", args.trials, 1, low_included=True)
+    require_number("calibrate", "--timeout-s", args.timeout_s, 0.0, MAX_TIMEOUT_S)
+
+
 def main(config: Config, args: argparse.Namespace) -> int:
     """Entry of ``fesloop calibrate``; returns the exit code (1 when refused or not written)."""
     out = args.out or Path(config.controller.calibration_file or DEFAULT_OUT)
-    if min(args.rest_s, args.trial_s) <= 0 or args.pause_s < 0 or args.trials < 1:
-        sys.exit("fesloop calibrate: --rest-s and --trial-s must be positive, --pause-s >= 0, --trials >= 1")
+    check_arguments(args)
     try:
         check_writable(out)
     except OSError as exc:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fesloop.arguments import require_number
 from fesloop.config import Config
 from fesloop.protocol import EmgChunk, GateReason
 from fesloop.xdf_input import read_xdf
@@ -67,6 +69,8 @@ def _read_table(path: Path) -> np.ndarray:
         [float(v) for v in lines[0].split(delimiter)]
     except ValueError:
         lines = lines[1:]  # a header row
+    if not lines:
+        return np.zeros((0, 1))
     try:
         return np.loadtxt(lines, delimiter=delimiter, ndmin=2)
     except ValueError as exc:
@@ -188,8 +192,24 @@ def _chunks(index: np.ndarray, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, b)) for lo, b in zip(edges[:-1], edges[1:]) for a in range(int(lo), int(b), size)]
 
 
+def warn_pulses_outside(path: Path, pulse_time_s: np.ndarray, duration_s: float) -> None:
+    """A pulse file in ms, or on another clock, puts its pulses outside the recording: nothing is
+    blanked and no M-wave measured. Say so on stderr (the replay itself may still be wanted)."""
+    outside = int(np.count_nonzero((pulse_time_s < 0) | (pulse_time_s >= duration_s)))
+    if not len(pulse_time_s):
+        print(f"fesloop replay: warning: {path} holds no pulses", file=sys.stderr)
+    elif outside:
+        print(
+            f"fesloop replay: warning: {outside} of {len(pulse_time_s)} pulses in {path} fall outside the recording "
+            f"(0 to {duration_s:.3f} s): pulse times are in seconds from its first sample",
+            file=sys.stderr,
+        )
+
+
 def main(config: Config, args: argparse.Namespace) -> int:
     """Entry of ``fesloop replay``; returns the exit code."""
+    if args.fs is not None:
+        require_number("replay", "--fs", args.fs, 0.0)
     sample_index = sample_time_s = None
     try:
         suffix = args.emg.suffix.lower()
@@ -209,6 +229,9 @@ def main(config: Config, args: argparse.Namespace) -> int:
             pulses = read_pulses(args.pulses) if args.pulses is not None else None
         else:
             raise ReplayError(f"{args.emg}: unsupported format (use .csv, .txt, .npy or .xdf)")
+        if args.pulses is not None:
+            n_samples = len(emg_uv) if sample_index is None else int(sample_index[-1]) + 1
+            warn_pulses_outside(args.pulses, pulses[0], n_samples / fs_hz)
         estimator = replay(config, emg_uv, fs_hz, pulses, args.out, sample_index, sample_time_s)
     except (OSError, ReplayError, ValueError) as exc:
         raise SystemExit(f"fesloop replay: {exc}") from None

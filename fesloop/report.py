@@ -178,6 +178,9 @@ def write_report(path: Path, out: Path) -> list[Path]:
 def main(path: Path, out: Path | None) -> int:
     if not path.exists():
         sys.exit(f"fesloop report: {path}: no such file")
-    written = write_report(path, out or path.with_suffix(""))
+    try:
+        written = write_report(path, out or path.with_suffix(""))
+    except (OSError, ValueError) as exc:  # not an XDF file, a truncated one, an output folder that cannot be written
+        sys.exit(f"fesloop report: {path}: {exc}")
     print("\n".join(str(p) for p in written))
     return 0
