@@ -165,36 +165,31 @@ def test_fesloop_record_alongside_a_running_session_records_every_stream(write_c
 
 @pytest.mark.timeout(120)
 def test_replay_of_the_xdf_equals_replay_of_its_samples_and_pulses(recording, tmp_path) -> None:
-    """`fesloop replay --emg FILE.xdf` takes the rate, samples and delivered pulses from the file:
-    the same output as the EMG samples and pulse times extracted independently with pyxdf (the
-    XDF replay times samples by the recording's clock, here within 50 us of the nominal grid)."""
+    """`fesloop replay --emg FILE.xdf` takes the rate, samples, sample clock and delivered pulses from
+    the file: the same output as replaying what pyxdf reads from it independently."""
+    from fesloop.replay_cli import replay
+    from fesloop.xdf_input import sample_indices, sample_times
+
     config, xdf = recording["config"], recording["xdf"]
     config_path = xdf.parent / "rec.toml"
     raw = {s["info"]["name"][0]: s for s in pyxdf.load_xdf(str(xdf), dejitter_timestamps=False)[0]}
     emg = raw[stream_name(config.name, "emg")]
     pulses = raw[stream_name(config.name, "pulses")]
-    np.save(tmp_path / "emg.npy", np.asarray(emg["time_series"], dtype=np.float32))
-    pulse_rows = np.column_stack((pulses["time_stamps"] - emg["time_stamps"][0], pulses["time_series"][:, 0]))
-    np.savetxt(tmp_path / "pulses.csv", pulse_rows, delimiter=",", fmt=["%.17g", "%d"])
-
-    def replay(*args: str) -> tuple[np.ndarray, np.ndarray]:
-        """(activation table, events as (time, channel, kind))."""
-        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-        result = subprocess.run([sys.executable, "-m", "fesloop", "replay", str(config_path), *args, "--out", str(out)],
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
-        events = np.genfromtxt(out / "events.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
-        return np.loadtxt(out / "activation.csv", delimiter=",", skiprows=1), np.atleast_1d(events)
-
-    (activation, events), (array_activation, array_events) = (
-        replay("--emg", str(xdf)),
-        replay("--emg", str(tmp_path / "emg.npy"), "--fs", "2000", "--pulses", str(tmp_path / "pulses.csv")),
+    fs_hz, times = float(emg["info"]["nominal_srate"][0]), emg["time_stamps"]
+    index = sample_indices(times, fs_hz)
+    rows = np.asarray(pulses["time_series"], dtype=np.float64)
+    replay(
+        config, np.asarray(emg["time_series"], dtype=np.float32), fs_hz,
+        (pulses["time_stamps"] - times[0], rows[:, 0].astype(np.int64), rows[:, 1].astype(np.float32),
+         rows[:, 2].astype(np.float32)),
+        tmp_path / "pyxdf", index, sample_times(times, index, fs_hz),
     )
-    np.testing.assert_array_equal(activation[:, 1:], array_activation[:, 1:])
-    np.testing.assert_allclose(activation[:, 0], array_activation[:, 0], atol=5e-5)
-    assert [tuple(e)[1:] for e in events] == [tuple(e)[1:] for e in array_events] and len(events) > 0
-    np.testing.assert_allclose(events["time_s"], array_events["time_s"], atol=5e-5)
-    assert len(activation) > 8 * config.controller.control_rate_hz * 0.5  # rows for the whole session
+    result = subprocess.run([sys.executable, "-m", "fesloop", "replay", str(config_path), "--emg", str(xdf),
+                             "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("activation.csv", "events.csv", "mwave.csv"):
+        assert (tmp_path / "cli" / name).read_text() == (tmp_path / "pyxdf" / name).read_text(), name
+    assert (tmp_path / "cli" / "activation.csv").read_text().count("\n") > 8 * config.controller.control_rate_hz * 0.5
     refused = subprocess.run(
         [sys.executable, "-m", "fesloop", "replay", str(config_path), "--emg", str(xdf), "--stream", "nope",
          "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=60,
