@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fesloop.arguments import require_number
 from fesloop.config import DEFAULT_CONFIG, Config, load_config
 from fesloop.lsl import configure_machine_scope
 from fesloop.session import CONFIRMATION_ITEMS, ConfirmationMissing, confirm
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from fesloop.supervisor import Supervisor
 
-        if args.duration is not None and args.duration <= 0:
-            sys.exit(f"fesloop: --duration = {args.duration}: must be a positive number of seconds")
+        if args.duration is not None:
+            require_number("run", "--duration", args.duration, 0.0)
         from fesloop.security import SecurityError
 
         confirmation = None
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "record":
         from fesloop.record import main as run_record
 
+        if args.duration is not None:
+            require_number("record", "--duration", args.duration, 0.0)
         return run_record(args.file, config, args.duration)
     if args.command == "replay":
         from fesloop.replay_cli import main as run_replay

@@ -36,6 +36,19 @@ def test_calibrate_refuses_durations_that_are_not_finite_and_positive(option: st
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["run", "record"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5"])
+def test_run_and_record_refuse_a_duration_that_is_not_finite_and_positive(command: str, value: str, tmp_path: Path) -> None:
+    """`run --duration nan` passed the check (nan <= 0 is false) and ran without end; record had no check."""
+    target = [] if command == "run" else [str(tmp_path / "session.xdf")]
+    with fesloop_cli(command, *target, str(CONFIGS / "demo.toml"), "--duration", value) as process:
+        result = completed(process, 30)
+    assert result.returncode == 1
+    assert result.stderr == f"fesloop {command}: --duration = {float(value)!r}: must be a finite number > 0\n"
+    assert not (tmp_path / "session.xdf").exists()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("value", ["nan", "inf", "-1000"])
 def test_replay_refuses_a_rate_that_is_not_finite_and_positive(value: str, tmp_path: Path) -> None:
     """nan gave 'cannot convert float NaN to integer', inf an OverflowError traceback."""
