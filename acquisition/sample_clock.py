@@ -1,0 +1,123 @@
+"""Local-clock time of every sample index, fitted to the times the samples were read.
+
+Pure, no I/O. BrainFlow stamps each sample with the host's wall clock when it
+arrives; those stamps jump with the wall clock (NTP step, ``date -s``) and jitter
+with every delivery. Sample times here come instead from the shared monotonic
+clock: each read says that every sample below some index had arrived by the local
+time of the read, and a line index -> time is fitted through these (index, read
+time) points by a second-order delay-locked loop (F. Adriaensen, "Using a DLL to
+filter time", Linux Audio Conference 2005). It follows the amplifier's clock drift
+(its true rate differs from the nominal one by up to a few hundred ppm) with zero
+steady-state error and smooths the read jitter with its bandwidth. The line is
+continuous from one read to the next and never goes back, so chunk times follow
+the sample indices.
+
+The line sits at the mean read time of a sample: its acquisition time plus the mean
+delivery latency (transport, plus half the read period on average). A read error
+beyond ``outlier_s`` pulls the line as if it were ``outlier_s`` (a delivery stall
+or a late wake-up does not drag the samples' times); a read earlier than the line
+by more than ``early_limit_s`` or later by more than ``late_limit_s`` means the line
+no longer fits the indices, and it is anchored again at that read (reported as a
+jump).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_BANDWIDTH_HZ = 0.05
+DEFAULT_OUTLIER_S = 0.01
+DEFAULT_EARLY_LIMIT_S = 0.1
+DEFAULT_LATE_LIMIT_S = 1.0
+MAX_OMEGA = 0.5  # loop gain per update, capped after long pauses (the loop stays stable)
+MAX_RATE_ERROR = 0.01  # the fitted period stays within 1 % of the nominal one
+WALL_STEP_TOLERANCE_S = 0.005
+
+
+@dataclass(frozen=True)
+class Line:
+    """``time_of(i) = time_s + (i - index) * period_s``, valid over one read's indices.
+
+    ``jump_s``: how far the time of ``index`` moved against the previous line (nonzero
+    only when the clock was anchored again)."""
+
+    index: int
+    time_s: float
+    period_s: float
+    jump_s: float = 0.0
+
+    def time_of(self, index: int) -> float:
+        return self.time_s + (index - self.index) * self.period_s
+
+
+class SampleClock:
+    """Sample index -> local time, advanced once per read that delivered samples."""
+
+    def __init__(
+        self,
+        sampling_rate_hz: float,
+        bandwidth_hz: float = DEFAULT_BANDWIDTH_HZ,
+        outlier_s: float = DEFAULT_OUTLIER_S,
+        early_limit_s: float = DEFAULT_EARLY_LIMIT_S,
+        late_limit_s: float = DEFAULT_LATE_LIMIT_S,
+    ) -> None:
+        self.nominal_period_s = 1.0 / sampling_rate_hz
+        self.bandwidth_hz = bandwidth_hz
+        self.outlier_s = outlier_s
+        self.early_limit_s = early_limit_s
+        self.late_limit_s = late_limit_s
+        self._next: Line | None = None  # through the next index to be read, at the fitted period
+
+    @property
+    def period_s(self) -> float:
+        """The fitted sample period (the nominal one before the first read)."""
+        return self.nominal_period_s if self._next is None else self._next.period_s
+
+    def index_at(self, time_s: float) -> float | None:
+        """The (fractional) index the line puts at ``time_s``; None before the first read."""
+        if self._next is None:
+            return None
+        return self._next.index + (time_s - self._next.time_s) / self._next.period_s
+
+    def advance(self, stop_index: int, read_s: float) -> Line:
+        """Every sample below ``stop_index`` had arrived at ``read_s``: the line for the indices
+        from the previous ``stop_index`` up to this one (lost ones included), and the loop's update."""
+        line = self._next
+        if line is None:
+            return self._anchor(stop_index, read_s, self.nominal_period_s, 0.0)
+        span = stop_index - line.index
+        if span <= 0:
+            raise ValueError(f"stop_index {stop_index} does not advance past {line.index}")
+        error_s = read_s - line.time_of(stop_index - 1)
+        if not -self.early_limit_s <= error_s <= self.late_limit_s:
+            return self._anchor(stop_index, read_s, line.period_s, error_s)
+        pull_s = min(max(error_s, -self.outlier_s), self.outlier_s)
+        omega = min(2.0 * math.pi * self.bandwidth_hz * span * line.period_s, MAX_OMEGA)
+        stop_time_s = line.time_of(stop_index) + math.sqrt(2.0) * omega * pull_s
+        period_s = line.period_s + omega * omega * pull_s / span
+        low_s, high_s = self.nominal_period_s * (1 - MAX_RATE_ERROR), self.nominal_period_s * (1 + MAX_RATE_ERROR)
+        self._next = Line(stop_index, stop_time_s, min(max(period_s, low_s), high_s))
+        return Line(line.index, line.time_s, (stop_time_s - line.time_s) / span)
+
+    def _anchor(self, stop_index: int, read_s: float, period_s: float, jump_s: float) -> Line:
+        """The line through (last index read, ``read_s``) at ``period_s``."""
+        last = Line(stop_index - 1, read_s, period_s, jump_s)
+        self._next = Line(stop_index, last.time_of(stop_index), period_s)
+        return last
+
+
+class WallClockWatch:
+    """The wall-clock -> local-clock offset, measured at every read: a step beyond
+    ``tolerance_s`` between two reads (NTP step, ``date -s``) is reported, slewing is not."""
+
+    def __init__(self, tolerance_s: float = WALL_STEP_TOLERANCE_S) -> None:
+        self.tolerance_s = tolerance_s
+        self.offset_s: float | None = None
+
+    def update(self, offset_s: float) -> float:
+        """The step since the last measurement (0.0 within the tolerance or at the first)."""
+        previous, self.offset_s = self.offset_s, offset_s
+        if previous is None or abs(offset_s - previous) <= self.tolerance_s:
+            return 0.0
+        return previous - offset_s

@@ -1,0 +1,126 @@
+"""The sample clock (index -> local time from read times) and the wall-clock step watch (pure)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from acquisition.sample_clock import Line, SampleClock, WallClockWatch
+
+
+def reads(fs_hz: float, ppm: float, latency_s: np.ndarray, read_every_s: float = 0.002) -> list[tuple[int, float]]:
+    """(stop index, read time) of a loop that wakes every ``read_every_s`` and takes every sample that
+    an amplifier running ``ppm`` off its nominal rate has taken so far (sample i at i * true period);
+    read k learns of its newest sample ``latency_s[k]`` after it was taken."""
+    period_s = 1.0 / (fs_hz * (1.0 + ppm * 1e-6))
+    out, next_index = [], 0
+    for k, wake_s in enumerate(np.arange(1, latency_s.size + 1) * read_every_s):
+        stop = int(wake_s / period_s) + 1
+        if stop > next_index:
+            out.append((stop, (stop - 1) * period_s + latency_s[k]))
+            next_index = stop
+    return out
+
+
+def stamped(clock: SampleClock, schedule: list[tuple[int, float]]) -> list[tuple[int, Line]]:
+    """Each read's first index and the line its samples were stamped with."""
+    out, first = [], 0
+    for stop, read_s in schedule:
+        out.append((first, clock.advance(stop, read_s)))
+        first = stop
+    return out
+
+
+@pytest.mark.timeout(30)
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=60), st.floats(0.0, 0.05), st.floats(1.0, 1e4))
+def test_regular_reads_give_exactly_the_sample_times_plus_the_latency(sizes, latency_s, t0_s) -> None:
+    """No jitter, nominal rate: every sample at t0 + latency + i / fs, whatever the read sizes."""
+    fs_hz = 500.0
+    clock = SampleClock(fs_hz)
+    stops = np.cumsum(sizes)
+    lines = stamped(clock, [(int(stop), t0_s + latency_s + (stop - 1) / fs_hz) for stop in stops])
+    for first, line in lines:
+        assert line.time_of(first) == pytest.approx(t0_s + latency_s + first / fs_hz, abs=1e-9)
+        assert line.period_s == pytest.approx(1.0 / fs_hz, rel=1e-9)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("fs_hz", "ppm"), [(1000.0, 200.0), (1000.0, -300.0), (250.0, 220.0)])
+def test_the_clock_follows_the_amplifier_drift_and_not_the_read_jitter(seed: int, fs_hz: float, ppm: float) -> None:
+    """An amplifier a few hundred ppm off its nominal rate, reads 0..2 ms late at random: after 30 s
+    every stamp is within 0.15 ms of the sample's true time plus the mean latency (1 ms), and the
+    fitted period within 10 ppm of the true one; chunk times follow the indices and never go back."""
+    latency_s = np.random.default_rng(seed).uniform(0.0, 0.002, 60000)
+    clock = SampleClock(fs_hz)
+    lines = stamped(clock, reads(fs_hz, ppm, latency_s))
+    true_period_s = 1.0 / (fs_hz * (1.0 + ppm * 1e-6))
+    settled = [(first, line) for first, line in lines if first * true_period_s > 30.0]
+
+    errors_s = np.array([line.time_of(first) - first * true_period_s - 0.001 for first, line in settled])
+    assert np.abs(errors_s).max() < 150e-6
+    assert clock.period_s == pytest.approx(true_period_s, rel=10e-6)
+    firsts_s = np.array([line.time_of(first) for first, line in lines])
+    sizes = np.diff([first for first, _ in lines])
+    assert np.all(np.diff(firsts_s) > 0)
+    assert np.abs(np.diff(firsts_s) - sizes / fs_hz).max() < 0.01 * sizes.min() / fs_hz
+
+
+@pytest.mark.timeout(30)
+def test_consecutive_lines_join_exactly() -> None:
+    """A read's line ends where the next one starts: chunk times never jump between reads."""
+    latency_s = np.random.default_rng(7).uniform(0.0, 0.004, 5000)
+    lines = stamped(SampleClock(1000.0), reads(1000.0, 150.0, latency_s))
+    for (_, line), (next_first, next_line) in zip(lines, lines[1:]):
+        assert next_line.time_s == pytest.approx(line.time_of(next_first), abs=1e-12)
+        assert next_line.index == next_first and next_line.jump_s == 0.0
+
+
+@pytest.mark.timeout(30)
+def test_a_late_read_pulls_the_line_no_more_than_an_outlier() -> None:
+    """A read 150 ms late (a delivery stall) moves the line by at most sqrt(2) * omega * outlier_s."""
+    fs_hz = 1000.0
+    clock = SampleClock(fs_hz)
+    stamped(clock, [(2 * k, (2 * k - 1) / fs_hz) for k in range(1, 501)])  # locked: sample i at i / fs
+    line = clock.advance(1004, 1.003 + 0.150)
+    omega = 2 * math.pi * clock.bandwidth_hz * 4 / fs_hz
+    assert line.time_of(1004) - 1.004 == pytest.approx(math.sqrt(2) * omega * clock.outlier_s, rel=1e-6)
+    assert line.jump_s == 0.0 and line.time_of(1000) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.timeout(30)
+def test_a_read_far_earlier_than_the_line_anchors_it_again_and_reports_the_jump() -> None:
+    """Samples cannot arrive 0.3 s before they were taken: the line was wrong (e.g. the index jumped
+    over samples that were not lost); it goes through the read from there on, the jump reported."""
+    fs_hz = 1000.0
+    clock = SampleClock(fs_hz)
+    stamped(clock, [(2 * k, (2 * k - 1) / fs_hz) for k in range(1, 501)])
+    line = clock.advance(1300, 1.002)
+    assert line.jump_s == pytest.approx(1.002 - 1.299, abs=1e-9)
+    assert line.time_of(1299) == pytest.approx(1.002, abs=1e-9)
+    assert clock.advance(1302, 1.004).time_of(1300) == pytest.approx(1.003, abs=1e-9)
+
+
+def test_index_at_inverts_the_line() -> None:
+    clock = SampleClock(1000.0)
+    assert clock.index_at(5.0) is None
+    clock.advance(100, 10.0)  # sample 99 read at 10 s
+    assert clock.index_at(10.0) == pytest.approx(99.0)
+    assert clock.index_at(10.5) == pytest.approx(599.0)
+
+
+def test_a_wall_clock_step_is_reported_and_slewing_is_not() -> None:
+    """The offset local - wall, measured at every read: +2 s on the wall clock is a step of +2 s;
+    NTP slewing (500 ppm, 1 us per 2 ms read) never adds up to a report."""
+    watch = WallClockWatch()
+    assert watch.update(100.0) == 0.0
+    offsets = 100.0 - 1e-6 * np.arange(1, 20001)
+    assert all(watch.update(offset) == 0.0 for offset in offsets)
+    assert watch.update(offsets[-1] - 2.0) == pytest.approx(2.0)
+    assert watch.update(offsets[-1] - 2.0) == 0.0
+    assert watch.update(offsets[-1] + 3600.0) == pytest.approx(-3602.0)
