@@ -2,11 +2,18 @@
 
 Samples are converted at the edge: board rows to float32 microvolts (``scale_uv``
 per board unit; BrainFlow already delivers EXG rows in uV for the OpenBCI boards
-and the synthetic board), BrainFlow's wall-clock timestamps to the shared clock.
-Gaps come from the board's package counter (see :mod:`acquisition.gaps`); a
-sample whose counter repeats the previous one is dropped and counted. After a
-restart the counter is no reference, so the gap across it is estimated from the
-timestamps.
+and the synthetic board). Sample times are on the shared clock, from the sample
+clock (:mod:`acquisition.sample_clock`): a line index -> local time fitted to the
+local time of each read, so they follow the sample indices and never jump with
+the wall clock. BrainFlow's own timestamps are wall-clock arrival times; they
+only say, within one read, how long after each other the rows arrived. The
+wall-clock offset is measured at every read, and a step (NTP, ``date -s``) is
+reported as an event: BrainFlow's timestamps and its record file jump there.
+
+Gaps come from the board's package counter (see :mod:`acquisition.gaps`): repeated
+and re-sent rows are dropped and counted, and whole counter periods lost are found
+from when the rows arrived by the sample clock. After a restart the counter is no
+reference, so the gap across it comes from the sample clock too.
 """
 
 from __future__ import annotations
@@ -15,16 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from acquisition.gaps import GapScan, samples_missing, scan_package_counter, segments
-from acquisition.sources import Block, SourceError, n_channels_needed
+from acquisition.gaps import GapScan, scan_package_counter, segments
+from acquisition.sample_clock import SampleClock, WallClockWatch
+from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
 from fesloop import protocol
-from fesloop.clock import wall_to_local_offset_s
+from fesloop.clock import Clock, LslClock, wall_to_local_offset_s
 from fesloop.config import DEFAULT_CONFIG, BrainflowConfig, Config
 
 PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
 RING_BUFFER_SAMPLES = 45000
 MAX_READ_SAMPLES = 1 << 14
-_NO_GAPS = GapScan(None, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
+ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read stand in for it
 
 
 def resolve_board_id(board: str) -> int:
@@ -60,7 +68,7 @@ def is_file_board(board_id: int) -> bool:
 class BrainFlowSource:
     """One BrainFlow board session; ``read`` hands over everything new, split at gaps."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
         from brainflow.board_shim import BoardShim, BrainFlowInputParams
 
         cfg = config.acquisition.brainflow
@@ -96,17 +104,18 @@ class BrainFlowSource:
         self.n_channels = needed
         self._timestamp_row = int(descr["timestamp_channel"])
         self._package_row = descr.get("package_num_channel")
-        self.has_package_counter = self._package_row is not None
+        self._counter_modulo = ROW_COUNT_MODULO if self._package_row is None else cfg.package_counter_modulo
         self.source_id = _stable_source_id(self.board_id, cfg)
         self._board = BoardShim(self.board_id, _input_params(cfg, BrainFlowInputParams()))
         self.duplicate_samples = 0
         self.restarts = 0
+        self._clock = clock or LslClock()
+        self._sample_clock = SampleClock(self.sampling_rate_hz)
+        self._wall_clock = WallClockWatch()
+        self._events: list[SourceEvent] = []
         self._next_index = 0
+        self._rows_read = 0
         self._last_package: int | None = None
-        self._last_board_time_s: float | None = None
-        self._last_time_s: float | None = None
-        self._after_restart = False
-        self._offset_s = 0.0
         self._buffer = np.empty((0, needed), dtype=np.float32)
 
     def start(self, now_s: float) -> None:
@@ -124,7 +133,6 @@ class BrainFlowSource:
         except BrainFlowError as exc:
             self.stop()
             raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
-        self._offset_s = wall_to_local_offset_s()
 
     def read(self, now_s: float) -> list[Block]:
         from brainflow.exit_codes import BrainFlowError
@@ -136,36 +144,57 @@ class BrainFlowSource:
             data = self._board.get_board_data(min(count, MAX_READ_SAMPLES))
         except BrainFlowError as exc:
             raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
-        scan = _NO_GAPS
-        if self._package_row is not None:
-            dealias = None
-            if self._cfg.dealias_with_timestamps:
-                dealias = (data[self._timestamp_row], self._last_board_time_s, self.sampling_rate_hz)
-            scan = scan_package_counter(
-                data[self._package_row], self._last_package, self._cfg.package_counter_modulo, dealias
-            )
-            self._last_package = int(data[self._package_row, -1])
-            self._last_board_time_s = float(data[self._timestamp_row, -1])
-            if scan.keep is not None:
-                data = data[:, scan.keep]
-                self.duplicate_samples += scan.duplicates
-                if data.shape[1] == 0:
-                    return []
-        times_s = data[self._timestamp_row]
-        if self._after_restart and self._last_time_s is not None:
-            lost = samples_missing(times_s[0] + self._offset_s - self._last_time_s, self.sampling_rate_hz)
-            scan = GapScan(None, np.concatenate(([0], scan.gap_rows)), np.concatenate(([lost], scan.gap_sizes)), 0)
-        self._after_restart = False
+        read_s = self._clock.now()  # every row read had arrived by then
+        self._watch_wall_clock(read_s)
+        scan = self._scan(data, read_s)
+        if scan.keep is not None:
+            data = data[:, scan.keep]
+            self.duplicate_samples += scan.duplicates
+            if data.shape[1] == 0:
+                return []
         n = data.shape[1]
         emg_uv = self._converted(data, n)
-        blocks = [
-            Block(index, float(times_s[start]) + self._offset_s, emg_uv[start:stop], lost)
-            for start, stop, index, lost in segments(n, scan, self._next_index)
-        ]
-        last = blocks[-1]
-        self._next_index = last.first_sample_index + last.emg_uv.shape[0]
-        self._last_time_s = float(times_s[-1]) + self._offset_s
-        return blocks
+        parts = segments(n, scan, self._next_index)
+        first_row, stop_row, first_index, _ = parts[-1]
+        self._next_index = first_index + stop_row - first_row
+        line = self._sample_clock.advance(self._next_index, read_s)
+        if line.jump_s:
+            marker = f"sample clock anchored again: EMG times jump {line.jump_s * 1e3:+.1f} ms"
+            self._events.append(SourceEvent(read_s, marker))
+        return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
+
+    def _watch_wall_clock(self, read_s: float) -> None:
+        """Measure the wall -> local offset; a step becomes an event."""
+        step_s = self._wall_clock.update(wall_to_local_offset_s(self._clock))
+        if step_s:
+            marker = f"wall clock stepped {step_s:+.3f} s (BrainFlow timestamps and record file jump; EMG times do not)"
+            self._events.append(SourceEvent(read_s, marker))
+
+    def _scan(self, data: np.ndarray, read_s: float) -> GapScan:
+        """Repeated rows and gaps from the package counter; whole counter periods (and the gap across
+        a restart) from when the rows arrived: the read time on the sample clock, less how much
+        earlier than the last row each row came by BrainFlow's stamps. (A wall-clock step inside
+        the read only shifts the rows before it, which the last row bounds.)"""
+        n = data.shape[1]
+        if self._package_row is None:
+            counter = self._rows_read + np.arange(n)
+        else:
+            counter = data[self._package_row].astype(np.int64)
+        self._rows_read += n
+        arrived = None
+        newest = self._sample_clock.index_at(read_s)
+        if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
+            stamps_s = data[self._timestamp_row]
+            arrived = newest - (self._next_index - 1) - (stamps_s[-1] - stamps_s) * self.sampling_rate_hz
+        scan = scan_package_counter(counter, self._last_package, self._counter_modulo, arrived=arrived)
+        kept = counter if scan.keep is None else counter[scan.keep]
+        if kept.size:
+            self._last_package = int(kept[-1])
+        return scan
+
+    def take_events(self) -> list[SourceEvent]:
+        events, self._events = self._events, []
+        return events
 
     def _converted(self, data: np.ndarray, n: int) -> np.ndarray:
         """The EMG rows as (n, n_channels) float32 uV in the reused buffer."""
@@ -181,7 +210,6 @@ class BrainFlowSource:
         self.stop()
         self.restarts += 1
         self._last_package = None
-        self._after_restart = True
         self.start(now_s)
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:

@@ -5,15 +5,28 @@ Pure functions over numpy arrays, no I/O. Both detectors report a gap as the row
 source then numbers the samples so that the index jumps over the gap and never
 fills it.
 
-Counter rule (modulo M): a step s = (c[i] - c[i-1]) mod M means s - 1 samples
-were lost, s = 0 that the same sample came again (dropped, counted as a
-duplicate). The counter alone cannot see whole counter periods: a loss of M - 1
-samples looks like a duplicate, a loss of M + 3 like a loss of 3. With the
-samples' timestamps the delay beyond the counter step is rounded to whole
-periods and added (``dealias``), which assumes that samples reach the host with
-less jitter than half a counter period (128 samples: 128 ms at 1 kHz). A counter
-that jumps back by k < M reads as a loss of M - k samples: over-reporting a loss
-is the safe side.
+Counter rule: the counter advances by ``step`` per sample modulo ``modulo``, so it
+wraps every W = modulo / step samples. Against the row before, a row that is
+
+- ahead by d = 1 .. W/2 samples follows d - 1 lost samples;
+- ahead by 0 (the same counter again) or behind by 1 .. W/2 - 1 (the counter
+  stepped back: a re-sent packet) repeats a sample already handed over: it is
+  dropped and counted as a duplicate, and so is every row after it until the
+  counter passes the highest value seen.
+
+The counter cannot see whole counter periods lost, nor tell a step back by k from
+a loss of W - k samples. The time can: ``arrived`` gives, per row, how many sample
+periods after the last sample kept the row arrived (by the sample clock). A row
+that arrived n counter periods later than its counter says, n = floor((arrived -
+counted) / W + 1/8), is n * W samples further on; a later row bounds an earlier
+one (a backlog that catches up within the read counts as the fresh rows at its end
+say, and re-sent rows, which arrive late for their count, never lower it). A row
+may arrive W / 8 periods earlier than the sample clock expects. A delivery backlog
+under 7/8 W is never taken for a lost period (at 1 kHz with W = 256: a stall up to
+224 ms with a continuous counter is no loss), and a re-sent packet back by k is
+never taken for a loss while the backlog stays under 7/8 W - k (3/8 W for any k).
+After a restart (no last counter) the gap before the first row is how much later
+than counted the rows arrived (the least of them, rounded to periods).
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+WRAP_TOLERANCE = 0.125  # of a counter period (W): how much earlier than the sample clock expects a row may arrive
 
 
 @dataclass(frozen=True)
@@ -34,44 +49,34 @@ class GapScan:
 
 
 def scan_package_counter(
-    counter: np.ndarray,
-    last: int | None,
-    modulo: int,
-    dealias: tuple[np.ndarray, float | None, float] | None = None,
+    counter: np.ndarray, last: int | None, modulo: int, step: int = 1, arrived: np.ndarray | None = None
 ) -> GapScan:
-    """Gaps and duplicates in ``counter`` (one value per sample), continuing from ``last``.
-
-    ``dealias = (stamps_s, last_stamp_s, sampling_rate_hz)`` adds whole counter periods
-    that the timestamps show were lost too.
-    """
-    c = np.asarray(counter).astype(np.int64) % modulo
+    """Gaps and duplicates in ``counter`` (one value per row), continuing from ``last``, the
+    counter of the last sample kept (None: no reference, e.g. after a restart); ``arrived``:
+    per row, sample periods after the last sample kept that it arrived (None: no clock yet)."""
+    wrap = modulo // step
+    c = np.asarray(counter).astype(np.int64)
     previous = np.empty_like(c)
     previous[1:] = c[:-1]
-    previous[0] = (c[0] - 1) if last is None else last
-    steps = (c - previous) % modulo
-    if dealias is not None:
-        stamps_s, last_stamp_s, rate_hz = dealias
-        stamps_s = np.asarray(stamps_s, dtype=np.float64)
-        first_s = stamps_s[0] - 1.0 / rate_hz if last is None or last_stamp_s is None else last_stamp_s
-        periods = np.diff(stamps_s, prepend=first_s) * rate_hz
-        steps = steps + modulo * np.maximum(np.floor((periods - steps) / modulo + 0.5), 0).astype(np.int64)
-    duplicate = steps == 0
-    n_duplicates = int(duplicate.sum())
-    keep = None
-    if n_duplicates:
-        keep = ~duplicate
-        steps = steps[keep]
+    previous[0] = c[0] - step if last is None else last
+    moves = ((c - previous) % modulo) // step
+    moves[moves > wrap // 2] -= wrap
+    position = np.cumsum(moves)  # samples after the last one kept, as the counter says
+    if arrived is not None:
+        position += _missed_by_the_counter(np.asarray(arrived, dtype=np.float64) - position, last is None, wrap)
+    kept = position > np.maximum.accumulate(np.concatenate(([0], position[:-1])))
+    steps = np.diff(position[kept], prepend=0)
     gap_rows = np.flatnonzero(steps > 1)
-    return GapScan(keep, gap_rows, steps[gap_rows] - 1, n_duplicates)
+    return GapScan(None if kept.all() else kept, gap_rows, steps[gap_rows] - 1, int(c.size - steps.size))
 
 
-def samples_missing(interval_s: float, sampling_rate_hz: float, tolerance: float = 0.5) -> int:
-    """Samples missing between two samples ``interval_s`` apart (0 unless the interval
-    exceeds one period by more than ``tolerance`` periods)."""
-    periods = interval_s * sampling_rate_hz
-    if periods <= 1.0 + tolerance:
-        return 0
-    return max(int(round(periods)) - 1, 1)
+def _missed_by_the_counter(late: np.ndarray, no_reference: bool, wrap: int) -> np.ndarray | int:
+    """Samples before each row that its counter cannot show, from how many periods ``late`` (than
+    counted) it arrived: whole counter periods, or after a restart the least lateness, rounded."""
+    if no_reference:
+        return max(int(np.rint(late.min())), 0)
+    periods = np.floor(late / wrap + WRAP_TOLERANCE).astype(np.int64)
+    return wrap * np.maximum(np.minimum.accumulate(periods[::-1])[::-1], 0)  # a later row bounds an earlier one
 
 
 def scan_timestamps(

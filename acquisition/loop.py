@@ -4,8 +4,9 @@ Publishes on ``endpoints.emg``: ``emg`` chunks (uV, shared clock, arrival time =
 when the source's read returned them, the start of end-to-end latency;
 the first sample index jumps over lost samples, which are never filled),
 ``truth`` (simulated patient's voluntary drive), ``status`` (5 Hz heartbeat with
-gap counts and the recent gaps, and FAULT "EMG stale" published at once when the
-source stalls). Listens to ``pulses`` so the simulated patient can answer them.
+gap counts and the recent gaps and source events, and FAULT "EMG stale" published
+at once when the source stalls). What a source notices (a wall-clock step, its
+sample clock anchored again) is logged and marked in the recording. Listens to ``pulses`` so the simulated patient can answer them.
 Pushes raw EMG to an LSL outlet.
 
 Recovery policy: once the source has been stale for ``recover_after_ms`` it is
@@ -34,6 +35,7 @@ from fesloop.sockets import Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 
 RECENT_GAPS = 8
+RECENT_EVENTS = 8
 GAP_LOG_PERIOD_S = 5.0
 RESTART_JOIN_S = 2.0  # at exit, how long to wait for a reopening that is still blocked
 
@@ -132,6 +134,8 @@ class Acquisition:
         self.lost_samples = 0
         self.gaps = 0
         self.recent_gaps: deque[dict[str, Any]] = deque(maxlen=RECENT_GAPS)
+        self.source_events = 0
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.chunk_age = LatencyWindow()
         self.latency_share = LatencyWindow()  # its part of end-to-end latency: samples returned -> chunk sent
         self.state = "STARTING"
@@ -161,6 +165,8 @@ class Acquisition:
             "gaps": self.gaps,
             "recent_gaps": list(self.recent_gaps),
             "duplicate_samples": self.source.duplicate_samples,
+            "source_events": self.source_events,
+            "recent_events": list(self.recent_events),
             "recovery_attempts": self.recovery.total_attempts,
             "reopening": self.restart.busy,
             "chunk_age_ms": self.chunk_age.summary_ms(),
@@ -248,7 +254,16 @@ class Acquisition:
                 self.rt.log.error("%s", exc)
             self.source_error = str(exc)
             return []
+        self._on_source_events()
         return blocks
+
+    def _on_source_events(self) -> None:
+        """What the source noticed: a marker in the recording, a log line, the recent ones in status."""
+        for event in self.source.take_events():
+            self.source_events += 1
+            self.telemetry.marker(event.marker, event.time_s)
+            self.recent_events.append({"time_s": round(event.time_s, 6), "what": event.marker})
+            self.rt.log.warning("%s", event.marker)
 
     def _publish_status_now(self, now_s: float) -> None:
         self.pub.send_multipart(protocol.encode(self.rt.status_seq.next(), now_s, protocol.Status(self.rt.status())))

@@ -15,7 +15,7 @@ import pylsl
 from pylsl.util import LostError, TimeoutError as LslTimeoutError
 
 from acquisition.gaps import scan_timestamps, segments
-from acquisition.sources import Block, SourceError, n_channels_needed
+from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import NUMPY_DTYPES, configure_machine_scope, stream_query
@@ -107,6 +107,10 @@ class LslSource:
         """Resolve the stream again (briefly: the loop retries with backoff)."""
         self.stop()
         self._open(RESTART_RESOLVE_S)
+
+    def take_events(self) -> list[SourceEvent]:
+        """The stream's own clock-synced times are used: nothing to report."""
+        return []
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:
         """An LSL amplifier does not need the pulses."""

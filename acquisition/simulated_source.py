@@ -13,7 +13,7 @@ import numpy as np
 
 from acquisition.gaps import GapScan, segments
 from acquisition.patient import SimulatedPatient
-from acquisition.sources import Block, SourceError
+from acquisition.sources import Block, SourceError, SourceEvent
 from fesloop import protocol
 from fesloop.config import Config, SimulatedFault
 
@@ -124,6 +124,10 @@ class SimulatedSource:
 
     def restart(self, now_s: float) -> None:
         """Nothing to reopen: the simulated link only pauses when a fault says so."""
+
+    def take_events(self) -> list[SourceEvent]:
+        """Its times come from its own index: nothing to report."""
+        return []
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:
         if self._patient is not None:

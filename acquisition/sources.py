@@ -26,6 +26,14 @@ class Block:
     truth: np.ndarray | None = None  # simulated patient: voluntary drive per muscle
 
 
+@dataclass(frozen=True)
+class SourceEvent:
+    """Something a source noticed that the recording should show (a marker) and the log should say."""
+
+    time_s: float  # shared clock
+    marker: str
+
+
 class SourceError(RuntimeError):
     """The source cannot be opened or read; the message says which and why."""
 
@@ -44,6 +52,9 @@ class Source(Protocol):
 
     def restart(self, now_s: float) -> None:
         """Close and open again after a stall; the index keeps counting across it."""
+
+    def take_events(self) -> list[SourceEvent]:
+        """What it noticed since the last call (e.g. a wall-clock step), oldest first."""
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:
         """Delivered pulses (only the simulated patient answers them)."""

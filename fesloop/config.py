@@ -128,7 +128,8 @@ class BrainflowConfig:
     timeout: int = bounded(0, 0, 3600, "s")
     # Wrap of the board's package counter (BrainFlow boards: 0..255 -> 256).
     package_counter_modulo: int = bounded(256, 2, 2**32)
-    # Count whole counter periods lost from the timestamps too (needs arrival jitter < half a counter period).
+    # Count whole counter periods lost from when the rows arrived (by the sample clock; a delivery backlog under
+    # 7/8 of a counter period is never taken for a loss).
     dealias_with_timestamps: bool = True
     # PLAYBACK_FILE_BOARD: start again at the end of the file (false: the stream stops, EMG goes stale).
     playback_loop: bool = True

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +18,12 @@ from acquisition.brainflow_source import BrainFlowSource
 from acquisition.sources import Block
 from fesloop.config import parse_config
 from tests.acquisition.conftest import FS_HZ, SHIPPED_PLAYBACK, playback_config, ramp_playback
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+SYNTHETIC_ONE_MUSCLE = (
+    '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+)
 
 
 def read_all(source: BrainFlowSource, n_expected: int, timeout_s: float) -> list[Block]:
@@ -122,3 +132,96 @@ def test_playback_board_needs_its_master_board(tmp_path: Path) -> None:
     source = BrainFlowSource(config)  # a missing file is refused when the session starts, naming the board
     with pytest.raises(SourceError, match="PLAYBACK_FILE_BOARD"):
         source.start(0.0)
+
+
+def chunk_steps_off_the_index_s(firsts: list[tuple[int, float, int]], fs_hz: float) -> np.ndarray:
+    """For consecutive chunks (first index, first sample time, samples): how far the step in first
+    sample time is from what the indices say (index step / fs)."""
+    index = np.array([f[0] for f in firsts])
+    time_s = np.array([f[1] for f in firsts])
+    return np.diff(time_s) - np.diff(index) / fs_hz
+
+
+@pytest.mark.timeout(30)
+def test_synthetic_board_chunk_times_follow_the_sample_indices() -> None:
+    """Real synthetic board, 1.5 s: the first sample time of chunk k+1 minus chunk k is n_k / fs
+    (within 1 % of it: the sample clock's drift and smoothing), so times never go back. BrainFlow's
+    per-chunk arrival stamps were off by up to half a period and more (-10..+12 periods under load)."""
+    source = BrainFlowSource(parse_config(SYNTHETIC_ONE_MUSCLE))
+    blocks = read_all(source, 375, timeout_s=5)
+    firsts = [(b.first_sample_index, b.first_sample_time_s, len(b.emg_uv)) for b in blocks]
+    off_s = chunk_steps_off_the_index_s(firsts, source.sampling_rate_hz)
+
+    assert len(blocks) > 50 and sum(b.lost_samples for b in blocks) == 0
+    assert np.all(np.diff([f[1] for f in firsts]) > 0)
+    assert np.all(np.abs(off_s) <= 0.01 * np.diff([f[0] for f in firsts]) / source.sampling_rate_hz)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not LIBFAKETIME.exists(), reason="needs libfaketime (apt libfaketime)")
+def test_a_wall_clock_step_moves_no_sample_time_and_is_reported(tmp_path: Path) -> None:
+    """The synthetic board under libfaketime, the wall clock stepped +2 s after 1 s (fault matrix
+    #16): BrainFlow's stamps jump +2 s, the EMG times do not (the newest sample of every chunk stays
+    within 0.5 s of the read), nothing is counted lost, and the step is one event. BrainFlow's
+    synthetic board then makes up the 2 s in a burst of samples (more samples than time): while
+    it lasts the sample clock is anchored again at the reads (each an event); before the step and
+    from 0.3 s after it, chunk times follow the indices."""
+    offset_file = tmp_path / "faketime.rc"
+    offset_file.write_text("+0\n")
+    env = {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1",
+           "FAKETIME_TIMESTAMP_FILE": str(offset_file)}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.acquisition.wall_clock_step_run", str(offset_file), "+2", "1.0", "2.5"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=45,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    blocks, stepped_s, fs_hz = result["blocks"], result["stepped_s"], 250.0
+    newest_age_s = np.array([b[4] - (b[1] + (b[2] - 1) / fs_hz) for b in blocks])
+    walls = [e for e in result["events"] if e[1].startswith("wall clock stepped")]
+
+    assert len([b for b in blocks if b[4] > stepped_s + 0.3]) > 50
+    assert [b[0] for b in blocks] == np.cumsum([0] + [b[2] for b in blocks[:-1]]).tolist()  # no gap
+    assert sum(b[3] for b in blocks) == 0
+    assert np.abs(newest_age_s).max() < 0.5
+    assert len(walls) == 1 and walls[0][1].startswith("wall clock stepped +2.00") and walls[0][0] >= stepped_s
+    assert all(e[1].startswith("sample clock anchored again") for e in result["events"] if e not in walls)
+    for part in ([b for b in blocks if b[4] < stepped_s], [b for b in blocks if b[4] > stepped_s + 0.3]):
+        off_s = chunk_steps_off_the_index_s([(b[0], b[1], b[2]) for b in part], fs_hz)
+        assert np.all(np.abs(off_s) <= 0.01 * np.diff([b[0] for b in part]) / fs_hz)
+
+
+@pytest.mark.timeout(30)
+def test_a_resent_packet_is_dropped_not_handed_over_again(tmp_path: Path) -> None:
+    """Playback file whose 5-sample packet 2000..2004 comes twice (fault matrix #7): the five
+    repeats are duplicates, no gap is claimed, every value sits at its own index."""
+    path = tmp_path / "resent.tsv"
+    values = ramp_playback(path, 3000)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2005] + lines[2000:2005] + lines[2005:]))
+    source = BrainFlowSource(playback_config(path))
+    blocks = read_all(source, len(values), timeout_s=10)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert source.duplicate_samples == 5
+    assert sum(b.lost_samples for b in blocks) == 0
+    assert np.array_equal(index, np.arange(3000))
+    assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))
+
+
+@pytest.mark.timeout(30)
+def test_a_delivery_stall_with_a_continuous_counter_loses_nothing(tmp_path: Path) -> None:
+    """Playback file paused 150 ms between samples 999 and 1000 (the board delivers them late, its
+    counter goes on): no gap, every later sample at its own index (was: 256 lost, all shifted)."""
+    path = tmp_path / "stall.tsv"
+    values = ramp_playback(path, 3000)
+    table = np.loadtxt(path)
+    table[1000:, 2] += 0.150
+    np.savetxt(path, table, fmt=["%.0f", "%.10g", "%.6f", "%.0f"], delimiter="\t")
+    source = BrainFlowSource(playback_config(path))
+    blocks = read_all(source, len(values), timeout_s=10)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert sum(b.lost_samples for b in blocks) == 0
+    assert np.array_equal(index, np.arange(3000))
+    assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))

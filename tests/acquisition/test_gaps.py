@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acquisition.gaps import samples_missing, scan_package_counter, scan_timestamps, segments
+from acquisition.gaps import scan_package_counter, scan_timestamps, segments
 
 
 def test_counter_gap_across_the_wrap_is_counted_exactly() -> None:
@@ -37,26 +37,138 @@ def test_first_read_without_history_has_no_gap() -> None:
     assert scan.gap_rows.size == 0 and scan.duplicates == 0
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    st.lists(st.integers(0, 254), min_size=1, max_size=40),  # losses between delivered samples (< modulo)
-    st.integers(0, 255),
-    st.lists(st.integers(1, 30), min_size=1, max_size=10),
-)
-def test_counter_losses_are_recovered_exactly_whatever_the_reads(losses, start, reads) -> None:
-    """Delivered sample k has true index sum(losses[:k]) + k; any split into reads gives it back."""
-    true_index = np.cumsum(np.array(losses)) + np.arange(len(losses)) + start
-    counter = true_index % 256
-    last, next_index, got = None, int(true_index[0]), []
-    position, r = 0, 0
-    while position < len(counter):
-        part = counter[position : position + reads[r % len(reads)]]
-        scan = scan_package_counter(part, last, 256)
-        for row_start, row_stop, first, _lost in segments(len(part), scan, next_index):
+def scanned(
+    reads: list[list[int]], noise: list[list[float] | None], modulo: int, step: int
+) -> tuple[list[int], int]:
+    """Feed reads of true indices, as counter values, through the scan like the source does: a row
+    arrives when the newest sample so far is taken, plus its noise (None: all rows when the read's
+    newest is, plus the last row's noise: a backlog caught up at once), counted in periods after
+    the last index handed over. Returns the indices handed over and the duplicates."""
+    last, next_index, got, duplicates, seen = None, 0, [], 0, []
+    for read, read_noise in zip(reads, noise):
+        arrived = None
+        if read_noise is not None:
+            newest = np.maximum.accumulate(np.array(seen + read))[len(seen):]
+            caught_up = [newest[-1] - k + read_noise[-1] if x is None else x for k, x in zip(newest, read_noise)]
+            late = np.array(caught_up)
+            arrived = newest - (next_index - 1) + late
+        counter = [(i * step + 1) % modulo for i in read]
+        scan = scan_package_counter(np.array(counter), last, modulo, step, arrived)
+        kept = np.arange(len(read)) if scan.keep is None else np.flatnonzero(scan.keep)
+        for row_start, row_stop, first, _lost in segments(len(kept), scan, next_index):
             got.extend(range(first, first + row_stop - row_start))
             next_index = first + row_stop - row_start
-        last, position, r = int(part[-1]), position + len(part), r + 1
-    assert got == true_index.tolist()
+        duplicates += scan.duplicates
+        last = counter[kept[-1]] if len(kept) else last
+        seen += read
+    return got, duplicates
+
+
+@st.composite
+def transport(draw: st.DrawFn, wrap: int, with_time: bool) -> tuple[list[list[int]], list]:
+    """A transport that loses runs of samples, repeats a row and re-sends recent rows (back by
+    less than half a counter period), read in pieces. With time: each row's arrival noise against
+    the sample clock (at most W/8 early, under 3/8 W late) and losses of any size; or a backlog
+    caught up at once (every row but the last: None), with losses under half a counter period, as
+    without time."""
+    rows, reads, noise = [0], [[0]], [None]  # true indices; the first read has no clock yet
+    for _ in range(draw(st.integers(1, 10))):
+        caught_up = with_time and draw(st.booleans())
+        read: list[int] = []
+        for _ in range(draw(st.integers(1, 6))):
+            kind = draw(st.sampled_from(["run", "lose", "repeat", "resend"]))
+            high = max(rows + read)
+            if kind == "run":
+                read += list(range(high + 1, high + 1 + draw(st.integers(1, 20))))
+            elif kind == "lose":
+                lost = draw(st.integers(1, 3 * wrap if with_time and not caught_up else wrap // 2 - 1))
+                read += list(range(high + 1 + lost, high + 2 + lost + draw(st.integers(0, 5))))
+            elif kind == "repeat":
+                read.append((rows + read)[-1])
+            else:
+                recent = [i for i in rows + read if i > high - wrap // 2]
+                read += recent[-draw(st.integers(1, len(recent))):]
+        late = st.floats(-wrap / 8 + 1, 3 * wrap / 8 - 1)
+        if not with_time:
+            noise.append(None)
+        elif caught_up:
+            noise.append([None] * (len(read) - 1) + [draw(late)])
+        else:
+            noise.append(draw(st.lists(late, min_size=len(read), max_size=len(read))))
+        rows += read
+        reads.append(read)
+    return reads, noise
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.sampled_from([(256, 1), (256, 2), (64, 1)]), st.booleans())
+def test_counter_scan_against_a_reference_transport(data, counter, with_time) -> None:
+    """Losses, repeats and re-sent packets, any split into reads: every new sample handed over at its
+    true index, every repeat dropped and counted (with the arrival times also after losses of
+    whole counter periods, and of more than half of one, which the counter reads as a step back)."""
+    modulo, step = counter
+    reads, noise = data.draw(transport(modulo // step, with_time))
+    got, duplicates = scanned(reads, noise, modulo, step)
+    rows = [i for read in reads for i in read]
+    new = [i for k, i in enumerate(rows) if k == 0 or i > max(rows[:k])]
+    assert got == new
+    assert duplicates == len(rows) - len(new)
+
+
+def test_a_resent_packet_is_dropped_as_duplicates_not_read_as_a_loss() -> None:
+    """Counter 0..4 then 0..4 again (fault matrix #7): the repeat is five duplicates; 5 follows 4."""
+    scan = scan_package_counter(np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]), None, 256)
+    assert scan.duplicates == 5 and scan.gap_rows.size == 0
+    assert scan.keep.tolist() == [True] * 5 + [False] * 5 + [True] * 2
+    across_reads = scan_package_counter(np.array([2, 3, 4, 5]), 4, 256)  # resent rows end one read, start the next
+    assert across_reads.keep.tolist() == [False, False, False, True] and across_reads.gap_rows.size == 0
+
+
+def test_a_loss_the_counter_reads_as_a_step_back_is_a_loss_when_the_rows_came_that_late() -> None:
+    """Index 255 (counter 255), then 250 lost: counters 250, 251 look re-sent (back by 5), but they
+    arrived 251 periods on: they are indices 506, 507. Arriving soon, they are re-sent rows."""
+    late = scan_package_counter(np.array([250, 251]), 255, 256, arrived=np.array([251.0, 252.0]))
+    assert late.keep is None and late.gap_rows.tolist() == [0] and late.gap_sizes.tolist() == [250]
+    soon = scan_package_counter(np.array([250, 251]), 255, 256, arrived=np.array([1.0, 1.0]))
+    assert soon.duplicates == 2 and not soon.keep.any()
+
+
+def test_a_delivery_stall_with_a_continuous_counter_is_no_loss() -> None:
+    """Read 150 (or even 220) periods late with the counter going on by one: nothing lost; a read
+    ~257 periods on with the same counter step is a whole counter period lost."""
+    for late in (150.0, 220.0):
+        assert scan_package_counter(np.array([8, 9]), 7, 256, arrived=late + np.zeros(2)).gap_rows.size == 0
+    lost = scan_package_counter(np.array([8, 9]), 7, 256, arrived=258.0 + np.zeros(2))
+    assert lost.gap_rows.tolist() == [0] and lost.gap_sizes.tolist() == [256]
+
+
+def test_whole_counter_periods_go_before_the_row_that_came_that_much_late() -> None:
+    """Rows 8..11 after 7, the third one 300 periods on: a counter period lost before it."""
+    scan = scan_package_counter(np.array([8, 9, 10, 11]), 7, 256, arrived=np.array([1.0, 2.0, 259.0, 260.0]))
+    assert scan.gap_rows.tolist() == [2] and scan.gap_sizes.tolist() == [256]
+
+
+def test_a_backlog_that_catches_up_within_the_read_is_no_loss() -> None:
+    """After a 300-period stall, 300 rows arrive at once: only the fresh ones at the end count."""
+    counter = np.arange(8, 308) % 256
+    scan = scan_package_counter(counter, 7, 256, arrived=np.full(300, 301.0))
+    assert scan.gap_rows.size == 0 and scan.keep is None
+
+
+def test_after_a_restart_the_gap_is_how_late_the_rows_arrived() -> None:
+    """No last counter: the first row's gap is how much later than counted the rows arrived, rounded."""
+    scan = scan_package_counter(np.array([40, 41, 42]), None, 256, arrived=503.4 + np.zeros(3))
+    assert scan.gap_rows.tolist() == [0] and scan.gap_sizes.tolist() == [500]
+
+
+def test_a_daisy_counter_stepping_by_two_is_contiguous() -> None:
+    """CYTON_DAISY: odd sample numbers 1, 3, ... 255, 1: one sample per step of 2; a wrap every 128."""
+    counter = (2 * np.arange(300) + 1) % 256
+    scan = scan_package_counter(counter, None, 256, step=2)
+    assert scan.keep is None and scan.gap_rows.size == 0
+    lost = scan_package_counter(np.array([9, 15]), 7, 256, step=2)  # 9 follows 7; 11 and 13 lost
+    assert lost.gap_rows.tolist() == [1] and lost.gap_sizes.tolist() == [2]
 
 
 def test_timestamp_gaps() -> None:
@@ -67,18 +179,9 @@ def test_timestamp_gaps() -> None:
     assert scan.gap_sizes.tolist() == [2, 11]
 
 
-@pytest.mark.parametrize(("interval_ms", "missing"), [(1.0, 0), (1.4, 0), (1.6, 1), (2.0, 1), (3.0, 2), (10.2, 9)])
-def test_samples_missing(interval_ms: float, missing: int) -> None:
-    assert samples_missing(interval_ms * 1e-3, 1000.0) == missing
-
-
-def test_timestamps_tell_a_duplicate_from_a_loss_of_a_whole_counter_period() -> None:
-    fs_hz = 1000.0
-    counter = np.array([10, 10, 10, 11, 20])
-    # second 10: same time (a duplicate); third 10: 256 periods later (255 lost); 20: 9 + 512 lost
-    stamps_s = np.array([0.0, 0.0, 0.256, 0.257, 0.257 + 521 / fs_hz])
-    scan = scan_package_counter(counter, last=9, modulo=256, dealias=(stamps_s, -0.001, fs_hz))
-    assert scan.duplicates == 1
-    assert scan.gap_rows.tolist() == [1, 3] and scan.gap_sizes.tolist() == [255, 8 + 512]
-    jittered = np.array([0.0, 0.0, 0.1, 0.1, 0.1])  # 100 ms late arrivals are not a lost period
-    assert scan_package_counter(np.array([10, 11, 12, 13, 14]), 9, 256, (jittered, -0.001, fs_hz)).gap_rows.size == 0
+def test_the_arrival_tells_a_duplicate_from_a_loss_of_a_whole_counter_period_less_one() -> None:
+    """Counter 10 again: a duplicate when it arrived at once; 255 lost when it arrived 256 periods on."""
+    soon = scan_package_counter(np.array([10, 11]), 10, 256, arrived=np.array([0.5, 1.0]))
+    assert soon.duplicates == 1 and soon.gap_rows.size == 0
+    late = scan_package_counter(np.array([10, 11]), 10, 256, arrived=np.array([256.0, 257.0]))
+    assert late.duplicates == 0 and late.gap_rows.tolist() == [0] and late.gap_sizes.tolist() == [255]

@@ -15,7 +15,7 @@ import numpy as np
 import pylsl
 import pytest
 
-from fesloop.config import load_config
+from fesloop.config import Config, load_config
 from fesloop.lsl import configure_machine_scope
 from tests.acquisition.conftest import Tap, emg_series, playback_config_text, ramp_playback
 from tests.conftest import config_with_fresh_ports, wait_until
@@ -178,12 +178,33 @@ def test_lsl_outlet_describes_the_stream(processes, tmp_path: Path) -> None:
     assert channel.child_value("type") == "EMG"
     values = np.asarray(samples)[:, 0]
     assert len(values) > 100 and np.all(np.diff(values) == 1.0)  # consecutive ramp samples (no loss here)
-    # Each chunk is stamped from BrainFlow's arrival stamp of its first sample (jitter of the
-    # playback thread included), then at the nominal rate; all on the shared clock.
+    # Samples are stamped by the sample clock (a line through the read times, on the shared
+    # clock) at the nominal rate; the line is the mean read time, so the newest stamp may sit a
+    # little after the moment it was pulled: allow 5 ms.
     assert np.median(np.diff(stamps)) == pytest.approx(1e-3, rel=0.01)
-    # BrainFlow stamps on the wall clock; converted at the edge with an estimated offset, a
-    # stamp may sit a few microseconds after the moment it was pulled: allow 5 ms.
     assert -0.005 < pulled_s - stamps[-1] < 1.0
+
+
+def open_markers_inlet(config: Config, tap: Tap) -> tuple[pylsl.StreamInlet, int]:
+    """A real LSL inlet on the acquisition's markers (what the XDF recorder subscribes to), and
+    how many samples had been sent when it was open (markers before that are not in it)."""
+    configure_machine_scope()
+    streams = pylsl.resolve_bypred(f"name='{config.name}-acquisition-markers'", minimum=1, timeout=15)
+    assert streams, "no acquisition markers stream"
+    inlet = pylsl.StreamInlet(streams[0])
+    inlet.open_stream(timeout=5)
+    return inlet, max((s["samples_sent"] for s in tap.statuses()), default=0)
+
+
+def pull_markers(inlet: pylsl.StreamInlet, n: int, timeout_s: float = 2.0) -> tuple[list[str], list[float]]:
+    """Up to ``n`` markers and their stamps, waiting at most ``timeout_s``."""
+    markers, stamps = [], []
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and len(markers) < n:
+        samples, times = inlet.pull_chunk(timeout=0.2)
+        markers += [m[0] for m in samples]
+        stamps += times
+    return markers, stamps
 
 
 def test_gaps_and_stalls_are_marked_on_the_acquisition_markers_stream(processes, tmp_path: Path) -> None:
@@ -195,21 +216,11 @@ def test_gaps_and_stalls_are_marked_on_the_acquisition_markers_stream(processes,
     ramp_playback(playback, 6000, delete=[(4000, 4013)])  # the inlet is open by then
     text = playback_config_text(playback, loop=False, acquisition="stale_ms = 100.0\nrecover_after_ms = 400.0")
     config, tap = start(processes, tmp_path, text)
-    configure_machine_scope()
     try:
-        streams = pylsl.resolve_bypred(f"name='{config.name}-acquisition-markers'", minimum=1, timeout=15)
-        assert streams, "no acquisition markers stream"
-        inlet = pylsl.StreamInlet(streams[0])
-        inlet.open_stream(timeout=5)
-        opened_samples = max((s["samples_sent"] for s in tap.statuses()), default=0)
+        inlet, opened_samples = open_markers_inlet(config, tap)
         wait_until(lambda: any(s["state"] == "RUNNING" and s["recovery_attempts"] >= 1 for s in tap.statuses()), 20,
                    what="the stall and the recovery")
-        markers, stamps = [], []
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end and len(markers) < 4:
-            samples, times = inlet.pull_chunk(timeout=0.2)
-            markers += [m[0] for m in samples]
-            stamps += times
+        markers, stamps = pull_markers(inlet, 4)
         statuses = tap.statuses()
     finally:
         tap.close()
@@ -222,6 +233,33 @@ def test_gaps_and_stalls_are_marked_on_the_acquisition_markers_stream(processes,
     assert stamps[0] == pytest.approx(gaps[4000]["resumed_at_s"], abs=1e-5)  # at the first sample after it
     assert stamps[2] == pytest.approx(restart["resumed_at_s"], abs=1e-5)
     assert stamps[0] < stamps[1] < stamps[2] <= stamps[3]
+
+
+def test_a_counter_jump_the_time_does_not_show_is_marked_and_the_clock_anchored_again(
+    processes, tmp_path: Path
+) -> None:
+    """The counter skips 120 samples but the board delivers on without a pause (a counter the
+    time contradicts): the gap is counted, and the sample clock, 120 ms ahead of the reads, is
+    anchored again at once: a marker on the acquisition's markers stream, an event in status."""
+    playback = tmp_path / "jump.tsv"
+    ramp_playback(playback, 6000, delete=[(4000, 4120)])
+    table = np.loadtxt(playback)
+    table[:, 2] = 1.0 + np.arange(len(table)) / 1000.0  # delivered without a pause
+    np.savetxt(playback, table, fmt=["%.0f", "%.10g", "%.6f", "%.0f"], delimiter="\t")
+    config, tap = start(processes, tmp_path, playback_config_text(playback, loop=False))
+    try:
+        inlet, opened_samples = open_markers_inlet(config, tap)
+        wait_until(lambda: any(s["samples_sent"] >= 5000 for s in tap.statuses()), 20, what="the jump played")
+        markers, _ = pull_markers(inlet, 2)
+        status = wait_until(lambda: [s for s in tap.statuses() if s["samples_sent"] >= 5000], 5, what="status")[-1]
+    finally:
+        tap.close()
+    assert opened_samples < 4000, "the inlet opened after the jump: nothing to check"
+    anchored = [m for m in markers if m.startswith("sample clock anchored again: EMG times jump -")]
+    assert sorted(markers) == sorted(["gap 120 samples", *anchored]) and len(anchored) == 1
+    assert float(anchored[0].split("jump ")[1].split(" ms")[0]) == pytest.approx(-120.0, abs=10.0)
+    assert status["source_events"] == 1 and status["recent_events"][0]["what"] == anchored[0]
+    assert status["lost_samples"] == 120
 
 
 def test_playback_config_runs_the_whole_loop(write_config) -> None:
