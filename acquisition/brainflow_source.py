@@ -10,6 +10,9 @@ only say, within one read, how long after each other the rows arrived. The
 wall-clock offset is measured at every read, and a step (NTP, ``date -s``) is
 reported as an event: BrainFlow's timestamps and its record file jump there.
 
+A row with a NaN, an infinity or a value beyond float32 after scaling is dropped
+as lost (the index jumps over it, the counter shows the gap) and counted.
+
 Gaps come from the board's package counter (see :mod:`acquisition.gaps`): repeated
 and re-sent rows are dropped and counted, and whole counter periods lost are found
 from when the rows arrived by the sample clock. After a restart the counter is no
@@ -108,6 +111,7 @@ class BrainFlowSource:
         self.source_id = _stable_source_id(self.board_id, cfg)
         self._board = BoardShim(self.board_id, _input_params(cfg, BrainFlowInputParams()))
         self.duplicate_samples = 0
+        self.non_finite_samples = 0
         self.restarts = 0
         self._clock = clock or LslClock()
         self._sample_clock = SampleClock(self.sampling_rate_hz)
@@ -146,14 +150,21 @@ class BrainFlowSource:
             raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
         read_s = self._clock.now()  # every row read had arrived by then
         self._watch_wall_clock(read_s)
-        scan = self._scan(data, read_s)
-        if scan.keep is not None:
-            data = data[:, scan.keep]
-            self.duplicate_samples += scan.duplicates
-            if data.shape[1] == 0:
+        counter = self._counter(data)
+        emg_uv = self._converted(data, data.shape[1])
+        finite = np.isfinite(emg_uv).all(axis=1)
+        if not finite.all():  # NaN, inf, or beyond float32: the row is lost, the counter shows the gap
+            self.non_finite_samples += int(finite.size - finite.sum())
+            data, counter, emg_uv = data[:, finite], counter[finite], emg_uv[finite]
+            if not finite.any():
                 return []
-        n = data.shape[1]
-        emg_uv = self._converted(data, n)
+        scan = self._scan(data, counter, read_s)
+        if scan.keep is not None:
+            emg_uv = emg_uv[scan.keep]
+            self.duplicate_samples += scan.duplicates
+            if emg_uv.shape[0] == 0:
+                return []
+        n = emg_uv.shape[0]
         parts = segments(n, scan, self._next_index)
         first_row, stop_row, first_index, _ = parts[-1]
         self._next_index = first_index + stop_row - first_row
@@ -170,17 +181,19 @@ class BrainFlowSource:
             marker = f"wall clock stepped {step_s:+.3f} s (BrainFlow timestamps and record file jump; EMG times do not)"
             self._events.append(SourceEvent(read_s, marker))
 
-    def _scan(self, data: np.ndarray, read_s: float) -> GapScan:
+    def _counter(self, data: np.ndarray) -> np.ndarray:
+        """Each row's package counter (boards without one: the number of rows read before it)."""
+        n = data.shape[1]
+        self._rows_read += n
+        if self._package_row is None:
+            return self._rows_read - n + np.arange(n)
+        return data[self._package_row].astype(np.int64)
+
+    def _scan(self, data: np.ndarray, counter: np.ndarray, read_s: float) -> GapScan:
         """Repeated rows and gaps from the package counter; whole counter periods (and the gap across
         a restart) from when the rows arrived: the read time on the sample clock, less how much
         earlier than the last row each row came by BrainFlow's stamps. (A wall-clock step inside
         the read only shifts the rows before it, which the last row bounds.)"""
-        n = data.shape[1]
-        if self._package_row is None:
-            counter = self._rows_read + np.arange(n)
-        else:
-            counter = data[self._package_row].astype(np.int64)
-        self._rows_read += n
         arrived = None
         newest = self._sample_clock.index_at(read_s)
         if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
@@ -201,8 +214,9 @@ class BrainFlowSource:
         if self._buffer.shape[0] < n:
             self._buffer = np.empty((max(n, 2 * self._buffer.shape[0]), self.n_channels), dtype=np.float32)
         out = self._buffer[:n]
-        for column, row in enumerate(self._rows):
-            np.multiply(data[row], self._cfg.scale_uv, out=out[:, column], casting="unsafe")
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, and its row is dropped
+            for column, row in enumerate(self._rows):
+                np.multiply(data[row], self._cfg.scale_uv, out=out[:, column], casting="unsafe")
         return out
 
     def restart(self, now_s: float) -> None:

@@ -165,6 +165,7 @@ class Acquisition:
             "gaps": self.gaps,
             "recent_gaps": list(self.recent_gaps),
             "duplicate_samples": self.source.duplicate_samples,
+            "non_finite_samples": self.source.non_finite_samples,
             "source_events": self.source_events,
             "recent_events": list(self.recent_events),
             "recovery_attempts": self.recovery.total_attempts,

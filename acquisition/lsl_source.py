@@ -3,7 +3,9 @@
 Pulled with ``pull_chunk(dest_obj=...)`` into a preallocated buffer; a short
 ``max_buflen`` means liblsl drops what piles up during a stall instead of handing
 over seconds of stale data. Timestamps are clock-synced to this host (the shared
-clock) and gaps are found from them. A lost stream raises SourceError on read; the
+clock) and gaps are found from them. A sample with a NaN, an infinity or a value
+beyond float32 after scaling is dropped as lost (the gap its timestamp leaves is
+counted) and counted. A lost stream raises SourceError on read; the
 acquisition loop then reports it and calls ``restart``, which resolves the stream
 again (same query), and the gap across the outage is counted from the timestamps.
 """
@@ -38,6 +40,7 @@ class LslSource:
         self.sampling_rate_hz = 0.0  # known once the stream is resolved
         self.source_id = f"lsl-{cfg.source_id or cfg.name or cfg.type}"
         self.duplicate_samples = 0
+        self.non_finite_samples = 0
         self._inlet: pylsl.StreamInlet | None = None
         self._raw = np.empty((0, 0))
         self._emg_uv = np.empty((MAX_PULL_SAMPLES, self.n_channels), dtype=np.float32)
@@ -93,7 +96,15 @@ class LslSource:
         if n == 0:
             return []
         emg_uv = self._emg_uv[:n]
-        np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, and its row is dropped
+            np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
+        finite = np.isfinite(emg_uv).all(axis=1)
+        if not finite.all():  # NaN, inf, or beyond float32: the row is lost, its timestamp leaves the gap
+            self.non_finite_samples += int(n - finite.sum())
+            emg_uv, stamps_s = emg_uv[finite], stamps_s[finite]
+            n = len(stamps_s)
+            if n == 0:
+                return []
         scan = scan_timestamps(stamps_s, self._last_stamp_s, self.sampling_rate_hz, self._cfg.gap_tolerance)
         blocks = [
             Block(index, float(stamps_s[start]), emg_uv[start:stop], lost)

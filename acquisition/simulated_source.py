@@ -75,6 +75,7 @@ class SimulatedSource:
         self.n_channels = len(config.muscles)
         self.source_id = f"simulated-patient-seed{sim.seed}"
         self.duplicate_samples = 0
+        self.non_finite_samples = 0  # the patient renders finite values only
         self._delay_s = sim.transport_delay_ms * 1e-3
         self._faults = FaultSchedule(sim.faults, [m.name for m in config.muscles], sim.sampling_rate_hz)
         self._patient: SimulatedPatient | None = None

@@ -1,9 +1,10 @@
 """What every EMG source hands over, and the choice of source from the config.
 
 A source hands over blocks of new samples in microvolts, float32 (n_samples,
-n_channels), with the index and shared-clock time of the first sample. Lost samples
-are never filled: a read that spans a gap returns one block per side, the second
-block's index jumps over the gap and its ``lost_samples`` says by how much.
+n_channels), finite, with the index and shared-clock time of the first sample. Lost
+samples are never filled: a read that spans a gap returns one block per side, the
+second block's index jumps over the gap and its ``lost_samples`` says by how much.
+A sample with a non-finite value is lost too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Source(Protocol):
     n_channels: int
     source_id: str
     duplicate_samples: int
+    non_finite_samples: int  # rows dropped as lost for a NaN, an infinity or a value beyond float32
 
     def start(self, now_s: float) -> None:
         """Open the device or stream and start sampling; raises SourceError."""

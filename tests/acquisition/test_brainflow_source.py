@@ -16,6 +16,7 @@ from brainflow.data_filter import DataFilter
 
 from acquisition.brainflow_source import BrainFlowSource
 from acquisition.sources import Block
+from fesloop import protocol
 from fesloop.config import parse_config
 from tests.acquisition.conftest import FS_HZ, SHIPPED_PLAYBACK, playback_config, ramp_playback
 
@@ -225,3 +226,36 @@ def test_a_delivery_stall_with_a_continuous_counter_loses_nothing(tmp_path: Path
     assert sum(b.lost_samples for b in blocks) == 0
     assert np.array_equal(index, np.arange(3000))
     assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))
+
+
+@pytest.mark.timeout(30)
+def test_non_finite_samples_are_dropped_as_lost_and_counted(tmp_path: Path) -> None:
+    """Playback file with NaN at sample 300, inf at 600, 1e300 (inf in float32) at 700 and NaN at
+    800 and 801: those rows are lost (the index jumps over them) and counted; everything handed
+    over is finite, at its own index, and every chunk decodes as the controller decodes it (a
+    non-finite chunk is dropped whole there)."""
+    path = tmp_path / "nan.tsv"
+    ramp_playback(path, 1000)
+    lines = path.read_text().splitlines(keepends=True)
+    for line, value in ((300, "nan"), (600, "inf"), (700, "1e300"), (800, "nan"), (801, "nan")):
+        columns = lines[line].split("\t")
+        columns[1] = value
+        lines[line] = "\t".join(columns)
+    path.write_text("".join(lines))
+    source = BrainFlowSource(playback_config(path))
+    blocks = read_all(source, 995, timeout_s=10)
+    index, emg_uv = indices_and_values(blocks)
+    encoder = protocol.EmgEncoder(protocol.Kind.EMG)
+    decoded = [
+        protocol.decode([bytes(part) for part in encoder.encode(k, b.first_sample_time_s, protocol.EmgChunk(
+            b.first_sample_index, b.first_sample_time_s, b.first_sample_time_s, FS_HZ, b.emg_uv))])
+        for k, b in enumerate(blocks)
+    ]
+
+    assert np.isfinite(emg_uv).all()
+    assert np.array_equal(index, np.setdiff1d(np.arange(1000), [300, 600, 700, 800, 801]))
+    assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))
+    lost = [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples]
+    assert lost == [(301, 1), (601, 1), (701, 1), (802, 2)]
+    assert source.non_finite_samples == 5 and source.duplicate_samples == 0
+    assert len(decoded) == len(blocks)

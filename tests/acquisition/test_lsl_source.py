@@ -101,3 +101,34 @@ def test_fesloops_own_emg_outlet_is_never_picked_up() -> None:
     with pytest.raises(SourceError, match="no LSL stream matches"):
         source.start(0.0)
     del own
+
+
+@pytest.mark.timeout(60)
+def test_non_finite_samples_from_the_stream_are_dropped_as_lost_and_counted() -> None:
+    """A real float64 outlet sends NaN at sample 20, inf at 40 and 1e300 (inf in float32) at 60 in
+    channel b: those samples are lost (one each, the index jumps over them) and counted; every
+    value handed over is finite."""
+    source_id = f"test-amp-{uuid.uuid4().hex[:8]}"
+    configure_machine_scope()
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo("test-amp", "EMG", N_CHANNELS, FS_HZ, pylsl.cf_double64, source_id))
+    source = source_for(source_id)
+    try:
+        source.start(pylsl.local_clock())
+        t0_s = pylsl.local_clock()
+        sent = np.arange(100)
+        values = np.repeat(sent[:, None], N_CHANNELS, axis=1).astype(np.float64)
+        values[[20, 40, 60], 1] = [np.nan, np.inf, 1e300]
+        outlet.push_chunk(values, (t0_s + sent / FS_HZ).tolist())
+        blocks = read_until(source, 97)
+        index = np.concatenate([b.first_sample_index + np.arange(len(b.emg_uv)) for b in blocks])
+        emg_uv = np.vstack([b.emg_uv for b in blocks])
+    finally:
+        source.stop()
+        del outlet
+
+    kept = np.setdiff1d(sent, [20, 40, 60])
+    assert np.isfinite(emg_uv).all()
+    assert np.array_equal(index, kept)
+    assert np.array_equal(emg_uv[:, 0], 2.0 * kept.astype(np.float32))
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(21, 1), (41, 1), (61, 1)]
+    assert source.non_finite_samples == 3

@@ -58,6 +58,28 @@ def test_injected_gaps_reach_the_emg_topic_and_status_exactly(processes, tmp_pat
     assert index[-1] == 1799
 
 
+def test_non_finite_samples_reach_the_emg_topic_as_gaps_and_status_counts_them(processes, tmp_path: Path) -> None:
+    """NaN at sample 900 and inf at 1200 of a playback file: every other sample reaches the emg
+    topic (each chunk decodes; a non-finite one would be dropped whole by every subscriber), the
+    two are gaps of one sample, and status counts them as lost and as non-finite."""
+    playback = tmp_path / "nan.tsv"
+    ramp_playback(playback, 1500)
+    table = np.loadtxt(playback)
+    table[[900, 1200], 1] = [np.nan, np.inf]
+    np.savetxt(playback, table, fmt=["%.0f", "%.10g", "%.6f", "%.0f"], delimiter="\t")
+    config, tap = start(processes, tmp_path, playback_config_text(playback, loop=False))
+    try:
+        status = wait_until(lambda: [s for s in tap.statuses() if s.get("samples_sent", 0) == 1498], 20,
+                            what="every finite sample published")[-1]
+        index, emg_uv = emg_series(tap.get(b"emg"))
+    finally:
+        tap.close()
+    assert index[0] < 900, "subscribed after the first non-finite sample: nothing to check"
+    assert np.array_equal(index, np.setdiff1d(np.arange(index[0], 1500), [900, 1200]))
+    assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))
+    assert status["non_finite_samples"] == 2 and status["lost_samples"] == 2 and status["gaps"] == 2
+
+
 def test_stalled_playback_faults_at_once_then_recovers_by_reopening(processes, tmp_path: Path) -> None:
     """The file ends (loop off): FAULT "EMG stale" within stale_ms + a tick, then the session is
     released and prepared again after recover_after_ms, and samples flow on with the gap counted."""
