@@ -36,6 +36,9 @@ PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
 RING_BUFFER_SAMPLES = 45000
 MAX_READ_SAMPLES = 1 << 14
 ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read stand in for it
+# Package counter steps per sample other than 1: BrainFlow's CYTON_DAISY driver joins two radio
+# packets per sample and keeps the odd packet's number (cyton_daisy.cpp).
+COUNTER_STEP = {"CYTON_DAISY_BOARD": 2}
 
 
 def resolve_board_id(board: str) -> int:
@@ -59,6 +62,11 @@ def board_name(board_id: int) -> str:
         return BoardIds(board_id).name
     except ValueError:
         return str(board_id)
+
+
+def counter_step(board_id: int) -> int:
+    """How far the board's package counter advances per sample."""
+    return COUNTER_STEP.get(board_name(board_id), 1)
 
 
 def is_file_board(board_id: int) -> bool:
@@ -108,6 +116,12 @@ class BrainFlowSource:
         self._timestamp_row = int(descr["timestamp_channel"])
         self._package_row = descr.get("package_num_channel")
         self._counter_modulo = ROW_COUNT_MODULO if self._package_row is None else cfg.package_counter_modulo
+        self._counter_step = 1 if self._package_row is None else cfg.package_counter_step or counter_step(layout_id)
+        if self._counter_modulo % self._counter_step:
+            raise SourceError(
+                f"acquisition.brainflow: board {board_name(layout_id)} counts {self._counter_step} per sample, "
+                f"which does not divide package_counter_modulo = {self._counter_modulo}"
+            )
         self.source_id = _stable_source_id(self.board_id, cfg)
         self._board = BoardShim(self.board_id, _input_params(cfg, BrainFlowInputParams()))
         self.duplicate_samples = 0
@@ -199,7 +213,7 @@ class BrainFlowSource:
         if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
             stamps_s = data[self._timestamp_row]
             arrived = newest - (self._next_index - 1) - (stamps_s[-1] - stamps_s) * self.sampling_rate_hz
-        scan = scan_package_counter(counter, self._last_package, self._counter_modulo, arrived=arrived)
+        scan = scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
         kept = counter if scan.keep is None else counter[scan.keep]
         if kept.size:
             self._last_package = int(kept[-1])

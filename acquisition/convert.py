@@ -3,10 +3,11 @@
 The output is what BrainFlow's own file streamer writes: one sample per line, one
 tab-separated column per row of the master board (``--board``). The EMG goes into the
 board's EMG rows in microvolts (``(value - offset) * scale_uv``), the package counter
-counts samples modulo 256, the timestamps are seconds from the start (+1 s: the
-playback board paces by their differences and stamps each sample anew when it
-replays it), every other row is 0. Replay it with ``board = "PLAYBACK_FILE_BOARD"``,
-``master_board = BOARD`` and ``file = OUTPUT``.
+counts samples modulo 256 (2 per sample for CYTON_DAISY_BOARD, like its driver), the
+timestamps are seconds from the start (+1 s: the playback board paces by their
+differences and stamps each sample anew when it replays it), every other row is 0.
+Replay it with ``board = "PLAYBACK_FILE_BOARD"``, ``master_board = BOARD`` and
+``file = OUTPUT``.
 
 Repeated packets: some recorders fill a lost packet with a copy of the previous one
 (BITalino recordings such as BioSPPy's ``emg_1.txt`` have ~5 % of their 20-sample
@@ -122,7 +123,7 @@ def convert(
     already lost (an XDF recording); the counter and timestamps skip the gaps, so a
     replay reports them as lost samples.
     """
-    from acquisition.brainflow_source import board_name
+    from acquisition.brainflow_source import board_name, counter_step
 
     board_id, descr = board_layout(board, samples.shape[1], fs_hz)
     rows = np.arange(samples.shape[0])
@@ -136,7 +137,7 @@ def convert(
         rows, grid = rows[keep], grid[keep]
     table = np.zeros((rows.size, int(descr["num_rows"])))
     table[:, descr["emg_channels"][: samples.shape[1]]] = (samples[rows] - offset) * scale_uv
-    table[:, descr["package_num_channel"]] = grid % COUNTER_MODULO
+    table[:, descr["package_num_channel"]] = grid * counter_step(board_id) % COUNTER_MODULO
     table[:, descr["timestamp_channel"]] = FIRST_TIMESTAMP_S + grid / fs_hz
     formats = ["%.0f"] * table.shape[1]
     for row in descr["emg_channels"][: samples.shape[1]]:

@@ -128,6 +128,8 @@ class BrainflowConfig:
     timeout: int = bounded(0, 0, 3600, "s")
     # Wrap of the board's package counter (BrainFlow boards: 0..255 -> 256).
     package_counter_modulo: int = bounded(256, 2, 2**32)
+    # How far the counter advances per sample; 0: the board's own (CYTON_DAISY_BOARD 2, the others 1).
+    package_counter_step: int = bounded(0, 0, 2**16)
     # Count whole counter periods lost from when the rows arrived (by the sample clock; a delivery backlog under
     # 7/8 of a counter period is never taken for a loss).
     dealias_with_timestamps: bool = True
@@ -137,11 +139,14 @@ class BrainflowConfig:
     record_file: str = ""
 
     def check(self) -> None:
-        """Board rows picked as EMG columns: each a row index, each once."""
+        """Board rows picked as EMG columns: each a row index, each once; a counter step dividing its wrap."""
         rows = list(self.emg_channels)
         for i, row in enumerate(rows):
             if row < 0 or rows.index(row) != i:
                 raise ConfigError(f"emg_channels[{i}]", row, "a board row index (>= 0), each row once")
+        if self.package_counter_step and self.package_counter_modulo % self.package_counter_step:
+            raise ConfigError("package_counter_step", self.package_counter_step,
+                              f"must divide package_counter_modulo ({self.package_counter_modulo})")
 
 
 @dataclass(frozen=True)

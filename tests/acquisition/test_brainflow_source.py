@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pylsl
 import pytest
+from brainflow.board_shim import BoardIds, BoardShim
 from brainflow.data_filter import DataFilter
 
 from acquisition.brainflow_source import BrainFlowSource
+from acquisition.convert import convert
 from acquisition.sources import Block
 from fesloop import protocol
 from fesloop.config import parse_config
@@ -259,3 +261,40 @@ def test_non_finite_samples_are_dropped_as_lost_and_counted(tmp_path: Path) -> N
     assert lost == [(301, 1), (601, 1), (701, 1), (802, 2)]
     assert source.non_finite_samples == 5 and source.duplicate_samples == 0
     assert len(decoded) == len(blocks)
+
+
+def daisy_config(path: Path, extra: str = "") -> object:
+    return parse_config(
+        '[acquisition]\nsource = "brainflow"\n[acquisition.brainflow]\nboard = "PLAYBACK_FILE_BOARD"\n'
+        f'master_board = "CYTON_DAISY_BOARD"\nfile = "{path}"\nplayback_loop = false\n{extra}\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+    )
+
+
+@pytest.mark.timeout(30)
+def test_a_cyton_daisy_counter_stepping_by_two_is_contiguous(tmp_path: Path) -> None:
+    """CYTON_DAISY_BOARD's driver keeps the odd packet number of each pair: 1, 3, ... 255, 1 (one
+    step of 2 per sample, a wrap every 128 samples). 600 samples at 125 Hz, three taken out: one
+    gap of 3, every value at its own index (was: every sample a gap, the index at twice the count)."""
+    path = tmp_path / "daisy.tsv"
+    convert(np.arange(600, dtype=np.float64)[:, None], 125.0, "CYTON_DAISY_BOARD", path)
+    descr = BoardShim.get_board_descr(BoardIds.CYTON_DAISY_BOARD)
+    table = np.loadtxt(path)
+    assert np.array_equal(table[:, descr["package_num_channel"]], 2 * np.arange(600) % 256)  # convert: step 2
+    table[:, descr["package_num_channel"]] = (2 * np.arange(600) + 1) % 256  # as cyton_daisy.cpp writes it
+    np.savetxt(path, np.delete(table, [300, 301, 302], axis=0), fmt="%.6f", delimiter="\t")
+    source = BrainFlowSource(daisy_config(path))
+    blocks = read_all(source, 597, timeout_s=15)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert np.array_equal(index, np.setdiff1d(np.arange(600), [300, 301, 302]))
+    assert np.array_equal(emg_uv[:, 0], index.astype(np.float32))
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(303, 3)]
+
+
+@pytest.mark.timeout(10)
+def test_a_counter_step_that_does_not_divide_the_wrap_is_refused(tmp_path: Path) -> None:
+    from acquisition.sources import SourceError
+
+    with pytest.raises(SourceError, match="CYTON_DAISY_BOARD counts 2 per sample, which does not divide"):
+        BrainFlowSource(daisy_config(tmp_path / "x.tsv", "package_counter_modulo = 255"))

@@ -626,6 +626,13 @@ def test_brainflow_emg_rows_are_row_indices_each_once(rows: str, index: int, val
     refused(text, f"acquisition.brainflow.emg_channels[{index}]", value, "a board row index (>= 0), each row once")
 
 
+@pytest.mark.timeout(10)
+def test_a_package_counter_step_must_divide_the_counter_wrap() -> None:
+    text = edit("emg_channels = []", "emg_channels = []\npackage_counter_step = 3", SYNTHETIC)
+    refused(text, "acquisition.brainflow.package_counter_step", 3, "must divide package_counter_modulo (256)")
+    parse_config(edit("emg_channels = []", "emg_channels = []\npackage_counter_step = 4", SYNTHETIC))
+
+
 def test_a_sync_channel_on_a_muscles_column_is_refused_for_any_source() -> None:
     text = edit("post_ms = 20.0", "post_ms = 20.0\nsync_channel = 1", SYNTHETIC)
     refused(text, "controller.blanking.sync_channel", 1, "is muscles[1]'s EMG column")
