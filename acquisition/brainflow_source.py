@@ -141,7 +141,10 @@ class BrainFlowSource:
 
         streamer = ""
         if self._cfg.record_file:
-            Path(self._cfg.record_file).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self._cfg.record_file).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SourceError(f"acquisition.brainflow.record_file: cannot create its folder ({exc})") from None
             streamer = f"file://{self._cfg.record_file}:{'a' if self.restarts else 'w'}"
         try:
             self._board.prepare_session()

@@ -96,6 +96,8 @@ class BackgroundRestart:
             self._source.restart(now_s)
         except SourceError as exc:
             self._error = exc
+        except Exception as exc:  # the thread's end: any failure is reported, never taken for a reopening
+            self._error = SourceError(f"reopening failed unexpectedly: {type(exc).__name__}: {exc}")
 
     def finished(self) -> tuple[bool, SourceError | None]:
         """(True, its error or None) once after a restart ends; (False, None) otherwise."""
