@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acquisition.gaps import GapScan, scan_package_counter, segments
+from acquisition.gaps import GapScan, scan_package_counter, segments, steps_back
 from acquisition.sample_clock import SampleClock, WallClockWatch
 from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
 from fesloop import protocol
@@ -126,6 +126,7 @@ class BrainFlowSource:
         self._board = BoardShim(self.board_id, _input_params(cfg, BrainFlowInputParams()))
         self.duplicate_samples = 0
         self.non_finite_samples = 0
+        self.timestamps_back = 0  # BrainFlow's arrival stamps (unused for sample times)
         self.restarts = 0
         self._clock = clock or LslClock()
         self._sample_clock = SampleClock(self.sampling_rate_hz)
@@ -134,6 +135,7 @@ class BrainFlowSource:
         self._next_index = 0
         self._rows_read = 0
         self._last_package: int | None = None
+        self._last_stamp_s: float | None = None
         self._buffer = np.empty((0, needed), dtype=np.float32)
 
     def start(self, now_s: float) -> None:
@@ -213,8 +215,10 @@ class BrainFlowSource:
         the read only shifts the rows before it, which the last row bounds.)"""
         arrived = None
         newest = self._sample_clock.index_at(read_s)
+        stamps_s = data[self._timestamp_row]
+        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
+        self._last_stamp_s = float(stamps_s[-1])
         if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
-            stamps_s = data[self._timestamp_row]
             arrived = newest - (self._next_index - 1) - (stamps_s[-1] - stamps_s) * self.sampling_rate_hz
         scan = scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
         kept = counter if scan.keep is None else counter[scan.keep]

@@ -79,17 +79,37 @@ def _missed_by_the_counter(late: np.ndarray, no_reference: bool, wrap: int) -> n
     return wrap * np.maximum(np.minimum.accumulate(periods[::-1])[::-1], 0)  # a later row bounds an earlier one
 
 
-def scan_timestamps(
-    stamps_s: np.ndarray, last_s: float | None, sampling_rate_hz: float, tolerance: float = 0.5
-) -> GapScan:
-    """Gaps in regularly sampled timestamps: an interval above (1 + tolerance) periods
-    is a gap of round(interval * fs) - 1 samples."""
-    stamps_s = np.asarray(stamps_s, dtype=np.float64)
-    intervals_s = np.diff(stamps_s, prepend=stamps_s[0] if last_s is None else last_s)
-    periods = intervals_s * sampling_rate_hz
-    gap_rows = np.flatnonzero(periods > 1.0 + tolerance)
-    sizes = np.maximum(np.rint(periods[gap_rows]).astype(np.int64) - 1, 1)
-    return GapScan(None, gap_rows, sizes, 0)
+def scan_stamps(late: np.ndarray, tolerance: float) -> GapScan:
+    """Gaps in a stream without a counter, from its rows' timestamps against its sample clock:
+    ``late``, per row, how many periods later than its count from the next index the clock puts
+    it. A row later than ``tolerance`` periods (>= 0.5) beyond the samples already found lost
+    follows round(late) - (those) more lost samples; jitter within it is no gap."""
+    gap_rows: list[int] = []
+    sizes: list[int] = []
+    lost = 0
+    row = -1
+    while (over := np.flatnonzero(late[row + 1 :] > lost + tolerance)).size:
+        row += 1 + int(over[0])
+        size = int(np.rint(late[row])) - lost
+        gap_rows.append(row)
+        sizes.append(size)
+        lost += size
+    return GapScan(None, np.array(gap_rows, dtype=np.int64), np.array(sizes, dtype=np.int64), 0)
+
+
+def without_rows(scan: GapScan, keep: np.ndarray) -> GapScan:
+    """The scan of the rows ``keep`` leaves (a scan without dropped rows): each row dropped is one
+    more sample lost before the next row kept."""
+    lost = np.zeros(keep.size, dtype=np.int64)
+    lost[scan.gap_rows] = scan.gap_sizes
+    steps = np.diff(np.cumsum(lost + 1)[keep], prepend=0)
+    gap_rows = np.flatnonzero(steps > 1)
+    return GapScan(None, gap_rows, steps[gap_rows] - 1, scan.duplicates)
+
+
+def steps_back(stamps_s: np.ndarray, previous_s: float | None) -> int:
+    """How many timestamps are earlier than the one before (``previous_s``: the last of the read before)."""
+    return int(np.count_nonzero(np.diff(stamps_s, prepend=stamps_s[0] if previous_s is None else previous_s) < 0))
 
 
 def segments(n_rows: int, scan: GapScan, next_index: int) -> list[tuple[int, int, int, int]]:

@@ -168,6 +168,7 @@ class Acquisition:
             "recent_gaps": list(self.recent_gaps),
             "duplicate_samples": self.source.duplicate_samples,
             "non_finite_samples": self.source.non_finite_samples,
+            "timestamps_back": self.source.timestamps_back,
             "source_events": self.source_events,
             "recent_events": list(self.recent_events),
             "recovery_attempts": self.recovery.total_attempts,

@@ -3,11 +3,15 @@
 Pulled with ``pull_chunk(dest_obj=...)`` into a preallocated buffer; a short
 ``max_buflen`` means liblsl drops what piles up during a stall instead of handing
 over seconds of stale data. Timestamps are clock-synced to this host (the shared
-clock) and gaps are found from them. A sample with a NaN, an infinity or a value
-beyond float32 after scaling is dropped as lost (the gap its timestamp leaves is
-counted) and counted. A lost stream raises SourceError on read; the
-acquisition loop then reports it and calls ``restart``, which resolves the stream
-again (same query), and the gap across the outage is counted from the timestamps.
+clock); a sample clock (:mod:`acquisition.sample_clock`) fitted through them gives
+the stream's index -> time line: sample times come from it (they follow the sample
+indices, without the outlet's push jitter), and a sample stamped later than the line
+expects by more than ``gap_tolerance_ms`` follows a gap of that many samples.
+Timestamps that go back are counted. A sample with a NaN, an infinity or a value
+beyond float32 after scaling is dropped as lost and counted. A lost stream raises
+SourceError on read; the acquisition loop then reports it and calls ``restart``,
+which resolves the stream again (same query), and the gap across the outage is
+counted from the timestamps.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 import pylsl
 from pylsl.util import LostError, TimeoutError as LslTimeoutError
 
-from acquisition.gaps import scan_timestamps, segments
+from acquisition.gaps import scan_stamps, segments, steps_back, without_rows
+from acquisition.sample_clock import SampleClock
 from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
 from fesloop import protocol
 from fesloop.config import Config
@@ -41,6 +46,8 @@ class LslSource:
         self.source_id = f"lsl-{cfg.source_id or cfg.name or cfg.type}"
         self.duplicate_samples = 0
         self.non_finite_samples = 0
+        self.timestamps_back = 0
+        self._clock: SampleClock | None = None  # at the stream's rate, once it is resolved
         self._inlet: pylsl.StreamInlet | None = None
         self._raw = np.empty((0, 0))
         self._emg_uv = np.empty((MAX_PULL_SAMPLES, self.n_channels), dtype=np.float32)
@@ -79,11 +86,13 @@ class LslSource:
         except (LslTimeoutError, LostError) as exc:
             raise SourceError(f"LSL stream {info.name()!r}: could not open ({exc})") from None
         self._inlet = inlet
+        if self._clock is None:
+            self._clock = SampleClock(rate_hz)
         self.sampling_rate_hz = rate_hz
         self._raw = np.empty((MAX_PULL_SAMPLES, info.channel_count()), dtype=dtype)
 
     def read(self, now_s: float) -> list[Block]:
-        if self._inlet is None:
+        if self._inlet is None or self._clock is None:
             raise SourceError(f"LSL stream {self._query}: not open")
         try:
             raw, stamps_s = self._inlet.pull_chunk(
@@ -98,21 +107,28 @@ class LslSource:
         emg_uv = self._emg_uv[:n]
         with np.errstate(over="ignore"):  # beyond float32 becomes inf, and its row is dropped
             np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
-        finite = np.isfinite(emg_uv).all(axis=1)
-        if not finite.all():  # NaN, inf, or beyond float32: the row is lost, its timestamp leaves the gap
-            self.non_finite_samples += int(n - finite.sum())
-            emg_uv, stamps_s = emg_uv[finite], stamps_s[finite]
-            n = len(stamps_s)
-            if n == 0:
-                return []
-        scan = scan_timestamps(stamps_s, self._last_stamp_s, self.sampling_rate_hz, self._cfg.gap_tolerance)
-        blocks = [
-            Block(index, float(stamps_s[start]), emg_uv[start:stop], lost)
-            for start, stop, index, lost in segments(n, scan, self._next_index)
-        ]
-        self._next_index = blocks[-1].first_sample_index + blocks[-1].emg_uv.shape[0]
+        tolerance = max(self._cfg.gap_tolerance_ms * 1e-3 * self.sampling_rate_hz, 0.5)
+        scan = scan_stamps(self._late(self._clock, stamps_s), tolerance)
+        stop_index = self._next_index + n + int(scan.gap_sizes.sum())
+        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
         self._last_stamp_s = float(stamps_s[-1])
-        return blocks
+        line = self._clock.advance(stop_index, self._last_stamp_s)
+        finite = np.isfinite(emg_uv).all(axis=1)
+        if not finite.all():  # NaN, inf, or beyond float32: the row is lost
+            self.non_finite_samples += int(n - finite.sum())
+            scan, emg_uv = without_rows(scan, finite), emg_uv[finite]
+        parts = segments(emg_uv.shape[0], scan, self._next_index)
+        self._next_index = stop_index
+        return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
+
+    def _late(self, clock: SampleClock, stamps_s: np.ndarray) -> np.ndarray:
+        """Per row, how many periods later than its count from the next index the stream's sample
+        clock puts its timestamp (the first pull: against its first row)."""
+        count = np.arange(stamps_s.size)
+        expected = clock.index_at(stamps_s)
+        if expected is None:
+            return (stamps_s - stamps_s[0]) * self.sampling_rate_hz - count
+        return expected - (self._next_index + count)
 
     def restart(self, now_s: float) -> None:
         """Resolve the stream again (briefly: the loop retries with backoff)."""
@@ -120,7 +136,7 @@ class LslSource:
         self._open(RESTART_RESOLVE_S)
 
     def take_events(self) -> list[SourceEvent]:
-        """The stream's own clock-synced times are used: nothing to report."""
+        """Nothing to report: the stream's own clock-synced times are used."""
         return []
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:

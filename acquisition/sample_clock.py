@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 DEFAULT_BANDWIDTH_HZ = 0.05
 DEFAULT_OUTLIER_S = 0.01
 DEFAULT_EARLY_LIMIT_S = 0.1
@@ -74,8 +76,8 @@ class SampleClock:
         """The fitted sample period (the nominal one before the first read)."""
         return self.nominal_period_s if self._next is None else self._next.period_s
 
-    def index_at(self, time_s: float) -> float | None:
-        """The (fractional) index the line puts at ``time_s``; None before the first read."""
+    def index_at(self, time_s: float | np.ndarray) -> float | np.ndarray | None:
+        """The (fractional) index the line puts at ``time_s`` (or at each); None before the first read."""
         if self._next is None:
             return None
         return self._next.index + (time_s - self._next.time_s) / self._next.period_s

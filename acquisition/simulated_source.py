@@ -76,6 +76,7 @@ class SimulatedSource:
         self.source_id = f"simulated-patient-seed{sim.seed}"
         self.duplicate_samples = 0
         self.non_finite_samples = 0  # the patient renders finite values only
+        self.timestamps_back = 0  # its times come from its index
         self._delay_s = sim.transport_delay_ms * 1e-3
         self._faults = FaultSchedule(sim.faults, [m.name for m in config.muscles], sim.sampling_rate_hz)
         self._patient: SimulatedPatient | None = None

@@ -45,6 +45,7 @@ class Source(Protocol):
     source_id: str
     duplicate_samples: int
     non_finite_samples: int  # rows dropped as lost for a NaN, an infinity or a value beyond float32
+    timestamps_back: int  # the source's own timestamps earlier than the one before (LSL; BrainFlow's arrival stamps)
 
     def start(self, now_s: float) -> None:
         """Open the device or stream and start sampling; raises SourceError."""

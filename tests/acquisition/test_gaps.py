@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acquisition.gaps import scan_package_counter, scan_timestamps, segments
+from acquisition.gaps import GapScan, scan_package_counter, scan_stamps, segments, steps_back, without_rows
 
 
 def test_counter_gap_across_the_wrap_is_counted_exactly() -> None:
@@ -171,12 +171,43 @@ def test_a_daisy_counter_stepping_by_two_is_contiguous() -> None:
     assert lost.gap_rows.tolist() == [1] and lost.gap_sizes.tolist() == [2]
 
 
-def test_timestamp_gaps() -> None:
-    fs_hz = 1000.0
-    stamps_s = 5.0 + np.array([0, 1, 2, 5, 6, 6.9, 8.1, 20]) / fs_hz  # 2 lost, jitter, then 11 lost
-    scan = scan_timestamps(stamps_s, last_s=5.0 - 1 / fs_hz, sampling_rate_hz=fs_hz)
-    assert scan.gap_rows.tolist() == [3, 7]
-    assert scan.gap_sizes.tolist() == [2, 11]
+def test_stamps_later_than_the_clock_by_more_than_the_tolerance_follow_a_gap() -> None:
+    """Lateness (periods) per row against the stream's clock, tolerance 1 period: jitter is no gap;
+    3.1 periods late after none lost is 3 lost; 10.4 after those is 7 more."""
+    scan = scan_stamps(np.array([0.0, 0.3, -0.2, 0.9, 3.1, 3.0, 2.8, 3.9, 10.4, 10.0]), 1.0)
+    assert scan.gap_rows.tolist() == [4, 8] and scan.gap_sizes.tolist() == [3, 7]
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0.5, 5.0), st.lists(st.tuples(st.integers(0, 30), st.integers(0, 40)), min_size=1, max_size=20),
+       st.randoms(use_true_random=False))
+def test_stamp_gaps_at_least_the_tolerance_are_recovered_exactly_through_jitter(tolerance, runs, rnd) -> None:
+    """Runs of samples with a loss before each (none, or at least the tolerance + 1/2 periods),
+    every stamp off by jitter under half a period: exactly those losses, where they are."""
+    late, gap_rows, sizes, lost = [], [], [], 0
+    for run, loss in runs:
+        loss = loss and loss + int(np.ceil(tolerance + 0.5))
+        if loss and run:
+            gap_rows.append(len(late))
+            sizes.append(loss)
+        lost += loss if run else 0
+        late += [lost + rnd.uniform(-0.49, 0.49) for _ in range(run)]
+    scan = scan_stamps(np.array(late), tolerance)
+    assert scan.gap_rows.tolist() == gap_rows and scan.gap_sizes.tolist() == sizes
+
+
+def test_rows_dropped_from_a_scan_are_samples_lost_before_the_next_row_kept() -> None:
+    """Six rows, 2 lost before row 3; rows 1, 3 and 5 dropped: kept rows 0, 2, 4 at indices 10, 12, 16."""
+    scan = GapScan(None, np.array([3]), np.array([2]), 0)
+    kept = without_rows(scan, np.array([True, False, True, False, True, False]))
+    assert segments(3, kept, next_index=10) == [(0, 1, 10, 0), (1, 2, 12, 1), (2, 3, 16, 3)]
+
+
+def test_timestamps_that_go_back_are_counted() -> None:
+    assert steps_back(np.array([1.0, 1.001, 1.0005, 1.002, 1.002]), 0.999) == 1
+    assert steps_back(np.array([1.0, 1.001]), 1.5) == 1  # the first against the last of the read before
+    assert steps_back(np.array([1.0]), None) == 0
 
 
 def test_the_arrival_tells_a_duplicate_from_a_loss_of_a_whole_counter_period_less_one() -> None:

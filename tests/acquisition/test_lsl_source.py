@@ -132,3 +132,38 @@ def test_non_finite_samples_from_the_stream_are_dropped_as_lost_and_counted() ->
     assert np.array_equal(emg_uv[:, 0], 2.0 * kept.astype(np.float32))
     assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(21, 1), (41, 1), (61, 1)]
     assert source.non_finite_samples == 3
+
+
+@pytest.mark.timeout(60)
+def test_timestamp_jitter_is_no_gap_and_chunk_times_follow_the_indices() -> None:
+    """A real outlet at 500 Hz pushing 20-sample chunks stamped as liblsl stamps a chunk pushed
+    without times (the last sample at the push, the others back-dated by 1/fs), each push late by
+    0..1.6 ms at random (OS wake-up jitter), one chunk's stamps 6 ms early, and 10 samples lost
+    once: exactly that gap (was: a false gap, and the index pushed on, whenever a push came over
+    half a period late), the early chunk counted as timestamps going back, and the chunk times
+    follow the sample indices (within 1 % of n / fs)."""
+    source_id = f"test-amp-{uuid.uuid4().hex[:8]}"
+    outlet = make_outlet(source_id)
+    source = source_for(source_id)
+    rng = np.random.default_rng(3)
+    chunks = [np.arange(start, start + 20) for start in [*range(0, 500, 20), *range(510, 1010, 20)]]
+    blocks: list[Block] = []
+    try:
+        source.start(pylsl.local_clock())
+        t0_s = pylsl.local_clock()
+        for k, chunk in enumerate(chunks):
+            late_s = -0.006 if k == 30 else rng.uniform(0.0, 0.0016)
+            values = np.repeat(chunk[:, None], N_CHANNELS, axis=1).astype(np.float32)
+            outlet.push_chunk(values, (t0_s + chunk / FS_HZ + late_s).tolist())
+            blocks += read_until(source, len(chunk))
+    finally:
+        source.stop()
+        del outlet
+    index = np.concatenate([b.first_sample_index + np.arange(len(b.emg_uv)) for b in blocks])
+    firsts = np.array([b.first_sample_index for b in blocks])
+    times_s = np.array([b.first_sample_time_s for b in blocks])
+
+    assert np.array_equal(index, np.concatenate(chunks))
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(510, 10)]
+    assert source.timestamps_back == 1
+    assert np.all(np.abs(np.diff(times_s) - np.diff(firsts) / FS_HZ) <= 0.01 * np.diff(firsts) / FS_HZ)
