@@ -177,7 +177,10 @@ class BrainFlowSource:
             data, counter, emg_uv = data[:, finite], counter[finite], emg_uv[finite]
             if not finite.any():
                 return []
-        scan = self._scan(data, counter, read_s)
+        stamps_s = data[self._timestamp_row]
+        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
+        self._last_stamp_s = float(stamps_s[-1])
+        scan = self._scan(counter, stamps_s, read_s)
         if scan.keep is not None:
             emg_uv = emg_uv[scan.keep]
             self.duplicate_samples += scan.duplicates
@@ -208,16 +211,13 @@ class BrainFlowSource:
             return self._rows_read - n + np.arange(n)
         return data[self._package_row].astype(np.int64)
 
-    def _scan(self, data: np.ndarray, counter: np.ndarray, read_s: float) -> GapScan:
+    def _scan(self, counter: np.ndarray, stamps_s: np.ndarray, read_s: float) -> GapScan:
         """Repeated rows and gaps from the package counter; whole counter periods (and the gap across
         a restart) from when the rows arrived: the read time on the sample clock, less how much
         earlier than the last row each row came by BrainFlow's stamps. (A wall-clock step inside
         the read only shifts the rows before it, which the last row bounds.)"""
         arrived = None
         newest = self._sample_clock.index_at(read_s)
-        stamps_s = data[self._timestamp_row]
-        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
-        self._last_stamp_s = float(stamps_s[-1])
         if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
             arrived = newest - (self._next_index - 1) - (stamps_s[-1] - stamps_s) * self.sampling_rate_hz
         scan = scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
