@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from acquisition.gaps import GapScan, scan_package_counter, scan_stamps, segments, steps_back, without_rows
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def test_counter_gap_across_the_wrap_is_counted_exactly() -> None:
     counter = np.array([250, 251, 252, 2, 3, 4, 10])  # 253..255, 0, 1 lost; then 5..9

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from acquisition.sample_clock import Line, SampleClock, WallClockWatch
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def reads(fs_hz: float, ppm: float, latency_s: np.ndarray, read_every_s: float = 0.002) -> list[tuple[int, float]]:
     """(stop index, read time) of a loop that wakes every ``read_every_s`` and takes every sample that
