@@ -15,7 +15,7 @@ from fesloop.config import parse_config
 def synthetic_recording_to(record_file: Path) -> BrainFlowSource:
     return BrainFlowSource(parse_config(
         f'[acquisition]\nsource = "brainflow"\n[acquisition.brainflow]\nrecord_file = "{record_file}"\n'
-        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     ))
 
 

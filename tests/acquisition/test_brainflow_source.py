@@ -23,9 +23,22 @@ from fesloop.config import parse_config
 from tests.acquisition.conftest import FS_HZ, SHIPPED_PLAYBACK, playback_config, ramp_playback
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def _libfaketime() -> Path | None:
+    """libfaketime's library: the one the `libfaketime` package (test extra) ships, else the system's."""
+    try:
+        import libfaketime
+    except ImportError:
+        shipped = []
+    else:
+        shipped = [Path(libfaketime.__file__).parent / "vendor" / "libfaketime" / "src" / "libfaketime.so.1"]
+    return next((p for p in [*shipped, Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")] if p.exists()), None)
+
+
+LIBFAKETIME = _libfaketime()
 SYNTHETIC_ONE_MUSCLE = (
-    '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+    '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
 )
 
 
@@ -161,7 +174,7 @@ def test_synthetic_board_chunk_times_follow_the_sample_indices() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not LIBFAKETIME.exists(), reason="needs libfaketime (apt libfaketime)")
+@pytest.mark.skipif(LIBFAKETIME is None, reason="needs libfaketime (the test extra's `libfaketime` package)")
 def test_a_wall_clock_step_moves_no_sample_time_and_is_reported(tmp_path: Path) -> None:
     """The synthetic board under libfaketime, the wall clock stepped +2 s after 1 s (fault matrix
     #16): BrainFlow's stamps jump +2 s, the EMG times do not (the newest sample of every chunk stays
@@ -267,7 +280,7 @@ def daisy_config(path: Path, extra: str = "") -> object:
     return parse_config(
         '[acquisition]\nsource = "brainflow"\n[acquisition.brainflow]\nboard = "PLAYBACK_FILE_BOARD"\n'
         f'master_board = "CYTON_DAISY_BOARD"\nfile = "{path}"\nplayback_loop = false\n{extra}\n'
-        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+        '[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
     )
 
 

@@ -19,7 +19,7 @@ import pylsl
 from acquisition.brainflow_source import BrainFlowSource
 from fesloop.config import parse_config
 
-SYNTHETIC = '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 9.0\n'
+SYNTHETIC = '[acquisition]\nsource = "brainflow"\n[[muscles]]\nname = "a"\nemg_channel = 0\nrest_uv = 1.0\nmvc_uv = 60.0\n'
 READ_EVERY_S = 0.002
 
 

@@ -119,7 +119,7 @@ def test_cycling_follows_the_motomed_behind_the_rehastim2(write_config, processe
                 if len(emulator.device.pulses) > 300:
                     return True
                 status = stim.request("status", timeout_s=2.0)
-                assert status["state"] == "ARMED", (status, controller_gates(recorder, 0.0)[-3:])
+                assert status["state"] == "ARMED", (status.get("fault_reason"), status, controller_gates(recorder, 0.0)[-3:])
                 return False
 
             try:
