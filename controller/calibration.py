@@ -76,6 +76,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:
+        if not isinstance(raw, dict):
+            raise CalibrationError(f"not a {FORMAT} file (a JSON {type(raw).__name__}, not an object)")
         if raw.get("format") != FORMAT:
             raise CalibrationError(f"not a {FORMAT} file (format = {raw.get('format')!r})")
         try:

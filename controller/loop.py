@@ -195,15 +195,17 @@ class Controller:
             self.emg_link.counters.last_error = f"EMG has {chunk.data.shape[1]} channels, muscles and sync channel need {needed}"
             return
         self.finish_chunk()  # the previous chunk's, when its command is still held back by the rate limit
+        stale_s = self.config.controller.stale_ms * 1e-3
+        restarted = False  # a stream at another rate: its filters and contamination detector start afresh
         if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
+            restarted = self.estimator is not None
             self._refuse_calibration_at_another_rate(chunk.sampling_rate_hz)
             self.estimator = EmgEstimator(
                 self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration
             )
             self._open_emg_outlets(chunk.sampling_rate_hz)
-        stale_s = self.config.controller.stale_ms * 1e-3
         stalled = self.last_emg_rx_s is not None and now_s - self.last_emg_rx_s > stale_s
-        if not self.estimator.update(chunk) or stalled:  # held closed for a hold-off, as after a gap (DESIGN 4)
+        if not self.estimator.update(chunk) or stalled or restarted:  # closed for a hold-off, as after a gap (DESIGN 4)
             self.gap_until_s = now_s + stale_s
         self.unfinished_chunk = chunk
         if self.laws.uses_mwave:

@@ -191,12 +191,18 @@ class Muscle:
     mwave_reference_uv: float = bounded(0.0, 0.0, 1e6, "uV (0 = the fresh M-wave)")
     placement: str = ""  # where the electrodes sit (e.g. "SENIAM vastus lateralis, left"); goes into the LSL stream
 
-    def check(self) -> None:
-        """The rule a calibration file's levels follow (rest_sd_uv 0: not measured, no SD rule)."""
+    def check_levels(self, key: str, placeholders: bool) -> None:
+        """Levels that normalize the EMG follow a calibration file's rule (rest_sd_uv 0: not measured,
+        no SD rule). ``placeholders``: a calibration file is named, so these are never used (a rig
+        config before its first calibration): MVC above rest is all. ``key``: this muscle's place."""
+        if placeholders:
+            if self.mvc_uv <= self.rest_uv:
+                raise ConfigError(f"{key}.mvc_uv", self.mvc_uv, f"must be above rest_uv ({self.rest_uv:g} uV)")
+            return
         try:
             check_levels(self.name, self.rest_uv, self.rest_sd_uv or None, self.mvc_uv)
         except LevelError as exc:
-            raise ConfigError(exc.key, exc.value, exc.allowed) from None
+            raise ConfigError(f"{key}.{exc.key}", exc.value, exc.allowed) from None
 
 
 @dataclass(frozen=True)
@@ -599,6 +605,8 @@ class Config:
             raise ConfigError("muscles", [], "at least one [[muscles]] entry is required")
         names = [m.name for m in self.muscles]
         _unique_names("muscles", names)
+        for i, muscle in enumerate(self.muscles):
+            muscle.check_levels(f"muscles[{i}]", placeholders=bool(self.controller.calibration_file))
         _unique_names("stimulation", [s.name for s in self.stimulation])
         columns = [m.emg_channel for m in self.muscles]
         for i, column in enumerate(columns):

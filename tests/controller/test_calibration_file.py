@@ -68,21 +68,24 @@ def test_a_file_without_a_configured_muscle_is_refused_naming_it(write_config, t
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
-    ("muscles", "sampling_rate_hz", "error"),
+    ("content", "error"),
     [
-        (["quadriceps_l"], 2000.0, "no muscle 'tibialis_l'"),
-        (["quadriceps_l", "tibialis_l"], 250.0, "made from EMG at 250 Hz, the EMG is at 2000 Hz"),
+        (_file([_muscle("quadriceps_l")]), "no muscle 'tibialis_l'"),
+        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")], 250.0), "made from EMG at 250 Hz, the EMG is at 2000 Hz"),
+        ([], "a JSON list, not an object"),
+        ("calibration", "a JSON str, not an object"),
     ],
-    ids=["missing_muscle", "another_rate"],
+    ids=["missing_muscle", "another_rate", "list", "string"],
 )
 def test_a_refused_file_keeps_every_gate_closed_and_the_controller_running(
-    write_config, tmp_path: Path, muscles: list[str], sampling_rate_hz: float, error: str
+    write_config, tmp_path: Path, content: object, error: str
 ) -> None:
     """The file lacks a configured muscle: it used to load, and the first EMG chunk then raised out
     of the loop and killed the controller. The file was made from EMG at another rate (another
-    amplifier or setting): it was used without a word. Now: NOT_CALIBRATED, and EMG chunks are processed."""
+    amplifier or setting): it was used without a word. A file holding JSON that is not an object
+    raised AttributeError while the controller was built. Now: NOT_CALIBRATED, and EMG chunks are processed."""
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps(_file([_muscle(name) for name in muscles], sampling_rate_hz)))
+    path.write_text(json.dumps(content))
     config = load_config(write_config("demo.toml", {"[controller]\n": f'[controller]\ncalibration_file = "{path}"\n'}))
     controller = Controller(config)
     try:

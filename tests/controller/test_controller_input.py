@@ -61,3 +61,31 @@ def test_emg_resuming_after_a_stall_holds_the_gates_closed_for_a_hold_off(write_
     hold_off_s = config.controller.stale_ms * 1e-3
     assert all(r == [GateReason.GAP] * 2 for t, r in reasons if t < hold_off_s - 1e-6)
     assert all(r == [GateReason.OPEN] * 2 for t, r in reasons if t > hold_off_s + 1e-6)
+
+
+@pytest.mark.timeout(30)
+def test_emg_at_another_rate_holds_the_gates_closed_for_a_hold_off(write_config) -> None:
+    """A stream coming back at another rate (the amplifier reconfigured) gets a fresh estimator, whose
+    contamination detector cannot flag a lead-off for its first flat_ms: its first chunk opened every
+    gate at once (the same rate after a restart of the index gave GAP)."""
+    config = load_config(write_config("demo.toml"))
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            t0_s = controller.rt.clock.now()
+            for k in range(100):  # 0.2 s at 2 kHz
+                now_s = t0_s + k * 0.002
+                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            streaming = controller.compute(now_s).gate_reason.tolist()
+            resumed_s, reasons = now_s + 0.002, []
+            for k in range(60):  # at once at 1 kHz, from index 0: 120 ms
+                now_s = resumed_s + k * 0.002
+                controller.on_emg(EmgChunk(2 * k, now_s, now_s, 1000.0, np.zeros((2, 2), np.float32)), now_s)
+                reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
+        finally:
+            controller.rt.close()
+    assert streaming == [GateReason.OPEN] * 2
+    hold_off_s = config.controller.stale_ms * 1e-3
+    assert all(r == [GateReason.GAP] * 2 for t, r in reasons if t < hold_off_s - 1e-6)
+    assert all(r == [GateReason.OPEN] * 2 for t, r in reasons if t > hold_off_s + 1e-6)

@@ -355,6 +355,18 @@ def test_muscle_levels_follow_the_calibration_files_rule(levels: dict, key: str,
         Calibration.from_dict(raw)
 
 
+def test_levels_are_placeholders_when_a_calibration_file_is_named(tmp_path) -> None:
+    """With controller.calibration_file the config's levels are never used (a missing or refused file
+    keeps every gate NOT_CALIBRATED): a rig config before its first calibration keeps placeholders,
+    which the floors refused, and then `fesloop calibrate` could not even start. MVC above rest still holds."""
+    placeholders = edit("rest_uv = 3.0\nmvc_uv = 240.0", "rest_uv = 0.0\nmvc_uv = 1.0", count=2)
+    refused(placeholders, "muscles[0].rest_uv", 0.0, "must be at least 0.5 uV")
+    named = placeholders.replace("[controller]\n", '[controller]\ncalibration_file = "calibration.json"\n', 1)
+    assert [m.rest_uv for m in parse_config(named).muscles] == [0.0, 0.0]
+    inverted = named.replace("rest_uv = 0.0\nmvc_uv = 1.0", "rest_uv = 2.0\nmvc_uv = 1.0", 1)
+    refused(inverted, "muscles[0].mvc_uv", 1.0, "must be above rest_uv (2 uV)")
+
+
 @pytest.mark.parametrize(
     "clients, key, value",
     [
