@@ -2,8 +2,10 @@
 
 Used by ``fesloop replay`` and ``fesloop convert``. The EMG stream is the one of type
 ``EMG`` (or the one named); its nominal rate is the sampling rate. Lost samples are
-never filled: they are found from the timestamps and reported as gaps, with each
-sample's index on the recording's own grid.
+never filled: they are reported as gaps, with each sample's index on the recording's
+own grid. In fesloop's own recordings the acquisition marked every gap (``gap N
+samples``, from the amplifier's package counter); in another app's they are found from
+the timestamps.
 
 Timestamps are late by a varying delay (a chunk is stamped when it reaches a host)
 and drift (the amplifier's clock against the host's). Their lower envelope, the
@@ -14,6 +16,7 @@ samples lost, and sample times follow it (drift kept, delay jitter gone).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +25,10 @@ from scipy.ndimage import minimum_filter1d
 
 from fesloop.xdf_session import Session, Stream, load_session
 
+GAP_MARKER = re.compile(r"gap (\d+) samples")  # the acquisition's marker at the first sample after a gap
 LEVEL_WINDOW_S = 0.25  # the lower envelope of the timestamps is taken over this long (many chunks)
 RISE_SAMPLES = 0.75  # an envelope rise this large (in samples) across a step is a gap; drift adds ~fs x window x ppm
+RISE_MIN_S = 0.3e-3  # ... and at least this long: at 4 kHz and above, timestamp corrections alone move it a sample
 
 
 class XdfInputError(ValueError):
@@ -69,7 +74,8 @@ def sample_indices(times_s: np.ndarray, fs_hz: float) -> np.ndarray:
     rise = (_leading_min(lead, window) - _trailing_min(lead, window))[:-1]  # per boundary i | i + 1
     rise[max(len(rise) - window, 0) :] = 0.0  # too few samples after these to judge the envelope
     jumps = np.ones(len(rise), dtype=np.int64)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], rise > RISE_SAMPLES, [0])).astype(np.int8)))
+    threshold = max(RISE_SAMPLES, RISE_MIN_S * fs_hz)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], rise > threshold, [0])).astype(np.int8)))
     for start, stop in zip(edges[::2], edges[1::2]):
         top = rise[start:stop].max()
         at = start + int(np.argmax(rise[start:stop] >= top - 0.5))
@@ -121,12 +127,38 @@ def _emg_stream(session: Session, name: str) -> Stream:
     return emg[0]
 
 
+def marked_gaps(session: Session, emg: Stream) -> list[tuple[float, int]] | None:
+    """The gaps fesloop's acquisition marked in its own recording: (time of the first sample after
+    the gap, samples lost) from its ``gap N samples`` markers; None for another app's EMG stream."""
+    markers = session.get("acquisition-markers")
+    if emg.description.get("process") != "acquisition" or markers is None:
+        return None
+    found = ((float(t), GAP_MARKER.fullmatch(str(row[0]))) for t, row in zip(markers.times_s, markers.data))
+    return [(time_s, int(match.group(1))) for time_s, match in found if match]
+
+
+def marked_indices(times_s: np.ndarray, fs_hz: float, gaps: list[tuple[float, int]]) -> np.ndarray:
+    """Each sample's index on the grid of the first one, from gaps known by the time of the sample after each."""
+    jumps = np.ones(max(len(times_s) - 1, 0), dtype=np.int64)
+    for time_s, lost in gaps:
+        after = int(np.searchsorted(times_s, time_s - 0.5 / fs_hz))
+        if 0 < after < len(times_s):  # (a gap before the recording started is not in it)
+            jumps[after - 1] += lost
+    return np.concatenate(([0], np.cumsum(jumps))).astype(np.int64)
+
+
 def read_xdf(path: Path, stream_name: str = "", fs_hz: float | None = None) -> XdfEmg:
     """The EMG stream of ``path`` (type EMG, or ``stream_name``) and the stimulator's pulses.
 
-    ``fs_hz`` (a rate the user gave) must agree with the stream's nominal rate.
+    ``fs_hz`` (a rate the user gave) must agree with the stream's nominal rate. Gaps in
+    fesloop's own EMG stream are the ones its acquisition marked (it counted them from the
+    amplifier's package counter); in another app's, they are found from the timestamps.
     """
-    session = load_session(path)
+    return emg_of_session(load_session(path), stream_name, fs_hz)
+
+
+def emg_of_session(session: Session, stream_name: str = "", fs_hz: float | None = None) -> XdfEmg:
+    """What :func:`read_xdf` returns, from a loaded session."""
     emg = _emg_stream(session, stream_name)
     if emg.rate_hz <= 0 or not len(emg.times_s):
         raise XdfInputError(f"stream {emg.name!r} has no samples at a nominal rate")
@@ -136,7 +168,11 @@ def read_xdf(path: Path, stream_name: str = "", fs_hz: float | None = None) -> X
     pulses = next((s for s in session.streams.values() if s.type == "StimulationPulses"), None)
     rows = np.asarray(pulses.data, dtype=np.float64).reshape(-1, 3) if pulses is not None else np.zeros((0, 3))
     times = (pulses.times_s - emg.times_s[0]) if pulses is not None else np.zeros(0)
-    sample_index = sample_indices(emg.times_s, emg.rate_hz)
+    gaps = marked_gaps(session, emg)
+    if gaps is None:
+        sample_index = sample_indices(emg.times_s, emg.rate_hz)
+    else:
+        sample_index = marked_indices(emg.times_s, emg.rate_hz, gaps)
     return XdfEmg(
         data,
         emg.rate_hz,

@@ -119,3 +119,24 @@ def test_replay_blanks_pulses_on_the_recordings_clock_under_drift(tmp_path) -> N
         peaks.append(table[config.muscles[0].name][(table["time_s"] > 5.0) & (table["time_s"] < 18.0)].max())
     nominal, recorded = peaks
     assert recorded < 0.05 and nominal > 0.5, peaks
+
+
+def test_fesloops_own_recording_takes_its_gaps_from_the_acquisitions_markers() -> None:
+    """The acquisition counted its gaps from the amplifier's package counter and marked each one
+    (`gap N samples` at the first sample after it); the timestamps' envelope cannot see a
+    1-sample gap at 4 kHz, and its sample-clock corrections there looked like gaps. Another app's
+    EMG stream (no fesloop description) still has its gaps found from the timestamps."""
+    from fesloop.xdf_input import emg_of_session
+
+    fs_hz = 4000.0
+    kept = np.r_[0:8000, 8001:12000, 12007:20000]  # 1 and 7 samples lost
+    times = 50.0 + kept / fs_hz + np.random.default_rng(4).uniform(0, 0.1e-3, len(kept))
+    after_gaps = [np.searchsorted(kept, 8001), np.searchsorted(kept, 12007)]
+    markers = Stream("acquisition-markers", "Markers", ["event"],
+                     np.array([10.0, times[after_gaps[0]], times[after_gaps[1]]]),
+                     [["fault EMG stale"], ["gap 1 samples"], ["gap 7 samples"]])
+    own = Stream("emg", "EMG", ["a"], times, np.zeros((len(kept), 1)), {"process": "acquisition"}, fs_hz)
+    np.testing.assert_array_equal(emg_of_session(_session(own, markers)).sample_index, kept)
+    other = Stream("amp", "EMG", ["a"], times, np.zeros((len(kept), 1)), rate_hz=fs_hz)
+    found = emg_of_session(_session(other, markers)).sample_index
+    assert found[-1] == kept[-1] - 1  # the 7-sample gap from the timestamps, not the 1-sample one
