@@ -8,7 +8,9 @@ local time of each read, so they follow the sample indices and never jump with
 the wall clock. BrainFlow's own timestamps are wall-clock arrival times; they
 only say, within one read, how long after each other the rows arrived. The
 wall-clock offset is measured at every read, and a step (NTP, ``date -s``) is
-reported as an event: BrainFlow's timestamps and its record file jump there.
+reported as an event: BrainFlow's timestamps and its record file jump there. So is a
+re-anchor of the sample clock; a board off its nominal rate by more than the sample
+clock can follow raises SourceError.
 
 A row with a NaN, an infinity or a value beyond float32 after scaling is dropped
 as lost (the index jumps over it, the counter shows the gap) and counted.
@@ -27,7 +29,7 @@ import numpy as np
 
 from acquisition.gaps import GapScan, scan_package_counter, segments, steps_back
 from acquisition.sample_clock import SampleClock, WallClockWatch
-from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
+from acquisition.sources import Block, SourceError, SourceEvent, advance_sample_clock, n_channels_needed
 from fesloop import protocol
 from fesloop.clock import Clock, LslClock, wall_to_local_offset_s
 from fesloop.config import DEFAULT_CONFIG, BrainflowConfig, Config
@@ -190,10 +192,9 @@ class BrainFlowSource:
         parts = segments(n, scan, self._next_index)
         first_row, stop_row, first_index, _ = parts[-1]
         self._next_index = first_index + stop_row - first_row
-        line = self._sample_clock.advance(self._next_index, read_s)
-        if line.jump_s:
-            marker = f"sample clock anchored again: EMG times jump {line.jump_s * 1e3:+.1f} ms"
-            self._events.append(SourceEvent(read_s, marker))
+        line = advance_sample_clock(
+            self._sample_clock, self._next_index, read_s, self._events, f"BrainFlow board {self._cfg.board}"
+        )
         return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
 
     def _watch_wall_clock(self, read_s: float) -> None:

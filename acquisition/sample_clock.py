@@ -18,7 +18,16 @@ beyond ``outlier_s`` pulls the line as if it were ``outlier_s`` (a delivery stal
 or a late wake-up does not drag the samples' times); a read earlier than the line
 by more than ``early_limit_s`` or later by more than ``late_limit_s`` means the line
 no longer fits the indices, and it is anchored again at that read (reported as a
-jump).
+jump). So is a lasting offset: reads beyond ``outlier_s`` on the same side of the line
+for ``reanchor_after_s`` and at least ``REANCHOR_READS`` reads (late first reads at
+start-up, a step in the delivery latency); the period does not integrate a clipped
+pull, so the loop neither winds up nor overshoots.
+
+An amplifier off its nominal rate by more than ``MAX_RATE_ERROR`` cannot be followed:
+the fitted period sits at its limit for ``RATE_LIMIT_S``, or the line is anchored again
+on the same side ``RATE_REANCHORS`` times, each within ``RATE_REANCHOR_GAP_S`` of the one
+before (its error grows on one side: a latency step re-anchors once). ``advance`` then raises
+:class:`RateOffNominal` with the rate the reads measure.
 """
 
 from __future__ import annotations
@@ -34,6 +43,11 @@ DEFAULT_EARLY_LIMIT_S = 0.1
 DEFAULT_LATE_LIMIT_S = 1.0
 MAX_OMEGA = 0.5  # loop gain per update, capped after long pauses (the loop stays stable)
 MAX_RATE_ERROR = 0.01  # the fitted period stays within 1 % of the nominal one
+DEFAULT_REANCHOR_AFTER_S = 0.2  # an error beyond outlier_s on one side this long is a lasting offset
+REANCHOR_READS = 3  # ... over at least this many reads
+RATE_LIMIT_S = 1.0  # the period at its limit this long: the rate is off
+RATE_REANCHORS = 3  # ... or this many re-anchors on the same side,
+RATE_REANCHOR_GAP_S = 3.0  # ... each within this long of the one before
 WALL_STEP_TOLERANCE_S = 0.005
 
 
@@ -53,6 +67,27 @@ class Line:
         return self.time_s + (index - self.index) * self.period_s
 
 
+class RateOffNominal(Exception):
+    """The amplifier runs off its nominal rate by more than the loop can follow."""
+
+    def __init__(self, measured_hz: float, nominal_hz: float) -> None:
+        super().__init__(
+            f"samples arrive at {measured_hz:.1f} Hz, the nominal rate is {nominal_hz:g} Hz "
+            f"(beyond {MAX_RATE_ERROR:.0%}): sample times cannot follow"
+        )
+        self.measured_hz = measured_hz
+        self.nominal_hz = nominal_hz
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """A read remembered: its stop index, its time, and on which side of the line it was (+1 late, -1 early)."""
+
+    stop_index: int
+    read_s: float
+    side: int = 0
+
+
 class SampleClock:
     """Sample index -> local time, advanced once per read that delivered samples."""
 
@@ -63,13 +98,19 @@ class SampleClock:
         outlier_s: float = DEFAULT_OUTLIER_S,
         early_limit_s: float = DEFAULT_EARLY_LIMIT_S,
         late_limit_s: float = DEFAULT_LATE_LIMIT_S,
+        reanchor_after_s: float = DEFAULT_REANCHOR_AFTER_S,
     ) -> None:
         self.nominal_period_s = 1.0 / sampling_rate_hz
         self.bandwidth_hz = bandwidth_hz
         self.outlier_s = outlier_s
         self.early_limit_s = early_limit_s
         self.late_limit_s = late_limit_s
+        self.reanchor_after_s = reanchor_after_s
         self._next: Line | None = None  # through the next index to be read, at the fitted period
+        self._beyond: _Mark | None = None  # first read of the current run beyond outlier_s on one side
+        self._beyond_reads = 0
+        self._reanchors: list[_Mark] = []  # the recent re-anchors for a lasting offset, all on one side
+        self._at_limit: _Mark | None = None  # first read since the period sits at its limit
 
     @property
     def period_s(self) -> float:
@@ -84,7 +125,8 @@ class SampleClock:
 
     def advance(self, stop_index: int, read_s: float) -> Line:
         """Every sample below ``stop_index`` had arrived at ``read_s``: the line for the indices
-        from the previous ``stop_index`` up to this one (lost ones included), and the loop's update."""
+        from the previous ``stop_index`` up to this one (lost ones included), and the loop's update.
+        Raises RateOffNominal when the amplifier's rate is beyond the loop's reach (the update is kept)."""
         line = self._next
         if line is None:
             return self._anchor(stop_index, read_s, self.nominal_period_s, 0.0)
@@ -94,19 +136,65 @@ class SampleClock:
         error_s = read_s - line.time_of(stop_index - 1)
         if not -self.early_limit_s <= error_s <= self.late_limit_s:
             return self._anchor(stop_index, read_s, line.period_s, error_s)
+        if self._lasting_offset(stop_index, read_s, error_s):
+            anchored = self._anchor(stop_index, read_s, line.period_s, error_s)
+            self._note_reanchor(_Mark(stop_index, read_s, _side(error_s)))
+            return anchored
         pull_s = min(max(error_s, -self.outlier_s), self.outlier_s)
         omega = min(2.0 * math.pi * self.bandwidth_hz * span * line.period_s, MAX_OMEGA)
         stop_time_s = line.time_of(stop_index) + math.sqrt(2.0) * omega * pull_s
-        period_s = line.period_s + omega * omega * pull_s / span
-        low_s, high_s = self.nominal_period_s * (1 - MAX_RATE_ERROR), self.nominal_period_s * (1 + MAX_RATE_ERROR)
-        self._next = Line(stop_index, stop_time_s, min(max(period_s, low_s), high_s))
+        period_s = line.period_s if pull_s != error_s else line.period_s + omega * omega * pull_s / span
+        self._next = Line(stop_index, stop_time_s, self._limited(period_s, stop_index, read_s))
+        if self._at_limit and read_s - self._at_limit.read_s >= RATE_LIMIT_S:
+            raise RateOffNominal(_rate_hz(self._at_limit, stop_index, read_s), 1.0 / self.nominal_period_s)
         return Line(line.index, line.time_s, (stop_time_s - line.time_s) / span)
+
+    def _lasting_offset(self, stop_index: int, read_s: float, error_s: float) -> bool:
+        """Whether this read ends a run beyond outlier_s on one side long enough to re-anchor."""
+        side = _side(error_s) if abs(error_s) > self.outlier_s else 0
+        if side == 0 or self._beyond is None or self._beyond.side != side:
+            self._beyond = _Mark(stop_index, read_s, side) if side else None
+            self._beyond_reads = 1 if side else 0
+            return False
+        self._beyond_reads += 1
+        if self._beyond_reads < REANCHOR_READS or read_s - self._beyond.read_s < self.reanchor_after_s:
+            return False
+        self._beyond, self._beyond_reads = None, 0
+        return True
+
+    def _note_reanchor(self, mark: _Mark) -> None:
+        """Add a re-anchor to the run on its side; raises RateOffNominal once the run is RATE_REANCHORS long."""
+        last = self._reanchors[-1] if self._reanchors else None
+        if last is None or last.side != mark.side or mark.read_s - last.read_s > RATE_REANCHOR_GAP_S:
+            self._reanchors = []
+        self._reanchors.append(mark)
+        if len(self._reanchors) >= RATE_REANCHORS:
+            rate_hz = _rate_hz(self._reanchors[0], mark.stop_index, mark.read_s)
+            raise RateOffNominal(rate_hz, 1.0 / self.nominal_period_s)
+
+    def _limited(self, period_s: float, stop_index: int, read_s: float) -> float:
+        """``period_s`` within MAX_RATE_ERROR of the nominal period (noting the first read at that limit)."""
+        low_s, high_s = self.nominal_period_s * (1 - MAX_RATE_ERROR), self.nominal_period_s * (1 + MAX_RATE_ERROR)
+        if low_s < period_s < high_s:
+            self._at_limit = None
+            return period_s
+        self._at_limit = self._at_limit or _Mark(stop_index, read_s)
+        return min(max(period_s, low_s), high_s)
 
     def _anchor(self, stop_index: int, read_s: float, period_s: float, jump_s: float) -> Line:
         """The line through (last index read, ``read_s``) at ``period_s``."""
         last = Line(stop_index - 1, read_s, period_s, jump_s)
         self._next = Line(stop_index, last.time_of(stop_index), period_s)
         return last
+
+
+def _side(error_s: float) -> int:
+    return 1 if error_s > 0 else -1
+
+
+def _rate_hz(since: _Mark, stop_index: int, read_s: float) -> float:
+    """Samples per second delivered from the read ``since`` to this one."""
+    return (stop_index - since.stop_index) / (read_s - since.read_s)
 
 
 class WallClockWatch:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from acquisition.sample_clock import Line, RateOffNominal, SampleClock
 from fesloop import protocol
 from fesloop.config import Config
 
@@ -37,6 +38,21 @@ class SourceEvent:
 
 class SourceError(RuntimeError):
     """The source cannot be opened or read; the message says which and why."""
+
+
+def advance_sample_clock(
+    clock: SampleClock, stop_index: int, read_s: float, events: list[SourceEvent], name: str
+) -> Line:
+    """The sample clock's line for a read (see SampleClock.advance): a re-anchor is added to
+    ``events`` (the recording shows where EMG times jump); a rate the clock cannot follow
+    is a SourceError for ``name`` (EMG timed wrongly must not drive stimulation)."""
+    try:
+        line = clock.advance(stop_index, read_s)
+    except RateOffNominal as exc:
+        raise SourceError(f"{name}: {exc}") from None
+    if line.jump_s:
+        events.append(SourceEvent(read_s, f"sample clock anchored again: EMG times jump {line.jump_s * 1e3:+.1f} ms"))
+    return line
 
 
 class Source(Protocol):
