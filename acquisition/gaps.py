@@ -112,6 +112,15 @@ def steps_back(stamps_s: np.ndarray, previous_s: float | None) -> int:
     return int(np.count_nonzero(np.diff(stamps_s, prepend=stamps_s[0] if previous_s is None else previous_s) < 0))
 
 
+def lost_counted_from(parts: list[tuple[int, int, int, int]], handed_stop: int) -> list[tuple[int, int, int, int]]:
+    """``parts`` (from :func:`segments`) with the first one's lost samples counted from ``handed_stop``,
+    the index after the last sample handed over: samples dropped at the end of an earlier read count too."""
+    if not parts:
+        return parts
+    start, stop, index, _ = parts[0]
+    return [(start, stop, index, index - handed_stop), *parts[1:]]
+
+
 def segments(n_rows: int, scan: GapScan, next_index: int) -> list[tuple[int, int, int, int]]:
     """Split ``n_rows`` kept rows at the gaps: (row_start, row_stop, first_sample_index,
     samples lost just before), in order; the index jumps over each gap."""

@@ -8,7 +8,10 @@ the stream's index -> time line: sample times come from it (they follow the samp
 indices, without the outlet's push jitter), and a sample stamped later than the line
 expects by more than ``gap_tolerance_ms`` follows a gap of that many samples.
 Timestamps that go back are counted. A sample with a NaN, an infinity or a value
-beyond float32 after scaling is dropped as lost and counted. A lost stream raises
+beyond float32 after scaling is dropped as lost and counted (the next block handed over
+says it in its ``lost_samples``, also when it ended a pull). A re-anchor of the sample
+clock is reported as an event; a stream off its nominal rate by more than the clock can
+follow raises SourceError. A lost stream raises
 SourceError on read; the acquisition loop then reports it and calls ``restart``,
 which resolves the stream again (same query), and the gap across the outage is
 counted from the timestamps.
@@ -20,9 +23,9 @@ import numpy as np
 import pylsl
 from pylsl.util import LostError, TimeoutError as LslTimeoutError
 
-from acquisition.gaps import scan_stamps, segments, steps_back, without_rows
+from acquisition.gaps import scan_stamps, segments, steps_back, lost_counted_from, without_rows
 from acquisition.sample_clock import SampleClock
-from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
+from acquisition.sources import Block, SourceError, SourceEvent, advance_sample_clock, n_channels_needed
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import NUMPY_DTYPES, configure_machine_scope, stream_query
@@ -53,6 +56,8 @@ class LslSource:
         self._emg_uv = np.empty((MAX_PULL_SAMPLES, self.n_channels), dtype=np.float32)
         self._next_index = 0
         self._last_stamp_s: float | None = None
+        self._handed_stop = 0  # the index after the last sample handed over
+        self._events: list[SourceEvent] = []
 
     def start(self, now_s: float) -> None:
         self._open(self._cfg.resolve_timeout_s)
@@ -112,12 +117,17 @@ class LslSource:
         stop_index = self._next_index + n + int(scan.gap_sizes.sum())
         self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
         self._last_stamp_s = float(stamps_s[-1])
-        line = self._clock.advance(stop_index, self._last_stamp_s)
+        line = advance_sample_clock(
+            self._clock, stop_index, self._last_stamp_s, self._events, f"LSL stream {self._query}"
+        )
         finite = np.isfinite(emg_uv).all(axis=1)
         if not finite.all():  # NaN, inf, or beyond float32: the row is lost
             self.non_finite_samples += int(n - finite.sum())
             scan, emg_uv = without_rows(scan, finite), emg_uv[finite]
-        parts = segments(emg_uv.shape[0], scan, self._next_index)
+        parts = lost_counted_from(segments(emg_uv.shape[0], scan, self._next_index), self._handed_stop)
+        if parts:
+            start, stop, index, _ = parts[-1]
+            self._handed_stop = index + stop - start
         self._next_index = stop_index
         return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
 
@@ -136,8 +146,8 @@ class LslSource:
         self._open(RESTART_RESOLVE_S)
 
     def take_events(self) -> list[SourceEvent]:
-        """Nothing to report: the stream's own clock-synced times are used."""
-        return []
+        events, self._events = self._events, []
+        return events
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:
         """An LSL amplifier does not need the pulses."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import pylsl
@@ -32,20 +34,27 @@ def source_for(source_id: str) -> LslSource:
     ))
 
 
-def push(outlet: pylsl.StreamOutlet, indices: np.ndarray, t0_s: float) -> None:
-    """Sample k carries value k on every channel, stamped t0 + k / fs."""
+def push(outlet: pylsl.StreamOutlet, indices: np.ndarray, t0_s: float, nan: np.ndarray | None = None) -> None:
+    """Sample k carries value k on every channel (NaN where ``nan``), stamped t0 + k / fs."""
     values = np.repeat(indices[:, None], N_CHANNELS, axis=1).astype(np.float32)
+    if nan is not None:
+        values[nan] = np.nan
     outlet.push_chunk(values, (t0_s + indices / FS_HZ).tolist())
 
 
-def read_until(source: LslSource, n: int, timeout_s: float = 5.0) -> list[Block]:
+def read_while(source: LslSource, busy: Callable[[list[Block]], bool], timeout_s: float = 5.0) -> list[Block]:
+    """Read every 2 ms while ``busy(blocks so far)`` holds (at most ``timeout_s``), copying each block."""
     blocks: list[Block] = []
     deadline = time.monotonic() + timeout_s
-    while sum(len(b.emg_uv) for b in blocks) < n and time.monotonic() < deadline:
+    while busy(blocks) and time.monotonic() < deadline:
         time.sleep(0.002)
         blocks += [Block(b.first_sample_index, b.first_sample_time_s, b.emg_uv.copy(), b.lost_samples)
                    for b in source.read(pylsl.local_clock())]
     return blocks
+
+
+def read_until(source: LslSource, n: int, timeout_s: float = 5.0) -> list[Block]:
+    return read_while(source, lambda blocks: sum(len(b.emg_uv) for b in blocks) < n, timeout_s)
 
 
 @pytest.mark.timeout(60)
@@ -167,3 +176,49 @@ def test_timestamp_jitter_is_no_gap_and_chunk_times_follow_the_indices() -> None
     assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(510, 10)]
     assert source.timestamps_back == 1
     assert np.all(np.abs(np.diff(times_s) - np.diff(firsts) / FS_HZ) <= 0.01 * np.diff(firsts) / FS_HZ)
+
+
+@contextmanager
+def streaming() -> Iterator[tuple[pylsl.StreamOutlet, LslSource, float]]:
+    """A fresh outlet, a source started on it, and the time to stamp from; the source stopped after."""
+    source_id = f"test-amp-{uuid.uuid4().hex[:8]}"
+    outlet = make_outlet(source_id)
+    source = source_for(source_id)
+    source.start(pylsl.local_clock())
+    try:
+        yield outlet, source, pylsl.local_clock()
+    finally:
+        source.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_reanchor_of_the_streams_sample_clock_is_reported() -> None:
+    """The sender's timestamps step back 300 ms after sample 300 (a re-sync): the stream's sample
+    clock anchors again and the source reports it, as BrainFlowSource does (it reported nothing)."""
+    with streaming() as (outlet, source, t0_s):
+        push(outlet, np.arange(0, 300), t0_s)
+        read_until(source, 300)
+        assert source.take_events() == []
+        push(outlet, np.arange(300, 400), t0_s - 0.3)
+        read_until(source, 100)
+        events = source.take_events()
+
+    assert len(events) == 1 and events[0].marker.startswith("sample clock anchored again: EMG times jump ")
+    assert float(events[0].marker.split("jump ")[1].removesuffix(" ms")) == pytest.approx(-300.0, abs=1.0)
+
+
+@pytest.mark.timeout(60)
+def test_non_finite_samples_ending_a_pull_are_reported_lost_in_the_next_block() -> None:
+    """Sample 19 (the last pushed) is NaN, then a whole pull 20..39 is NaN: the block that comes next
+    (index 40) says 21 lost, as counted (a dropped sample at the end of a pull was never reported)."""
+    with streaming() as (outlet, source, t0_s):
+        push(outlet, np.arange(0, 20), t0_s, nan=np.arange(20) == 19)
+        blocks = read_while(source, lambda _: source.non_finite_samples < 1)
+        push(outlet, np.arange(20, 40), t0_s, nan=np.ones(20, dtype=bool))
+        blocks += read_while(source, lambda _: source.non_finite_samples < 21)
+        push(outlet, np.arange(40, 60), t0_s)
+        blocks += read_until(source, 20)
+
+    assert source.non_finite_samples == 21
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(40, 21)]
+    assert sum(len(b.emg_uv) for b in blocks) == 39
