@@ -10,7 +10,8 @@ only say, within one read, how long after each other the rows arrived. The
 wall-clock offset is measured at every read, and a step (NTP, ``date -s``) is
 reported as an event: BrainFlow's timestamps and its record file jump there. So is a
 re-anchor of the sample clock; a board off its nominal rate by more than the sample
-clock can follow raises SourceError.
+clock can follow raises SourceError. Every read takes all the rows waiting (at most
+the ring buffer), so its newest row is the one that arrived by the read.
 
 A row with a NaN, an infinity or a value beyond float32 after scaling is dropped
 as lost (the index jumps over it, the counter shows the gap) and counted.
@@ -36,7 +37,6 @@ from fesloop.config import DEFAULT_CONFIG, BrainflowConfig, Config
 
 PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
 RING_BUFFER_SAMPLES = 45000
-MAX_READ_SAMPLES = 1 << 14
 ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read stand in for it
 # Package counter steps per sample other than 1: BrainFlow's CYTON_DAISY driver joins two radio
 # packets per sample and keeps the odd packet's number (cyton_daisy.cpp).
@@ -166,7 +166,7 @@ class BrainFlowSource:
             count = self._board.get_board_data_count()
             if count == 0:
                 return []
-            data = self._board.get_board_data(min(count, MAX_READ_SAMPLES))
+            data = self._board.get_board_data(count)  # all of it: the newest row is the one that arrived by now
         except BrainFlowError as exc:
             raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
         read_s = self._clock.now()  # every row read had arrived by then

@@ -26,7 +26,8 @@ under 7/8 W is never taken for a lost period (at 1 kHz with W = 256: a stall up 
 224 ms with a continuous counter is no loss), and a re-sent packet back by k is
 never taken for a loss while the backlog stays under 7/8 W - k (3/8 W for any k).
 After a restart (no last counter) the gap before the first row is how much later
-than counted the rows arrived (the least of them, rounded to periods).
+than counted the rows arrived (the least of them, rounded to periods). A row whose
+arrival is not finite (BrainFlow stamped it NaN) says nothing: it is ignored.
 """
 
 from __future__ import annotations
@@ -73,10 +74,14 @@ def scan_package_counter(
 def _missed_by_the_counter(late: np.ndarray, no_reference: bool, wrap: int) -> np.ndarray | int:
     """Samples before each row that its counter cannot show, from how many periods ``late`` (than
     counted) it arrived: whole counter periods, or after a restart the least lateness, rounded."""
+    known = np.isfinite(late)  # a row without a finite timestamp says nothing of when it arrived
     if no_reference:
-        return max(int(np.rint(late.min())), 0)
-    periods = np.floor(late / wrap + WRAP_TOLERANCE).astype(np.int64)
-    return wrap * np.maximum(np.minimum.accumulate(periods[::-1])[::-1], 0)  # a later row bounds an earlier one
+        return max(int(np.rint(late[known].min())), 0) if known.any() else 0
+    periods = np.where(known, np.floor(late / wrap + WRAP_TOLERANCE), np.inf)
+    bound = np.minimum.accumulate(periods[::-1])[::-1]  # a later row bounds an earlier one
+    bounded = np.isfinite(bound)  # rows after the last known one: as many periods as it
+    bound = np.where(bounded, bound, bound[bounded].max() if bounded.any() else 0)
+    return wrap * np.maximum(bound, 0).astype(np.int64)
 
 
 def scan_stamps(late: np.ndarray, tolerance: float) -> GapScan:

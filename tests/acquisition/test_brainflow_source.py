@@ -15,10 +15,12 @@ import pytest
 from brainflow.board_shim import BoardIds, BoardShim
 from brainflow.data_filter import DataFilter
 
+from acquisition import brainflow_source
 from acquisition.brainflow_source import BrainFlowSource
 from acquisition.convert import convert
 from acquisition.sources import Block
 from fesloop import protocol
+from fesloop.clock import ManualClock
 from fesloop.config import parse_config
 from tests.acquisition.conftest import FS_HZ, SHIPPED_PLAYBACK, playback_config, ramp_playback
 
@@ -311,3 +313,87 @@ def test_a_counter_step_that_does_not_divide_the_wrap_is_refused(tmp_path: Path)
 
     with pytest.raises(SourceError, match="CYTON_DAISY_BOARD counts 2 per sample, which does not divide"):
         BrainFlowSource(daisy_config(tmp_path / "x.tsv", "package_counter_modulo = 255"))
+
+
+class StubCallibri:
+    """A 1 kHz CALLIBRI_EMG board in simulated time: sample i (counter i % 256, EMG i uV) arrives
+    3 ms after it is taken, i / 1000 s on ``clock``; BrainFlow stamps it then (wall = local clock)."""
+
+    def __init__(self, clock: ManualClock, n: int) -> None:
+        self.clock = clock
+        self.arrival_s = np.arange(n) / 1000.0 + 0.003
+        self.next = 0
+        self.nan_first_stamp = False  # BrainFlow stamps the first row of each read NaN
+
+    def get_board_data_count(self) -> int:
+        return int(np.searchsorted(self.arrival_s, self.clock.now(), side="right")) - self.next
+
+    def get_board_data(self, n: int) -> np.ndarray:
+        rows = np.arange(self.next, self.next + min(n, self.get_board_data_count()))
+        self.next += rows.size
+        data = np.zeros((4, rows.size))
+        data[0], data[1], data[2] = rows % 256, rows, self.arrival_s[rows]
+        if self.nan_first_stamp and rows.size:
+            data[2, 0] = np.nan
+        return data
+
+    def prepare_session(self) -> None:
+        """Nothing to open."""
+
+    def start_stream(self, *args: object) -> None:
+        """Nothing to start."""
+
+    def is_prepared(self) -> bool:
+        return False
+
+
+def stub_source(monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[BrainFlowSource, StubCallibri, ManualClock]:
+    monkeypatch.setattr(brainflow_source, "wall_to_local_offset_s", lambda clock: 0.0)
+    clock = ManualClock()
+    source = BrainFlowSource(parse_config(SYNTHETIC_ONE_MUSCLE.replace(
+        '[[muscles]]', '[acquisition.brainflow]\nboard = "CALLIBRI_EMG_BOARD"\n[[muscles]]')), clock)
+    source._board = board = StubCallibri(clock, n)
+    return source, board, clock
+
+
+def read_until(source: BrainFlowSource, clock: ManualClock, until_s: float) -> list[Block]:
+    """Read every 2 ms of simulated time up to ``until_s``."""
+    blocks = []
+    while clock.now() < until_s:
+        clock.advance(0.002)
+        blocks += [Block(b.first_sample_index, b.first_sample_time_s, b.emg_uv.copy(), b.lost_samples)
+                   for b in source.read(clock.now())]
+    return blocks
+
+
+@pytest.mark.timeout(60)
+def test_a_backlog_beyond_one_read_is_drained_without_false_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop held up 20 s (20000 rows waiting, more than the 16384 a read once took): every sample
+    keeps its index (EMG value = index), no gap, no event, every time within 2 ms of when the sample
+    was taken plus the 3 ms latency (the oldest 16384 rows were stamped as arrived at the read)."""
+    source, _, clock = stub_source(monkeypatch, 30000)
+    blocks = read_until(source, clock, 2.0)
+    clock.advance(20.0)
+    blocks += read_until(source, clock, 23.0)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert index.size > 22000 and np.array_equal(index, emg_uv[:, 0])
+    assert not any(b.lost_samples for b in blocks) and source.take_events() == []
+    late_s = [b.first_sample_time_s - b.first_sample_index / 1000.0 - 0.003 for b in blocks]
+    assert np.abs(late_s).max() < 0.002
+
+
+@pytest.mark.timeout(60)
+def test_a_nan_brainflow_stamp_after_a_restart_does_not_break_the_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a restart (no counter reference) the gap is judged from arrival times; a NaN stamp is
+    ignored for it (it raised ValueError, killing the acquisition): nothing lost, indices go on."""
+    source, board, clock = stub_source(monkeypatch, 3000)
+    blocks = read_until(source, clock, 1.0)
+    source.restart(clock.now())
+    clock.advance(0.3)
+    board.nan_first_stamp = True
+    blocks += read_until(source, clock, 2.0)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert index.size > 1900 and np.array_equal(index, emg_uv[:, 0])
+    assert not any(b.lost_samples for b in blocks)

@@ -136,6 +136,23 @@ def test_a_loss_the_counter_reads_as_a_step_back_is_a_loss_when_the_rows_came_th
     assert soon.duplicates == 2 and not soon.keep.any()
 
 
+def test_rows_without_a_finite_arrival_are_ignored_after_a_restart() -> None:
+    """After a restart, a row stamped NaN (or inf) says nothing of when it came: the gap is how
+    late the others came (4 periods), where it raised ValueError."""
+    for unknown in (np.nan, np.inf):
+        scan = scan_package_counter(np.array([10, 11, 12]), None, 256, arrived=np.array([unknown, 6.0, 7.0]))
+        assert scan.gap_rows.tolist() == [0] and scan.gap_sizes.tolist() == [4] and scan.keep is None
+    assert scan_package_counter(np.array([10]), None, 256, arrived=np.array([np.nan])).gap_rows.size == 0
+
+
+def test_a_row_without_a_finite_arrival_neither_hides_nor_splits_a_lost_counter_period() -> None:
+    """Counter 8, 9, 10 after 7, the rows 257 periods late: a whole counter period lost before the
+    first row, whichever row is stamped NaN (it once made every row count as on time)."""
+    for arrived in ([258.0, 259.0, np.nan], [np.nan, 259.0, 260.0], [258.0, np.nan, 260.0]):
+        scan = scan_package_counter(np.array([8, 9, 10]), 7, 256, arrived=np.array(arrived))
+        assert scan.keep is None and scan.gap_rows.tolist() == [0] and scan.gap_sizes.tolist() == [256], arrived
+
+
 def test_a_delivery_stall_with_a_continuous_counter_is_no_loss() -> None:
     """Read 150 (or even 220) periods late with the counter going on by one: nothing lost; a read
     ~257 periods on with the same counter step is a whole counter period lost."""
