@@ -6,8 +6,9 @@ are judged on the receiving process's own clock, never on a sender's timestamp.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pylsl
 
@@ -38,13 +39,25 @@ class ManualClock:
         self.t += dt_s
 
 
-def wall_to_local_offset_s(clock: Clock | None = None) -> float:
+OFFSET_TRIES = 3
+OFFSET_MAX_WINDOW_S = 0.001  # a measurement whose local reads are closer than this is taken at once
+
+
+def wall_to_local_offset_s(clock: Clock | None = None, wall: Callable[[], float] = time.time) -> float:
     """Offset to add to a wall-clock (``time.time``) stamp to put it on the local clock.
 
-    Used at the edge where BrainFlow hands over wall-clock timestamps.
+    Used at the edge where BrainFlow hands over wall-clock timestamps. The wall clock is
+    read between two local-clock reads; a preemption between them shifts the midpoint,
+    so of up to OFFSET_TRIES measurements the one with the closest local reads is kept.
     """
     clock = clock or LslClock()
-    before = clock.now()
-    wall = time.time()
-    after = clock.now()
-    return (before + after) / 2.0 - wall
+    best_window_s, best_offset_s = math.inf, 0.0
+    for _ in range(OFFSET_TRIES):
+        before = clock.now()
+        wall_s = wall()
+        after = clock.now()
+        if after - before < best_window_s:
+            best_window_s, best_offset_s = after - before, (before + after) / 2.0 - wall_s
+        if best_window_s <= OFFSET_MAX_WINDOW_S:
+            break
+    return best_offset_s
