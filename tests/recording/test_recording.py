@@ -20,7 +20,7 @@ import pyxdf
 from fesloop.config import load_config
 from fesloop.telemetry import STREAMS, stream_name
 
-ALIGNMENT_TOLERANCE_S = 1e-3  # 2 samples at 2 kHz: the artifact starts at the first sample at/after the pulse
+ALIGNMENT_TOLERANCE_S = 1e-3  # 2 samples at 2 kHz: the artifact starts at the first sample at/after the pulse (< 1)
 STRONG_PULSE_MA = 20.0  # artifact >= 1200 uV: well above the EMG's sample-to-sample steps
 
 
@@ -123,8 +123,11 @@ def test_pulses_line_up_with_their_artifacts_in_the_raw_emg(recording) -> None:
         if amplitude_ma < STRONG_PULSE_MA or not emg_times[0] + 0.01 < t < emg_times[-1] - 0.01:
             continue
         window = np.flatnonzero(np.abs(emg_times - t) < 0.004)  # ends before the M-wave (6 ms)
-        steps = np.abs(np.diff(emg_uv[window, emg_channel[int(device_channel)]]))
-        offsets.append(emg_times[window[np.argmax(steps) + 1]] - t)
+        x_uv = emg_uv[window, emg_channel[int(device_channel)]]
+        before = emg_times[window] < t - 0.001
+        # The artifact peaks on its first sample ((1 - x) exp(-x)); its largest step can be the fall after it.
+        peak = np.argmax(np.where(before, 0.0, np.abs(x_uv - np.median(x_uv[before]))))
+        offsets.append(emg_times[window[peak]] - t)
     offsets = np.array(offsets)
     assert len(offsets) >= 20, "too few strong pulses in the recording"
     assert np.abs(offsets).max() <= ALIGNMENT_TOLERANCE_S, offsets
