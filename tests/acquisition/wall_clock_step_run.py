@@ -10,6 +10,7 @@ Usage: python -m tests.acquisition.wall_clock_step_run OFFSET_FILE STEP AT_S RUN
 from __future__ import annotations
 
 import json
+import os
 import select
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ def run(offset_file: Path, step: str, at_s: float, run_s: float) -> dict:
     try:
         while pylsl.local_clock() - start_s < run_s:
             if stepped_s is None and pylsl.local_clock() - start_s >= at_s:
-                offset_file.write_text(f"{step}\n")
+                staged = offset_file.with_suffix(".next")  # libfaketime rereads the file at every call: a
+                staged.write_text(f"{step}\n")  # write in place could be read half done (+0 again, a step back)
+                os.replace(staged, offset_file)
                 stepped_s = pylsl.local_clock()
             select.select([], [], [], READ_EVERY_S)  # time.sleep fails under libfaketime
             read_s = pylsl.local_clock()
