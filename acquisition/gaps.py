@@ -87,15 +87,17 @@ def _missed_by_the_counter(late: np.ndarray, no_reference: bool, wrap: int) -> n
 def scan_stamps(late: np.ndarray, tolerance: float) -> GapScan:
     """Gaps in a stream without a counter, from its rows' timestamps against its sample clock:
     ``late``, per row, how many periods later than its count from the next index the clock puts
-    it. A row later than ``tolerance`` periods (>= 0.5) beyond the samples already found lost
-    follows round(late) - (those) more lost samples; jitter within it is no gap."""
+    it. A later row bounds an earlier one (a loss makes every row after it late, jitter does not),
+    so a row whose bound is later than ``tolerance`` periods (>= 0.5) beyond the samples already
+    found lost follows round(bound) - (those) more lost samples; jitter within it is no gap."""
+    bound = np.minimum.accumulate(late[::-1])[::-1]
     gap_rows: list[int] = []
     sizes: list[int] = []
     lost = 0
     row = -1
-    while (over := np.flatnonzero(late[row + 1 :] > lost + tolerance)).size:
+    while (over := np.flatnonzero(bound[row + 1 :] > lost + tolerance)).size:
         row += 1 + int(over[0])
-        size = int(np.rint(late[row])) - lost
+        size = int(np.rint(bound[row])) - lost
         gap_rows.append(row)
         sizes.append(size)
         lost += size

@@ -3,11 +3,11 @@
 Pulled with ``pull_chunk(dest_obj=...)`` into a preallocated buffer; a short
 ``max_buflen`` means liblsl drops what piles up during a stall instead of handing
 over seconds of stale data. Timestamps are clock-synced to this host (the shared
-clock); a sample clock (:mod:`acquisition.sample_clock`) fitted through them gives
-the stream's index -> time line: sample times come from it (they follow the sample
-indices, without the outlet's push jitter), and a sample stamped later than the line
-expects by more than ``gap_tolerance_ms`` follows a gap of that many samples.
-Timestamps that go back are counted. A sample with a NaN, an infinity or a value
+clock); a sample clock fitted through them gives the stream's index -> time line:
+sample times come from it (they follow the sample indices, without the outlet's push
+jitter), and samples stamped later than the line expects, by more than the stream's
+own jitter allows (at least ``gap_tolerance_ms``), follow a gap of that many samples
+(:mod:`acquisition.stamp_gaps`). Timestamps that go back are counted. A sample with a NaN, an infinity or a value
 beyond float32 after scaling is dropped as lost and counted (the next block handed over
 says it in its ``lost_samples``, also when it ended a pull). A re-anchor of the sample
 clock is reported as an event; a stream off its nominal rate by more than the clock can
@@ -23,9 +23,9 @@ import numpy as np
 import pylsl
 from pylsl.util import LostError, TimeoutError as LslTimeoutError
 
-from acquisition.gaps import scan_stamps, segments, steps_back, lost_counted_from, without_rows
-from acquisition.sample_clock import SampleClock
-from acquisition.sources import Block, SourceError, SourceEvent, advance_sample_clock, n_channels_needed
+from acquisition.gaps import segments, steps_back, lost_counted_from, without_rows
+from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
+from acquisition.stamp_gaps import StampGaps
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.lsl import NUMPY_DTYPES, configure_machine_scope, stream_query
@@ -50,11 +50,10 @@ class LslSource:
         self.duplicate_samples = 0
         self.non_finite_samples = 0
         self.timestamps_back = 0
-        self._clock: SampleClock | None = None  # at the stream's rate, once it is resolved
+        self._stamps: StampGaps | None = None  # at the stream's rate, once it is resolved
         self._inlet: pylsl.StreamInlet | None = None
         self._raw = np.empty((0, 0))
         self._emg_uv = np.empty((MAX_PULL_SAMPLES, self.n_channels), dtype=np.float32)
-        self._next_index = 0
         self._last_stamp_s: float | None = None
         self._handed_stop = 0  # the index after the last sample handed over
         self._events: list[SourceEvent] = []
@@ -91,13 +90,13 @@ class LslSource:
         except (LslTimeoutError, LostError) as exc:
             raise SourceError(f"LSL stream {info.name()!r}: could not open ({exc})") from None
         self._inlet = inlet
-        if self._clock is None:
-            self._clock = SampleClock(rate_hz)
+        if self._stamps is None:
+            self._stamps = StampGaps(rate_hz, self._cfg.gap_tolerance_ms, f"LSL stream {self._query}")
         self.sampling_rate_hz = rate_hz
         self._raw = np.empty((MAX_PULL_SAMPLES, info.channel_count()), dtype=dtype)
 
     def read(self, now_s: float) -> list[Block]:
-        if self._inlet is None or self._clock is None:
+        if self._inlet is None or self._stamps is None:
             raise SourceError(f"LSL stream {self._query}: not open")
         try:
             raw, stamps_s = self._inlet.pull_chunk(
@@ -112,33 +111,19 @@ class LslSource:
         emg_uv = self._emg_uv[:n]
         with np.errstate(over="ignore"):  # beyond float32 becomes inf, and its row is dropped
             np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
-        tolerance = max(self._cfg.gap_tolerance_ms * 1e-3 * self.sampling_rate_hz, 0.5)
-        scan = scan_stamps(self._late(self._clock, stamps_s), tolerance)
-        stop_index = self._next_index + n + int(scan.gap_sizes.sum())
         self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
         self._last_stamp_s = float(stamps_s[-1])
-        line = advance_sample_clock(
-            self._clock, stop_index, self._last_stamp_s, self._events, f"LSL stream {self._query}"
-        )
+        first_index = self._stamps.next_index
+        scan, line = self._stamps.place(stamps_s, self._events)
         finite = np.isfinite(emg_uv).all(axis=1)
         if not finite.all():  # NaN, inf, or beyond float32: the row is lost
             self.non_finite_samples += int(n - finite.sum())
             scan, emg_uv = without_rows(scan, finite), emg_uv[finite]
-        parts = lost_counted_from(segments(emg_uv.shape[0], scan, self._next_index), self._handed_stop)
+        parts = lost_counted_from(segments(emg_uv.shape[0], scan, first_index), self._handed_stop)
         if parts:
             start, stop, index, _ = parts[-1]
             self._handed_stop = index + stop - start
-        self._next_index = stop_index
         return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
-
-    def _late(self, clock: SampleClock, stamps_s: np.ndarray) -> np.ndarray:
-        """Per row, how many periods later than its count from the next index the stream's sample
-        clock puts its timestamp (the first pull: against its first row)."""
-        count = np.arange(stamps_s.size)
-        expected = clock.index_at(stamps_s)
-        if expected is None:
-            return (stamps_s - stamps_s[0]) * self.sampling_rate_hz - count
-        return expected - (self._next_index + count)
 
     def restart(self, now_s: float) -> None:
         """Resolve the stream again (briefly: the loop retries with backoff)."""

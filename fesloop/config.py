@@ -158,8 +158,8 @@ class LslSourceConfig:
     source_id: str = ""
     resolve_timeout_s: float = bounded(2.0, 0.0, 60.0, "s")
     max_buflen_s: int = bounded(1, 1, 60, "s (older samples are dropped by liblsl, never delivered late)")
-    # A sample stamped later than the stream's sample clock expects by more than this (and half a period) follows a
-    # gap; timestamp jitter within it is none.
+    # The least a sample stamped later than the stream's sample clock expects must be late to follow a gap (and half a
+    # period); the stream's own jitter widens it (acquisition/stamp_gaps.py).
     gap_tolerance_ms: float = bounded(2.0, 0.0, 1000.0, "ms")
     scale_uv: float = bounded(1.0, 1e-9, 1e9, "uV per stream unit")
 

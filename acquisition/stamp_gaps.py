@@ -1,0 +1,105 @@
+"""Sample indices and times for a stream that has only timestamps (LSL): gaps told from jitter.
+
+Pure, no I/O. The stream's sample clock (:mod:`acquisition.sample_clock`) is fitted
+through the last timestamp of every pull; it gives the index -> time line, and each
+row's lateness against it: how many periods later than its count from the next
+index the line puts its timestamp. A loss of k samples makes every later row k
+periods late; jitter makes rows late now and then. So:
+
+- a later row bounds an earlier one (:func:`acquisition.gaps.scan_stamps`): rows an
+  outlet stamped one by one as a backlog came in are late, the fresh row after them
+  is not, and no gap is claimed;
+- the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times the largest
+  distance from the line of the recent rows, less the losses found before them (it
+  halves every ``JITTER_HALF_LIFE_S``), never below the configured one
+  (``gap_tolerance_ms``, at least half a period). Rows early by more than the clock's
+  early limit (the outlet re-synced: the clock anchors again) do not widen it. For the
+  first ``LEARN_S`` of the stream, while neither its jitter nor its clock is known, it
+  is at least ``LEARN_TOLERANCE_S``.
+
+What it cannot see is a loss within the tolerance: its rows come late by that much,
+it counts as jitter, and the sample clock takes it in (over seconds, or anchored again
+when it is beyond the clock's outlier bound), so sample times stay within the
+tolerance of the stamps. What it takes for a loss is jitter that starts suddenly,
+beyond the tolerance: the index moves on; the rows after come early for it, which
+widens the tolerance, so a burst of jitter on a quiet stream costs a gap or two at its
+onset, not one per push.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from acquisition.gaps import GapScan, scan_stamps
+from acquisition.sample_clock import Line, SampleClock
+from acquisition.sources import SourceEvent, advance_sample_clock
+
+JITTER_MARGIN = 3.0
+JITTER_HALF_LIFE_S = 10.0
+LEARN_S = 2.0
+LEARN_TOLERANCE_S = 0.05
+
+
+class StampJitter:
+    """The largest recent distance (periods) of rows from the sample clock's line, decaying with time."""
+
+    def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S) -> None:
+        self.half_life_s = half_life_s
+        self.peak = 0.0
+        self._time_s: float | None = None
+
+    def update(self, residual: np.ndarray, time_s: float) -> None:
+        """Take in one pull: ``residual``, per row, how far from the line it is (periods, > 0 late);
+        ``time_s``, the pull's newest timestamp."""
+        if self._time_s is not None and time_s > self._time_s:
+            self.peak *= 0.5 ** ((time_s - self._time_s) / self.half_life_s)
+        self._time_s = time_s if self._time_s is None else max(self._time_s, time_s)
+        self.peak = max(self.peak, float(np.abs(residual).max(initial=0.0)))
+
+
+class StampGaps:
+    """Where each pull's rows go: its gaps, and the sample clock's line over its indices."""
+
+    def __init__(self, sampling_rate_hz: float, tolerance_ms: float, name: str) -> None:
+        self.sampling_rate_hz = sampling_rate_hz
+        self.min_tolerance = max(tolerance_ms * 1e-3 * sampling_rate_hz, 0.5)
+        self.name = name
+        self.clock = SampleClock(sampling_rate_hz)
+        self.jitter = StampJitter()
+        self._first_stamp_s: float | None = None
+        self._early_limit = self.clock.early_limit_s * sampling_rate_hz  # periods
+        self.next_index = 0  # the index the next row gets if no gap comes before it
+
+    @property
+    def tolerance(self) -> float:
+        """Periods a row may come late without a gap before it."""
+        return max(self.min_tolerance, JITTER_MARGIN * self.jitter.peak)
+
+    def _tolerance_at(self, stamp_s: float) -> float:
+        if self._first_stamp_s is None:
+            self._first_stamp_s = stamp_s
+        if stamp_s - self._first_stamp_s < LEARN_S:
+            return max(self.tolerance, LEARN_TOLERANCE_S * self.sampling_rate_hz)
+        return self.tolerance
+
+    def place(self, stamps_s: np.ndarray, events: list[SourceEvent]) -> tuple[GapScan, Line]:
+        """The gaps among a pull's rows (``stamps_s``, one per row, non-empty), and the line for its
+        indices from ``next_index`` on (lost ones included); re-anchors go to ``events``."""
+        late = self._late(stamps_s)
+        scan = scan_stamps(late, self._tolerance_at(float(stamps_s[0])))
+        lost = np.zeros(late.size, dtype=np.int64)
+        lost[scan.gap_rows] = scan.gap_sizes
+        residual = late - np.cumsum(lost)
+        self.jitter.update(residual[residual >= -self._early_limit], float(stamps_s[-1]))
+        self.next_index += late.size + int(lost.sum())
+        line = advance_sample_clock(self.clock, self.next_index, float(stamps_s[-1]), events, self.name)
+        return scan, line
+
+    def _late(self, stamps_s: np.ndarray) -> np.ndarray:
+        """Per row, how many periods later than its count from the next index the sample clock puts
+        its timestamp (the first pull: against its first row)."""
+        count = np.arange(stamps_s.size)
+        expected = self.clock.index_at(stamps_s)
+        if expected is None:
+            return (stamps_s - stamps_s[0]) * self.sampling_rate_hz - count
+        return expected - (self.next_index + count)
