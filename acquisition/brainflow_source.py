@@ -18,12 +18,18 @@ as lost (the index jumps over it, the counter shows the gap) and counted.
 
 Gaps come from the board's package counter (see :mod:`acquisition.gaps`): repeated
 and re-sent rows are dropped and counted, and whole counter periods lost are found
-from when the rows arrived by the sample clock. After a restart the counter is no
-reference, so the gap across it comes from the sample clock too.
+from when the rows arrived by the sample clock. Rows that came whole periods late
+are held back up to ``LOSS_CONFIRM_S`` (reads go on, nothing is handed over): a
+delivery backlog that the transport catches up over several reads (a Bluetooth
+hiccup) looks the same until its fresh rows come, which bound the old ones, and then
+nothing was lost; rows still that late after the wait follow the lost periods.
+After a restart the counter is no reference, so the gap across it comes from the
+sample clock too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,7 @@ ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read st
 # Package counter steps per sample other than 1: BrainFlow's CYTON_DAISY driver joins two radio
 # packets per sample and keeps the odd packet's number (cyton_daisy.cpp).
 COUNTER_STEP = {"CYTON_DAISY_BOARD": 2}
+LOSS_CONFIRM_S = 0.25  # rows that came whole counter periods late are held back this long, to see
 
 
 def resolve_board_id(board: str) -> int:
@@ -139,6 +146,7 @@ class BrainFlowSource:
         self._last_package: int | None = None
         self._last_stamp_s: float | None = None
         self._buffer = np.empty((0, needed), dtype=np.float32)
+        self._held: _Held | None = None
 
     def start(self, now_s: float) -> None:
         from brainflow.exit_codes import BrainFlowError
@@ -182,7 +190,17 @@ class BrainFlowSource:
         stamps_s = data[self._timestamp_row]
         self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
         self._last_stamp_s = float(stamps_s[-1])
-        scan = self._scan(counter, stamps_s, read_s)
+        rows = _Held(emg_uv, counter, stamps_s, read_s)
+        if self._held is not None:
+            rows = self._held.then(rows)
+        scan = self._scan(rows.counter, rows.stamps_s, read_s)
+        if scan.periods_lost and read_s - rows.since_s < LOSS_CONFIRM_S:
+            self._held = rows.copy()
+            return []
+        self._held = None
+        emg_uv, counter = rows.emg_uv, rows.counter
+        kept = counter if scan.keep is None else counter[scan.keep]
+        self._last_package = int(kept[-1]) if kept.size else self._last_package
         if scan.keep is not None:
             emg_uv = emg_uv[scan.keep]
             self.duplicate_samples += scan.duplicates
@@ -221,11 +239,7 @@ class BrainFlowSource:
         newest = self._sample_clock.index_at(read_s)
         if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
             arrived = newest - (self._next_index - 1) - (stamps_s[-1] - stamps_s) * self.sampling_rate_hz
-        scan = scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
-        kept = counter if scan.keep is None else counter[scan.keep]
-        if kept.size:
-            self._last_package = int(kept[-1])
-        return scan
+        return scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
 
     def take_events(self) -> list[SourceEvent]:
         events, self._events = self._events, []
@@ -246,6 +260,7 @@ class BrainFlowSource:
         self.stop()
         self.restarts += 1
         self._last_package = None
+        self._held = None  # rows held back across the restart count in the gap the sample clock finds
         self.start(now_s)
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:
@@ -259,6 +274,29 @@ class BrainFlowSource:
                 self._board.release_session()
         except BrainFlowError:
             pass  # releasing a board that is already gone: nothing left to free
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Rows read but not handed over yet (finite, in read order), and the read time of the first."""
+
+    emg_uv: np.ndarray
+    counter: np.ndarray
+    stamps_s: np.ndarray
+    since_s: float
+
+    def then(self, rows: _Held) -> _Held:
+        """These rows followed by ``rows`` (held since the first)."""
+        return _Held(
+            np.concatenate((self.emg_uv, rows.emg_uv)),
+            np.concatenate((self.counter, rows.counter)),
+            np.concatenate((self.stamps_s, rows.stamps_s)),
+            self.since_s,
+        )
+
+    def copy(self) -> _Held:
+        """Owned arrays (a read's rows are views of the source's reused buffer)."""
+        return _Held(self.emg_uv.copy(), self.counter.copy(), self.stamps_s.copy(), self.since_s)
 
 
 def _stable_source_id(board_id: int, cfg: BrainflowConfig) -> str:

@@ -25,6 +25,10 @@ may arrive W / 8 periods earlier than the sample clock expects. A delivery backl
 under 7/8 W is never taken for a lost period (at 1 kHz with W = 256: a stall up to
 224 ms with a continuous counter is no loss), and a re-sent packet back by k is
 never taken for a loss while the backlog stays under 7/8 W - k (3/8 W for any k).
+The scan says how many of the samples it finds lost are such whole periods
+(``periods_lost``): a backlog delivered over several reads looks like them until
+its fresh rows come, so the source holds those rows back a while to see (see
+:mod:`acquisition.brainflow_source`).
 After a restart (no last counter) the gap before the first row is how much later
 than counted the rows arrived (the least of them, rounded to periods). A row whose
 arrival is not finite (BrainFlow stamped it NaN) says nothing: it is ignored.
@@ -47,6 +51,7 @@ class GapScan:
     gap_rows: np.ndarray  # row (among kept rows) each gap precedes, ascending
     gap_sizes: np.ndarray  # samples missing before that row (>= 1)
     duplicates: int
+    periods_lost: int = 0  # of gap_sizes, samples in whole counter periods found from arrival times
 
 
 def scan_package_counter(
@@ -63,12 +68,15 @@ def scan_package_counter(
     moves = ((c - previous) % modulo) // step
     moves[moves > wrap // 2] -= wrap
     position = np.cumsum(moves)  # samples after the last one kept, as the counter says
+    periods_lost = 0
     if arrived is not None:
-        position += _missed_by_the_counter(np.asarray(arrived, dtype=np.float64) - position, last is None, wrap)
+        missed = _missed_by_the_counter(np.asarray(arrived, dtype=np.float64) - position, last is None, wrap)
+        position += missed
+        periods_lost = 0 if last is None else int(np.max(missed))
     kept = position > np.maximum.accumulate(np.concatenate(([0], position[:-1])))
     steps = np.diff(position[kept], prepend=0)
     gap_rows = np.flatnonzero(steps > 1)
-    return GapScan(None if kept.all() else kept, gap_rows, steps[gap_rows] - 1, int(c.size - steps.size))
+    return GapScan(None if kept.all() else kept, gap_rows, steps[gap_rows] - 1, int(c.size - steps.size), periods_lost)
 
 
 def _missed_by_the_counter(late: np.ndarray, no_reference: bool, wrap: int) -> np.ndarray | int:

@@ -328,9 +328,15 @@ class StubCallibri:
 
     def __init__(self, clock: ManualClock, n: int) -> None:
         self.clock = clock
-        self.arrival_s = np.arange(n) / 1000.0 + 0.003
+        self.sample = np.arange(n)  # the samples that will arrive, in order
+        self.arrival_s = self.sample / 1000.0 + 0.003
         self.next = 0
         self.nan_first_stamp = False  # BrainFlow stamps the first row of each read NaN
+
+    def lose(self, first: int, n: int) -> None:
+        """Samples ``first`` .. ``first + n - 1`` never arrive (a radio dropout)."""
+        kept = (self.sample < first) | (self.sample >= first + n)
+        self.sample, self.arrival_s = self.sample[kept], self.arrival_s[kept]
 
     def get_board_data_count(self) -> int:
         return int(np.searchsorted(self.arrival_s, self.clock.now(), side="right")) - self.next
@@ -339,7 +345,7 @@ class StubCallibri:
         rows = np.arange(self.next, self.next + min(n, self.get_board_data_count()))
         self.next += rows.size
         data = np.zeros((4, rows.size))
-        data[0], data[1], data[2] = rows % 256, rows, self.arrival_s[rows]
+        data[0], data[1], data[2] = self.sample[rows] % 256, self.sample[rows], self.arrival_s[rows]
         if self.nan_first_stamp and rows.size:
             data[2, 0] = np.nan
         return data
@@ -404,3 +410,48 @@ def test_a_nan_brainflow_stamp_after_a_restart_does_not_break_the_read(monkeypat
 
     assert index.size > 1900 and np.array_equal(index, emg_uv[:, 0])
     assert not any(b.lost_samples for b in blocks)
+
+
+def hiccup(board: StubCallibri, first: int, stall_s: float, catch_up_hz: float) -> None:
+    """From sample ``first`` on, delivery stops for ``stall_s``, then the transport catches up at
+    ``catch_up_hz`` (a Bluetooth link with some room to spare): nothing is lost, rows arrive late."""
+    later = board.sample >= first
+    resumed_s = first / 1000.0 + 0.003 + stall_s
+    board.arrival_s[later] = np.maximum(board.arrival_s[later], resumed_s + (board.sample[later] - first) / catch_up_hz)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stall_s", [0.3, 0.45])
+def test_a_backlog_caught_up_over_many_reads_is_no_loss(monkeypatch: pytest.MonkeyPatch, stall_s: float) -> None:
+    """A 1 kHz board (counter period 256 samples) stalls 300 or 450 ms and catches up at 2 kHz over
+    the next 150 reads: no gap, every sample at its own index (was: its rows came more than 7/8 of
+    a counter period late, so 256 samples were taken for lost and every later sample moved 256 on).
+    The sample clock takes the lasting lateness for a latency step and anchors again, there and
+    back, by about 20 ms."""
+    source, board, clock = stub_source(monkeypatch, 5000)
+    hiccup(board, 1000, stall_s, 2000.0)
+    blocks = read_until(source, clock, 4.0)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert index.size > 3900 and np.array_equal(index, emg_uv[:, 0])
+    assert not any(b.lost_samples for b in blocks)
+    jumps_ms = [float(e.marker.split("jump ")[1].removesuffix(" ms")) for e in source.take_events()]
+    assert len(jumps_ms) <= 2 and all(abs(jump) < 30 for jump in jumps_ms)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("lost", [256, 300, 512])
+def test_a_dropout_of_whole_counter_periods_is_found_after_the_wait(monkeypatch: pytest.MonkeyPatch, lost: int) -> None:
+    """The board loses 256, 300 or 512 samples (the counter shows 0, 44 or 0 of them), the rows
+    after arrive on time: after LOSS_CONFIRM_S of holding them back, every sample at its own index
+    and the whole loss before the first row after it."""
+    source, board, clock = stub_source(monkeypatch, 5000)
+    board.lose(1000, lost)
+    blocks = read_until(source, clock, 4.0)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert np.array_equal(index, emg_uv[:, 0])
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(1000 + lost, lost)]
+    assert source.take_events() == []
+    late_s = max(b.first_sample_time_s - b.first_sample_index / 1000.0 - 0.003 for b in blocks)
+    assert late_s < 0.002  # the held rows keep their sample times
