@@ -1,16 +1,23 @@
 """Calibration maths: rest level, its noise and the MVC level per muscle, from envelopes.
 
 Pure: envelopes in, a :class:`Calibration` out (and to/from a plain dict for the
-file that ``fesloop calibrate`` writes and the controller loads).
+file that ``fesloop calibrate`` writes and the controller loads). The levels hold
+only for the envelope they were measured through: the file keeps the filter
+settings and each muscle's EMG channel, and :func:`check_matches` refuses a config
+that differs in either.
 """
 
 from __future__ import annotations
 
 import math
+import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # fesloop.config checks muscle levels with this module
+    from fesloop.config import Config, FilterConfig
 
 MVC_WINDOW_S = 0.5  # the MVC level is the highest mean envelope over this long
 MVC_MIN_RATIO = 2.0  # an MVC must be at least this many times the rest level ...
@@ -29,7 +36,7 @@ REST_SD_MIN_UV = 0.02  # half the SD of that noise's envelope (0.04-0.07 uV): a 
 # A phase (rest, one MVC trial) with more of its samples flagged by the controller's contamination
 # detector (lead-off, saturation, motion) is refused: what is left is too little to trust.
 MAX_FLAGGED_SHARE = 0.5
-FORMAT = "fesloop-calibration/1"
+FORMAT = "fesloop-calibration/2"  # /1 kept neither the filter settings nor the channels
 
 
 class CalibrationError(ValueError):
@@ -55,6 +62,7 @@ class MuscleCalibration:
     mvc_trials_uv: tuple[float, ...]
     onset_rest_3sd_uv: float  # suggested onset thresholds
     onset_10pct_mvc_uv: float
+    emg_channel: int  # where the muscle's electrodes were
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Calibration:
     config_path: str
     created_utc: str
     sampling_rate_hz: float
+    filters: dict[str, Any]  # controller.filters as calibrated (filter_settings)
     muscles: tuple[MuscleCalibration, ...]
 
     def muscle(self, name: str) -> MuscleCalibration:
@@ -78,6 +87,11 @@ class Calibration:
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:
         if not isinstance(raw, dict):
             raise CalibrationError(f"not a {FORMAT} file (a JSON {type(raw).__name__}, not an object)")
+        if raw.get("format") == "fesloop-calibration/1":
+            raise CalibrationError(
+                "made by an older fesloop (fesloop-calibration/1 keeps neither the filter settings nor the EMG "
+                "channels the levels hold for): calibrate again"
+            )
         if raw.get("format") != FORMAT:
             raise CalibrationError(f"not a {FORMAT} file (format = {raw.get('format')!r})")
         try:
@@ -86,13 +100,37 @@ class Calibration:
             )
             calibration = cls(
                 str(raw["config_name"]), str(raw["config_path"]), str(raw["created_utc"]),
-                float(raw["sampling_rate_hz"]), muscles,
+                float(raw["sampling_rate_hz"]), dict(raw["filters"]), muscles,
             )
         except (KeyError, TypeError) as exc:
             raise CalibrationError(f"calibration file is incomplete or malformed: {exc}") from None
         for m in muscles:
             check_levels(m.name, m.rest_uv, m.rest_sd_uv, m.mvc_uv)
         return calibration
+
+
+def filter_settings(filters: FilterConfig) -> dict[str, Any]:
+    """The filter settings as the calibration file keeps them (JSON values: lists, not tuples)."""
+    return json.loads(json.dumps(asdict(filters)))
+
+
+def check_matches(calibration: Calibration, config: Config) -> None:
+    """Refuse a config whose envelope differs from the one the levels were measured through: other
+    filter settings (other levels for the same contraction) or a muscle on another EMG channel
+    (other electrodes); names the key and both values."""
+    for key, value in filter_settings(config.controller.filters).items():
+        if calibration.filters.get(key) != value:
+            raise CalibrationError(
+                f"controller.filters.{key} = {value!r}, the levels were measured with "
+                f"{calibration.filters.get(key)!r}: calibrate again (or set it back)"
+            )
+    for muscle in config.muscles:
+        calibrated = calibration.muscle(muscle.name).emg_channel
+        if calibrated != muscle.emg_channel:
+            raise CalibrationError(
+                f"{muscle.name}: emg_channel = {muscle.emg_channel}, the levels were measured on channel {calibrated}: "
+                "calibrate again (or set it back)"
+            )
 
 
 def rest_level(envelope_uv: np.ndarray, flagged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -166,8 +204,10 @@ def muscle_calibration(
     fs_hz: float,
     rest_flagged: np.ndarray | None = None,
     trials_flagged: list[np.ndarray] | None = None,
+    *,
+    emg_channel: int,
 ) -> MuscleCalibration:
-    """One muscle's calibration from its rest envelope and its MVC trial envelopes (1-D each),
+    """One muscle's calibration (its electrodes on ``emg_channel``) from its rest envelope and its MVC trial envelopes (1-D each),
     leaving out the samples the contamination detector flagged (``*_flagged``, one bool array
     per envelope; None: none flagged): a lead-off flat line must not become the rest level."""
     rest_flagged = np.zeros(len(rest_envelope_uv), dtype=bool) if rest_flagged is None else rest_flagged
@@ -181,7 +221,7 @@ def muscle_calibration(
     )
     mvc = max(trials)
     check_levels(name, rest, sd, mvc)
-    return MuscleCalibration(name, rest, sd, mvc, trials, rest + 3.0 * sd, rest + 0.1 * (mvc - rest))
+    return MuscleCalibration(name, rest, sd, mvc, trials, rest + 3.0 * sd, rest + 0.1 * (mvc - rest), emg_channel)
 
 
 def _trial_level(name: str, phase: str, envelope_uv: np.ndarray, flagged: np.ndarray, fs_hz: float) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from controller.calibration import Calibration, CalibrationError
+from controller.calibration import Calibration, CalibrationError, check_matches
 from controller.estimator import EmgEstimator
 from controller.mwave import Measurement
 from controller.crank import LslCrank
@@ -36,14 +36,14 @@ MIN_COMMAND_INTERVAL_S = 1.0 / MAX_COMMAND_RATE_HZ
 
 
 def load_calibration(config: Config) -> Calibration | None:
-    """The calibration file named by the config (None when it names none); it must hold every configured muscle."""
+    """The calibration file named by the config (None when it names none); it must hold every configured
+    muscle, on its channel, measured through the config's filters."""
     path = config.controller.calibration_file
     if not path:
         return None
     try:
         calibration = Calibration.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        for muscle in config.muscles:
-            calibration.muscle(muscle.name)
+        check_matches(calibration, config)
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"calibration file {path}: {exc}") from None
     return calibration

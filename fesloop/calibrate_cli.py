@@ -28,7 +28,7 @@ import numpy as np
 import pylsl
 import zmq
 
-from controller.calibration import Calibration, CalibrationError, muscle_calibration
+from controller.calibration import Calibration, CalibrationError, filter_settings, muscle_calibration
 from fesloop import protocol
 from fesloop.arguments import require_number
 from fesloop.config import Config
@@ -200,11 +200,12 @@ def compute(config: Config, config_path: str, phases: list[Phase], collected: li
         muscles.append(
             muscle_calibration(
                 muscle.name, rest, [joined[i][0][:, m] for i in trials], fs_hz,
-                rest_flagged, [joined[i][1][:, m] for i in trials],
+                rest_flagged, [joined[i][1][:, m] for i in trials], emg_channel=muscle.emg_channel,
             )
         )
     return Calibration(
-        config.name, config_path, datetime.now(timezone.utc).isoformat(timespec="seconds"), fs_hz, tuple(muscles)
+        config.name, config_path, datetime.now(timezone.utc).isoformat(timespec="seconds"), fs_hz,
+        filter_settings(config.controller.filters), tuple(muscles),
     )
 
 

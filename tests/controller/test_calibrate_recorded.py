@@ -30,11 +30,12 @@ from controller.calibration import (
     CalibrationError,
     LevelError,
     MuscleCalibration,
+    filter_settings,
     muscle_calibration,
 )
 from controller.estimator import EmgEstimator
 from fesloop.calibrate_cli import write_atomically
-from fesloop.config import load_config
+from fesloop.config import FilterConfig, load_config
 from fesloop.protocol import EmgChunk
 from tests.controller.test_recordings import biosppy, replay_config, verma
 from tests.controller.test_recordings import calibrate as calibrate_from_recording
@@ -83,7 +84,7 @@ def test_a_lead_off_inside_rest_is_left_out_of_the_rest_level() -> None:
     rest, mvc = between(times_s, REST_S), between(times_s, MVC_S)
     cfg = replay_config().controller.contamination
     assert flagged[rest].sum() == 3000 - cfg.flat_ms + cfg.holdoff_ms  # samples at 1 kHz
-    calibration = muscle_calibration("muscle", envelope[rest], [envelope[mvc]], FS_HZ, flagged[rest], [flagged[mvc]])
+    calibration = muscle_calibration("muscle", envelope[rest], [envelope[mvc]], FS_HZ, flagged[rest], [flagged[mvc]], emg_channel=0)
     assert calibration.rest_uv == pytest.approx(untouched[rest].mean(), rel=0.05)
     assert calibration.rest_sd_uv == pytest.approx(untouched[rest].std(), rel=0.15)
     assert calibration.mvc_uv == pytest.approx(window_max_uv(untouched[mvc]))
@@ -97,7 +98,7 @@ def test_an_mvc_trial_mostly_flagged_is_refused_naming_muscle_and_phase() -> Non
     times_s, envelope, flagged = envelope_and_flags(emg)
     rest, mvc = between(times_s, REST_S), between(times_s, MVC_S)
     with pytest.raises(CalibrationError, match=r"^muscle: \d+% of its MVC 1/1 phase is contaminated"):
-        muscle_calibration("muscle", envelope[rest], [envelope[mvc]], FS_HZ, flagged[rest], [flagged[mvc]])
+        muscle_calibration("muscle", envelope[rest], [envelope[mvc]], FS_HZ, flagged[rest], [flagged[mvc]], emg_channel=0)
 
 
 @pytest.fixture
@@ -233,7 +234,7 @@ def test_the_new_file_is_fsynced_before_it_replaces_the_old_one(tmp_path: Path, 
     monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", os.stat(src).st_ino)), replace(src, dst))[-1])
     out = tmp_path / "calibration.json"
     out.write_text("previous calibration\n")
-    muscle = MuscleCalibration("muscle", 3.4, 0.6, 84.0, (84.0,), 5.2, 11.5)
-    write_atomically(out, Calibration("replay", "", "", FS_HZ, (muscle,)))
+    muscle = MuscleCalibration("muscle", 3.4, 0.6, 84.0, (84.0,), 5.2, 11.5, 0)
+    write_atomically(out, Calibration("replay", "", "", FS_HZ, filter_settings(FilterConfig()), (muscle,)))
     assert [kind for kind, _ in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1], calls
     assert Calibration.from_dict(json.loads(out.read_text())).muscles == (muscle,)

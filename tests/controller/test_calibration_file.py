@@ -9,22 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.calibration import FORMAT, Calibration, CalibrationError
+from controller.calibration import FORMAT, Calibration, CalibrationError, filter_settings
 from controller.loop import Controller, load_calibration
 from fesloop.config import load_config
 from fesloop.protocol import EmgChunk, GateReason
-from tests.conftest import completed, fesloop_cli
+from tests.conftest import CONFIGS, completed, fesloop_cli
+
+DEMO = load_config(CONFIGS / "demo.toml")
 
 
 def _muscle(name: str, **levels: float) -> dict:
     values = {"rest_uv": 3.0, "rest_sd_uv": 0.5, "mvc_uv": 200.0, **levels}
+    channel = next((m.emg_channel for m in DEMO.muscles if m.name == name), 0)  # replay.toml: "muscle", 0
     return {"name": name, **values, "mvc_trials_uv": [values["mvc_uv"]], "onset_rest_3sd_uv": 4.5,
-            "onset_10pct_mvc_uv": 22.7}
+            "onset_10pct_mvc_uv": 22.7, "emg_channel": channel}
 
 
-def _file(muscles: list[dict], sampling_rate_hz: float = 2000.0) -> dict:
+def _file(muscles: list[dict], sampling_rate_hz: float = 2000.0, **filters: object) -> dict:
     return {"format": FORMAT, "config_name": "demo", "config_path": "demo.toml", "created_utc": "2026-11-27T00:00:00Z",
-            "sampling_rate_hz": sampling_rate_hz, "muscles": muscles}
+            "sampling_rate_hz": sampling_rate_hz, "filters": {**filter_settings(DEMO.controller.filters), **filters},
+            "muscles": muscles}
 
 
 @pytest.mark.parametrize(
@@ -56,6 +60,35 @@ def test_levels_below_the_absolute_floors_are_refused_at_load(levels: dict, key:
     raw = json.loads(json.dumps(_file([_muscle("quadriceps_l", **levels)])))
     with pytest.raises(CalibrationError, match=f"^quadriceps_l: {key} = {levels[key]!r}: "):
         Calibration.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("content", "edits", "error"),
+    [
+        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")], envelope_lowpass_hz=3.0), {},
+         "controller.filters.envelope_lowpass_hz = 6.0, the levels were measured with 3.0: calibrate again"),
+        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")]), {"highpass_hz = 10.0": "highpass_hz = 30.0"},
+         "controller.filters.highpass_hz = 30.0, the levels were measured with 10.0"),
+        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")]), {"[controller.filters]\n": "[controller.filters]\ntkeo = true\n"},
+         "controller.filters.tkeo = True, the levels were measured with False"),
+        (_file([_muscle("quadriceps_l"), {**_muscle("tibialis_l"), "emg_channel": 2}]), {},
+         "tibialis_l: emg_channel = 1, the levels were measured on channel 2: calibrate again"),
+        ({**_file([_muscle("quadriceps_l"), _muscle("tibialis_l")]), "format": "fesloop-calibration/1"}, {},
+         "made by an older fesloop (fesloop-calibration/1 keeps neither the filter settings nor the EMG channels"),
+    ],
+    ids=["envelope_lowpass", "highpass", "tkeo", "channel", "format_1"],
+)
+def test_levels_measured_through_another_envelope_are_refused_naming_the_setting(
+    write_config, tmp_path: Path, content: dict, edits: dict, error: str
+) -> None:
+    """The same contraction reads other levels through other filters (a 6 Hz envelope over a 3 Hz
+    one, TKEO over |x|), and another channel is other electrodes: such a file was used without a
+    word, scaling every activation by the ratio. Now refused, naming the setting and both values."""
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(content))
+    config = load_config(write_config("demo.toml", {"[controller]\n": f'[controller]\ncalibration_file = "{path}"\n', **edits}))
+    with pytest.raises(CalibrationError, match="^calibration file .*: " + error.replace("(", r"\(").replace(")", r"\)")):
+        load_calibration(config)
 
 
 def test_a_file_without_a_configured_muscle_is_refused_naming_it(write_config, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 import scipy.io
 from scipy import signal
 
-from controller.calibration import Calibration, muscle_calibration
+from controller.calibration import Calibration, filter_settings, muscle_calibration
 from controller.estimator import EmgEstimator
 from fesloop.config import Config, load_config
 from fesloop.protocol import EmgChunk
@@ -63,7 +63,8 @@ def calibrate(config: Config, emg_uv: np.ndarray, fs_hz: float, rest_s: tuple, m
     times_s, envelope, _, _ = run(config, emg_uv, fs_hz)
     rest = envelope[(times_s >= rest_s[0]) & (times_s < rest_s[1])]
     mvc = envelope[(times_s >= mvc_s[0]) & (times_s < mvc_s[1])]
-    return Calibration("test", "", "", fs_hz, (muscle_calibration("muscle", rest, [mvc], fs_hz),))
+    muscle = muscle_calibration("muscle", rest, [mvc], fs_hz, emg_channel=0)
+    return Calibration("test", "", "", fs_hz, filter_settings(config.controller.filters), (muscle,))
 
 
 def onsets(estimator: EmgEstimator) -> np.ndarray:

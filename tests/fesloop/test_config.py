@@ -348,9 +348,9 @@ def test_muscle_levels_follow_the_calibration_files_rule(levels: dict, key: str,
     lines = "\n".join(f"{k} = {v!r}" for k, v in levels.items())
     refused(edit("rest_uv = 3.0\nmvc_uv = 240.0", lines, count=2), f"muscles[0].{key}", levels[key], allowed)
     muscle = {"name": "m", "rest_sd_uv": 0.1, **levels, "mvc_trials_uv": [levels["mvc_uv"]], "onset_rest_3sd_uv": 0.0,
-              "onset_10pct_mvc_uv": 0.0}
+              "onset_10pct_mvc_uv": 0.0, "emg_channel": 0}
     raw = {"format": FORMAT, "config_name": "", "config_path": "", "created_utc": "", "sampling_rate_hz": 2000.0,
-           "muscles": [muscle]}
+           "filters": {}, "muscles": [muscle]}
     with pytest.raises(CalibrationError, match=f"^m: {key} = {levels[key]!r}: "):
         Calibration.from_dict(raw)
 
