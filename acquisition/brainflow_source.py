@@ -22,13 +22,18 @@ from when the rows arrived by the sample clock. Rows that came whole periods lat
 are held back up to ``LOSS_CONFIRM_S`` (reads go on, nothing is handed over): a
 delivery backlog that the transport catches up over several reads (a Bluetooth
 hiccup) looks the same until its fresh rows come, which bound the old ones, and then
-nothing was lost; rows still that late after the wait follow the lost periods.
+nothing was lost; rows still that late after the wait follow the lost periods. The
+wait ends early rather than let the acquisition loop take the board for stalled and
+reopen it (``recover_after_ms``), and held rows are handed over when it ends even if
+nothing more arrives. A backlog still whole periods late after the wait (a 1 kHz board
+stalled 500 ms, caught up at twice the rate) is still taken for a loss.
 After a restart the counter is no reference, so the gap across it comes from the
 sample clock too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +52,8 @@ ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read st
 # Package counter steps per sample other than 1: BrainFlow's CYTON_DAISY driver joins two radio
 # packets per sample and keeps the odd packet's number (cyton_daisy.cpp).
 COUNTER_STEP = {"CYTON_DAISY_BOARD": 2}
-LOSS_CONFIRM_S = 0.25  # rows that came whole counter periods late are held back this long, to see
+LOSS_CONFIRM_S = 0.25  # rows that came whole counter periods late are held back at most this long
+RECOVERY_MARGIN_S = 0.05  # ... and handed over this long before the loop would reopen the board
 
 
 def resolve_board_id(board: str) -> int:
@@ -146,7 +152,9 @@ class BrainFlowSource:
         self._last_package: int | None = None
         self._last_stamp_s: float | None = None
         self._buffer = np.empty((0, needed), dtype=np.float32)
-        self._held: _Held | None = None
+        self._held: _Rows | None = None  # rows held back (see LOSS_CONFIRM_S)
+        self._handed_s = -math.inf  # when rows were last handed over
+        self._recover_after_s = config.acquisition.recover_after_ms * 1e-3
 
     def start(self, now_s: float) -> None:
         from brainflow.exit_codes import BrainFlowError
@@ -168,33 +176,13 @@ class BrainFlowSource:
             raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
 
     def read(self, now_s: float) -> list[Block]:
-        from brainflow.exit_codes import BrainFlowError
-
-        try:
-            count = self._board.get_board_data_count()
-            if count == 0:
-                return []
-            data = self._board.get_board_data(count)  # all of it: the newest row is the one that arrived by now
-        except BrainFlowError as exc:
-            raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
-        read_s = self._clock.now()  # every row read had arrived by then
-        self._watch_wall_clock(read_s)
-        counter = self._counter(data)
-        emg_uv = self._converted(data, data.shape[1])
-        finite = np.isfinite(emg_uv).all(axis=1)
-        if not finite.all():  # NaN, inf, or beyond float32: the row is lost, the counter shows the gap
-            self.non_finite_samples += int(finite.size - finite.sum())
-            data, counter, emg_uv = data[:, finite], counter[finite], emg_uv[finite]
-            if not finite.any():
-                return []
-        stamps_s = data[self._timestamp_row]
-        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
-        self._last_stamp_s = float(stamps_s[-1])
-        rows = _Held(emg_uv, counter, stamps_s, read_s)
-        if self._held is not None:
-            rows = self._held.then(rows)
-        scan = self._scan(rows.counter, rows.stamps_s, read_s)
-        if scan.periods_lost and read_s - rows.since_s < LOSS_CONFIRM_S:
+        new = self._new_rows()
+        read_s = self._clock.now() if new is None else new.read_s
+        if new is None and (self._held is None or read_s < self._hold_until(self._held)):
+            return []
+        rows = new if self._held is None else self._held if new is None else self._held.then(new)
+        scan = self._scan(rows.counter, rows.arrival_s)
+        if scan.periods_lost and read_s < self._hold_until(rows):
             self._held = rows.copy()
             return []
         self._held = None
@@ -211,9 +199,42 @@ class BrainFlowSource:
         first_row, stop_row, first_index, _ = parts[-1]
         self._next_index = first_index + stop_row - first_row
         line = advance_sample_clock(
-            self._sample_clock, self._next_index, read_s, self._events, f"BrainFlow board {self._cfg.board}"
+            self._sample_clock, self._next_index, rows.read_s, self._events, f"BrainFlow board {self._cfg.board}"
         )
+        self._handed_s = read_s
         return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
+
+    def _new_rows(self) -> _Rows | None:
+        """Every finite row that arrived since the last read (None: none), each with its local arrival time:
+        the read time, less how much earlier than the newest row BrainFlow stamped it."""
+        from brainflow.exit_codes import BrainFlowError
+
+        try:
+            count = self._board.get_board_data_count()
+            if count == 0:
+                return None
+            data = self._board.get_board_data(count)  # all of it: the newest row is the one that arrived by now
+        except BrainFlowError as exc:
+            raise SourceError(f"BrainFlow board {self._cfg.board}: {exc}") from None
+        read_s = self._clock.now()  # every row read had arrived by then
+        self._watch_wall_clock(read_s)
+        counter = self._counter(data)
+        emg_uv = self._converted(data, data.shape[1])
+        finite = np.isfinite(emg_uv).all(axis=1)
+        if not finite.all():  # NaN, inf, or beyond float32: the row is lost, the counter shows the gap
+            self.non_finite_samples += int(finite.size - finite.sum())
+            data, counter, emg_uv = data[:, finite], counter[finite], emg_uv[finite]
+            if not finite.any():
+                return None
+        stamps_s = data[self._timestamp_row]
+        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
+        self._last_stamp_s = float(stamps_s[-1])
+        return _Rows(emg_uv, counter, read_s - (stamps_s[-1] - stamps_s), read_s, read_s)
+
+    def _hold_until(self, rows: _Rows) -> float:
+        """When rows held back (since ``rows.since_s``) must be handed over: after LOSS_CONFIRM_S, and
+        before the acquisition loop would take the board for stalled and reopen it."""
+        return min(rows.since_s + LOSS_CONFIRM_S, self._handed_s + self._recover_after_s - RECOVERY_MARGIN_S)
 
     def _watch_wall_clock(self, read_s: float) -> None:
         """Measure the wall -> local offset; a step becomes an event."""
@@ -230,15 +251,15 @@ class BrainFlowSource:
             return self._rows_read - n + np.arange(n)
         return data[self._package_row].astype(np.int64)
 
-    def _scan(self, counter: np.ndarray, stamps_s: np.ndarray, read_s: float) -> GapScan:
+    def _scan(self, counter: np.ndarray, arrival_s: np.ndarray) -> GapScan:
         """Repeated rows and gaps from the package counter; whole counter periods (and the gap across
-        a restart) from when the rows arrived: the read time on the sample clock, less how much
-        earlier than the last row each row came by BrainFlow's stamps. (A wall-clock step inside
-        the read only shifts the rows before it, which the last row bounds.)"""
-        arrived = None
-        newest = self._sample_clock.index_at(read_s)
-        if newest is not None and (self._cfg.dealias_with_timestamps or self._last_package is None):
-            arrived = newest - (self._next_index - 1) - (stamps_s[-1] - stamps_s) * self.sampling_rate_hz
+        a restart) from when the rows arrived (local time, per row) by the sample clock. (A wall-clock
+        step inside one read only shifts the rows before it, which the last row bounds.)"""
+        arrived = self._sample_clock.index_at(arrival_s)
+        if arrived is None or not (self._cfg.dealias_with_timestamps or self._last_package is None):
+            arrived = None
+        else:
+            arrived = arrived - (self._next_index - 1)
         return scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
 
     def take_events(self) -> list[SourceEvent]:
@@ -277,26 +298,29 @@ class BrainFlowSource:
 
 
 @dataclass(frozen=True)
-class _Held:
-    """Rows read but not handed over yet (finite, in read order), and the read time of the first."""
+class _Rows:
+    """Finite rows read, in order, with each one's local arrival time; the time of the newest read,
+    and of the first read of rows held back."""
 
     emg_uv: np.ndarray
     counter: np.ndarray
-    stamps_s: np.ndarray
+    arrival_s: np.ndarray
+    read_s: float
     since_s: float
 
-    def then(self, rows: _Held) -> _Held:
+    def then(self, rows: _Rows) -> _Rows:
         """These rows followed by ``rows`` (held since the first)."""
-        return _Held(
+        return _Rows(
             np.concatenate((self.emg_uv, rows.emg_uv)),
             np.concatenate((self.counter, rows.counter)),
-            np.concatenate((self.stamps_s, rows.stamps_s)),
+            np.concatenate((self.arrival_s, rows.arrival_s)),
+            rows.read_s,
             self.since_s,
         )
 
-    def copy(self) -> _Held:
+    def copy(self) -> _Rows:
         """Owned arrays (a read's rows are views of the source's reused buffer)."""
-        return _Held(self.emg_uv.copy(), self.counter.copy(), self.stamps_s.copy(), self.since_s)
+        return _Rows(self.emg_uv.copy(), self.counter.copy(), self.arrival_s.copy(), self.read_s, self.since_s)
 
 
 def _stable_source_id(board_id: int, cfg: BrainflowConfig) -> str:

@@ -31,7 +31,10 @@ its fresh rows come, so the source holds those rows back a while to see (see
 :mod:`acquisition.brainflow_source`).
 After a restart (no last counter) the gap before the first row is how much later
 than counted the rows arrived (the least of them, rounded to periods). A row whose
-arrival is not finite (BrainFlow stamped it NaN) says nothing: it is ignored.
+arrival is not finite (BrainFlow stamped it NaN) says nothing: it is ignored; so is a
+row that arrived more than W / 8 periods earlier than the sample clock allows (its
+stamp is off: the wall clock stepped within the read), which would bound the rows
+before it.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def scan_package_counter(
 def _missed_by_the_counter(late: np.ndarray, no_reference: bool, wrap: int) -> np.ndarray | int:
     """Samples before each row that its counter cannot show, from how many periods ``late`` (than
     counted) it arrived: whole counter periods, or after a restart the least lateness, rounded."""
-    known = np.isfinite(late)  # a row without a finite timestamp says nothing of when it arrived
+    known = np.isfinite(late) & (late >= -WRAP_TOLERANCE * wrap)  # else its time says nothing of its arrival
     if no_reference:
         return max(int(np.rint(late[known].min())), 0) if known.any() else 0
     periods = np.where(known, np.floor(late / wrap + WRAP_TOLERANCE), np.inf)

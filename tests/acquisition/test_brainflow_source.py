@@ -332,6 +332,7 @@ class StubCallibri:
         self.arrival_s = self.sample / 1000.0 + 0.003
         self.next = 0
         self.nan_first_stamp = False  # BrainFlow stamps the first row of each read NaN
+        self.wall_step_at_s = np.inf  # the wall clock (BrainFlow's stamps) steps +2 s at this local time
 
     def lose(self, first: int, n: int) -> None:
         """Samples ``first`` .. ``first + n - 1`` never arrive (a radio dropout)."""
@@ -346,6 +347,7 @@ class StubCallibri:
         self.next += rows.size
         data = np.zeros((4, rows.size))
         data[0], data[1], data[2] = self.sample[rows] % 256, self.sample[rows], self.arrival_s[rows]
+        data[2] += np.where(data[2] >= self.wall_step_at_s, 2.0, 0.0)
         if self.nan_first_stamp and rows.size:
             data[2, 0] = np.nan
         return data
@@ -360,11 +362,15 @@ class StubCallibri:
         return False
 
 
-def stub_source(monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[BrainFlowSource, StubCallibri, ManualClock]:
+def stub_source(
+    monkeypatch: pytest.MonkeyPatch, n: int, acquisition: str = ""
+) -> tuple[BrainFlowSource, StubCallibri, ManualClock]:
+    """A source on a StubCallibri in simulated time; ``acquisition``: more [acquisition] keys."""
     monkeypatch.setattr(brainflow_source, "wall_to_local_offset_s", lambda clock: 0.0)
     clock = ManualClock()
     source = BrainFlowSource(parse_config(SYNTHETIC_ONE_MUSCLE.replace(
-        '[[muscles]]', '[acquisition.brainflow]\nboard = "CALLIBRI_EMG_BOARD"\n[[muscles]]')), clock)
+        '[[muscles]]', '[acquisition.brainflow]\nboard = "CALLIBRI_EMG_BOARD"\n[[muscles]]'
+    ).replace('[acquisition]\n', f'[acquisition]\n{acquisition}')), clock)
     source._board = board = StubCallibri(clock, n)
     return source, board, clock
 
@@ -455,3 +461,46 @@ def test_a_dropout_of_whole_counter_periods_is_found_after_the_wait(monkeypatch:
     assert source.take_events() == []
     late_s = max(b.first_sample_time_s - b.first_sample_index / 1000.0 - 0.003 for b in blocks)
     assert late_s < 0.002  # the held rows keep their sample times
+
+
+@pytest.mark.timeout(60)
+def test_rows_held_back_are_handed_over_when_the_link_then_falls_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 lost, 144 rows on time, then nothing more arrives: the held rows are handed over after
+    the wait all the same (they stayed held for good: no read with new rows came to release them)."""
+    source, board, clock = stub_source(monkeypatch, 1400)
+    board.lose(1000, 256)
+    blocks = read_until(source, clock, 3.0)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert np.array_equal(index, emg_uv[:, 0]) and index[-1] == 1399
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(1256, 256)]
+
+
+@pytest.mark.timeout(60)
+def test_a_wall_clock_step_while_rows_are_held_moves_no_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 lost, and BrainFlow's wall-clock stamps step +2 s while the rows after the loss are held
+    back: the loss stays before sample 1256 (rows held across the step were re-timed from their
+    stamps, came out 2 s early, bounded the rows before them, and the 256 went in at the step)."""
+    source, board, clock = stub_source(monkeypatch, 3000)
+    board.lose(1000, 256)
+    board.wall_step_at_s = 1.40
+    blocks = read_until(source, clock, 3.0)
+    index, emg_uv = indices_and_values(blocks)
+
+    assert np.array_equal(index, emg_uv[:, 0])
+    assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(1256, 256)]
+
+
+@pytest.mark.timeout(60)
+def test_rows_are_never_held_until_the_loop_would_reopen_the_board(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With recover_after_ms = 400, 300 samples lost (no rows for 300 ms): the rows after the loss are
+    handed over 50 ms before the loop would take the board for stalled and reopen it (a 250 ms wait
+    ran past it: a needless reopening, seconds on a Bluetooth board, and the held rows lost)."""
+    source, board, clock = stub_source(monkeypatch, 3000, "recover_after_ms = 400.0\n")
+    board.lose(1000, 300)
+    handed_s: list[float] = []
+    while clock.now() < 2.0:
+        clock.advance(0.002)
+        handed_s += [clock.now()] * len(source.read(clock.now()))
+    before, after = max(t for t in handed_s if t < 1.2), min(t for t in handed_s if t > 1.2)  # rows resume at 1.303 s
+    assert after - before <= 0.4 - 0.05 + 0.002
