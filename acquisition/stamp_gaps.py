@@ -9,21 +9,23 @@ periods late; jitter makes rows late now and then. So:
 - a later row bounds an earlier one (:func:`acquisition.gaps.scan_stamps`): rows an
   outlet stamped one by one as a backlog came in are late, the fresh row after them
   is not, and no gap is claimed;
-- the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times the largest
-  distance from the line of the recent rows, less the losses found before them (it
-  halves every ``JITTER_HALF_LIFE_S``), never below the configured one
-  (``gap_tolerance_ms``, at least half a period). Rows early by more than the clock's
-  early limit (the outlet re-synced: the clock anchors again) do not widen it. For the
-  first ``LEARN_S`` of the stream, while neither its jitter nor its clock is known, it
-  is at least ``LEARN_TOLERANCE_S``.
+- the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times how much a
+  row's distance from the line (less the losses found before it) changes from the row
+  before, the ``JITTER_RANK``-th largest change recently (each halves every
+  ``JITTER_HALF_LIFE_S``), never below the configured one (``gap_tolerance_ms``, at
+  least half a period). Jitter changes that distance at every push; a loss the
+  tolerance missed changes it once (and the line takes it in), so it cannot widen the
+  tolerance for the next loss (nor does the line's re-anchor that may follow). Rows early by more than the clock's early limit (the
+  outlet re-synced: the clock anchors again) do not count. For the first ``LEARN_S``
+  of the stream, while neither its jitter nor its clock is known, the tolerance is at
+  least ``LEARN_TOLERANCE_S``.
 
-What it cannot see is a loss within the tolerance: its rows come late by that much,
-it counts as jitter, and the sample clock takes it in (over seconds, or anchored again
-when it is beyond the clock's outlier bound), so sample times stay within the
-tolerance of the stamps. What it takes for a loss is jitter that starts suddenly,
-beyond the tolerance: the index moves on; the rows after come early for it, which
-widens the tolerance, so a burst of jitter on a quiet stream costs a gap or two at its
-onset, not one per push.
+What it cannot see is a loss within the tolerance: its rows come late by that much
+and the sample clock takes it in (over seconds, or anchored again when it is beyond
+the clock's outlier bound), so sample times stay within the tolerance of the stamps.
+What it takes for a loss is jitter that starts suddenly, beyond the tolerance: the
+index moves on; the rows after come early for it, which widens the tolerance, so a
+burst of jitter on a quiet stream costs a gap or two at its onset, not one per push.
 """
 
 from __future__ import annotations
@@ -35,26 +37,41 @@ from acquisition.sample_clock import Line, SampleClock
 from acquisition.sources import SourceEvent, advance_sample_clock
 
 JITTER_MARGIN = 3.0
+JITTER_RANK = 2  # one odd change (a missed loss, a lone late push) does not set the tolerance
 JITTER_HALF_LIFE_S = 10.0
 LEARN_S = 2.0
 LEARN_TOLERANCE_S = 0.05
 
 
 class StampJitter:
-    """The largest recent distance (periods) of rows from the sample clock's line, decaying with time."""
+    """How much the rows' distance from the sample clock's line changes from row to row (periods):
+    the ``rank``-th largest recent change, each decaying with time."""
 
-    def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S) -> None:
+    def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S, rank: int = JITTER_RANK) -> None:
         self.half_life_s = half_life_s
-        self.peak = 0.0
+        self._largest = np.zeros(rank)  # ascending
+        self._last: float | None = None  # the last row's distance
         self._time_s: float | None = None
+
+    @property
+    def peak(self) -> float:
+        return float(self._largest[0])
 
     def update(self, residual: np.ndarray, time_s: float) -> None:
         """Take in one pull: ``residual``, per row, how far from the line it is (periods, > 0 late);
         ``time_s``, the pull's newest timestamp."""
         if self._time_s is not None and time_s > self._time_s:
-            self.peak *= 0.5 ** ((time_s - self._time_s) / self.half_life_s)
+            self._largest *= 0.5 ** ((time_s - self._time_s) / self.half_life_s)
         self._time_s = time_s if self._time_s is None else max(self._time_s, time_s)
-        self.peak = max(self.peak, float(np.abs(residual).max(initial=0.0)))
+        if residual.size == 0:
+            return
+        changes = np.abs(np.diff(residual, prepend=residual[0] if self._last is None else self._last))
+        self._last = float(residual[-1])
+        self._largest = np.sort(np.concatenate((self._largest, changes)))[-self._largest.size :]
+
+    def line_moved(self) -> None:
+        """The line was anchored again: the next row's distance is from another line, no change to count."""
+        self._last = None
 
 
 class StampGaps:
@@ -93,6 +110,8 @@ class StampGaps:
         self.jitter.update(residual[residual >= -self._early_limit], float(stamps_s[-1]))
         self.next_index += late.size + int(lost.sum())
         line = advance_sample_clock(self.clock, self.next_index, float(stamps_s[-1]), events, self.name)
+        if line.jump_s:
+            self.jitter.line_moved()
         return scan, line
 
     def _late(self, stamps_s: np.ndarray) -> np.ndarray:
