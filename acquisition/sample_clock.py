@@ -21,7 +21,10 @@ no longer fits the indices, and it is anchored again at that read (reported as a
 jump). So is a lasting offset: reads beyond ``outlier_s`` on the same side of the line
 for ``reanchor_after_s`` and at least ``REANCHOR_READS`` reads (late first reads at
 start-up, a step in the delivery latency); the period does not integrate a clipped
-pull, so the loop neither winds up nor overshoots.
+pull, so the loop neither winds up nor overshoots. Reads late by less and less (by
+more than ``outlier_s`` since the run began: a delivery backlog draining) start the
+run again: a backlog is no step in the latency, however long it takes to drain, and
+until the reads are back within ``outlier_s`` they do not pull the line at all.
 
 An amplifier off its nominal rate by more than ``MAX_RATE_ERROR`` cannot be followed:
 the fitted period sits at its limit for ``RATE_LIMIT_S``, or the line is anchored again
@@ -109,6 +112,8 @@ class SampleClock:
         self._next: Line | None = None  # through the next index to be read, at the fitted period
         self._beyond: _Mark | None = None  # first read of the current run beyond outlier_s on one side
         self._beyond_reads = 0
+        self._beyond_error_s = 0.0  # the error at the first read of the run (or since the lateness last fell)
+        self._draining = False  # the late run is a backlog draining: its reads do not pull the line
         self._reanchors: list[_Mark] = []  # the recent re-anchors for a lasting offset, all on one side
         self._at_limit: _Mark | None = None  # first read since the period sits at its limit
 
@@ -140,7 +145,7 @@ class SampleClock:
             anchored = self._anchor(stop_index, read_s, line.period_s, error_s)
             self._note_reanchor(_Mark(stop_index, read_s, _side(error_s)))
             return anchored
-        pull_s = min(max(error_s, -self.outlier_s), self.outlier_s)
+        pull_s = 0.0 if self._draining else min(max(error_s, -self.outlier_s), self.outlier_s)
         omega = min(2.0 * math.pi * self.bandwidth_hz * span * line.period_s, MAX_OMEGA)
         stop_time_s = line.time_of(stop_index) + math.sqrt(2.0) * omega * pull_s
         period_s = line.period_s if pull_s != error_s else line.period_s + omega * omega * pull_s / span
@@ -152,9 +157,12 @@ class SampleClock:
     def _lasting_offset(self, stop_index: int, read_s: float, error_s: float) -> bool:
         """Whether this read ends a run beyond outlier_s on one side long enough to re-anchor."""
         side = _side(error_s) if abs(error_s) > self.outlier_s else 0
-        if side == 0 or self._beyond is None or self._beyond.side != side:
+        draining = side > 0 and self._beyond is not None and error_s < self._beyond_error_s - self.outlier_s
+        if side == 0 or self._beyond is None or self._beyond.side != side or draining:
+            self._draining = draining or (self._draining and side > 0)
             self._beyond = _Mark(stop_index, read_s, side) if side else None
             self._beyond_reads = 1 if side else 0
+            self._beyond_error_s = error_s
             return False
         self._beyond_reads += 1
         if self._beyond_reads < REANCHOR_READS or read_s - self._beyond.read_s < self.reanchor_after_s:

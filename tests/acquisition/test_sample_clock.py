@@ -237,3 +237,25 @@ def test_an_amplifier_within_reach_never_raises_nor_jumps(ppm: float) -> None:
 
 def test_rate_off_nominal_says_both_rates() -> None:
     assert "245.0 Hz" in str(RateOffNominal(245.0, 250.0)) and "250 Hz" in str(RateOffNominal(245.0, 250.0))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("stall_s", [0.3, 1.0])
+def test_a_long_backlog_draining_over_many_reads_is_no_reanchor(stall_s: float) -> None:
+    """Delivery stalls 300 ms or 1 s, then the link catches up at twice the rate (a Bluetooth
+    hiccup): the reads are late for as long again, less and less. That is no step in the latency:
+    no jump (it was taken for one after 0.2 s, anchored there, and anchored back once caught up),
+    and every read before and after the backlog within 2 ms of the true sample time."""
+    fs_hz = 1000.0
+    stall_start_s = 2.0
+
+    def latency_s(t: float) -> float:  # sample t arrives at max(t + 3 ms, resume + (t - stall start) / 2)
+        return max(0.003, stall_start_s + stall_s + (t - stall_start_s) / 2.0 - t) if t >= stall_start_s else 0.003
+
+    schedule = delivered(fs_hz, 0.0, latency_s, 6.0)
+    lines = stamped(SampleClock(fs_hz), schedule)
+    read_s, errors_s = time_errors_s(lines, schedule, fs_hz, 0.003)
+
+    assert not any(line.jump_s for _, line in lines)
+    caught_up_s = stall_start_s + 2 * stall_s + 0.1
+    assert np.abs(errors_s[(read_s < stall_start_s) | (read_s > caught_up_s)]).max() < 0.002
