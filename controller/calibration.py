@@ -2,9 +2,10 @@
 
 Pure: envelopes in, a :class:`Calibration` out (and to/from a plain dict for the
 file that ``fesloop calibrate`` writes and the controller loads). The levels hold
-only for the envelope they were measured through: the file keeps the filter
-settings and each muscle's EMG channel, and :func:`check_matches` refuses a config
-that differs in either.
+only for the envelope they were measured through: the file keeps what that depends
+on (:func:`envelope_settings`: the EMG source, its board, rows and uV scale, the
+filters) and each muscle's EMG channel, and :func:`check_matches` refuses a config
+that differs in any.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # fesloop.config checks muscle levels with this module
-    from fesloop.config import Config, FilterConfig
+    from fesloop.config import Config
 
 MVC_WINDOW_S = 0.5  # the MVC level is the highest mean envelope over this long
 MVC_MIN_RATIO = 2.0  # an MVC must be at least this many times the rest level ...
@@ -36,7 +37,7 @@ REST_SD_MIN_UV = 0.02  # half the SD of that noise's envelope (0.04-0.07 uV): a 
 # A phase (rest, one MVC trial) with more of its samples flagged by the controller's contamination
 # detector (lead-off, saturation, motion) is refused: what is left is too little to trust.
 MAX_FLAGGED_SHARE = 0.5
-FORMAT = "fesloop-calibration/2"  # /1 kept neither the filter settings nor the channels
+FORMAT = "fesloop-calibration/2"  # /1 kept neither the envelope settings nor the channels
 
 
 class CalibrationError(ValueError):
@@ -71,7 +72,7 @@ class Calibration:
     config_path: str
     created_utc: str
     sampling_rate_hz: float
-    filters: dict[str, Any]  # controller.filters as calibrated (filter_settings)
+    settings: dict[str, Any]  # what the envelope depended on, by config key (envelope_settings)
     muscles: tuple[MuscleCalibration, ...]
 
     def muscle(self, name: str) -> MuscleCalibration:
@@ -89,8 +90,8 @@ class Calibration:
             raise CalibrationError(f"not a {FORMAT} file (a JSON {type(raw).__name__}, not an object)")
         if raw.get("format") == "fesloop-calibration/1":
             raise CalibrationError(
-                "made by an older fesloop (fesloop-calibration/1 keeps neither the filter settings nor the EMG "
-                "channels the levels hold for): calibrate again"
+                "made by an older fesloop (fesloop-calibration/1 keeps neither the source and filter settings nor "
+                "the EMG channels the levels hold for): calibrate again"
             )
         if raw.get("format") != FORMAT:
             raise CalibrationError(f"not a {FORMAT} file (format = {raw.get('format')!r})")
@@ -98,9 +99,11 @@ class Calibration:
             muscles = tuple(
                 MuscleCalibration(**{**m, "mvc_trials_uv": tuple(m["mvc_trials_uv"])}) for m in raw["muscles"]
             )
+            if not isinstance(raw["settings"], dict):
+                raise TypeError(f"settings is a JSON {type(raw['settings']).__name__}, not an object")
             calibration = cls(
                 str(raw["config_name"]), str(raw["config_path"]), str(raw["created_utc"]),
-                float(raw["sampling_rate_hz"]), dict(raw["filters"]), muscles,
+                float(raw["sampling_rate_hz"]), raw["settings"], muscles,
             )
         except (KeyError, TypeError) as exc:
             raise CalibrationError(f"calibration file is incomplete or malformed: {exc}") from None
@@ -109,20 +112,29 @@ class Calibration:
         return calibration
 
 
-def filter_settings(filters: FilterConfig) -> dict[str, Any]:
-    """The filter settings as the calibration file keeps them (JSON values: lists, not tuples)."""
-    return json.loads(json.dumps(asdict(filters)))
+def envelope_settings(config: Config) -> dict[str, Any]:
+    """What an envelope level depends on besides the muscle, by config key: the EMG source, its
+    board, board rows and uV scale (other gains, other electrodes), and the filters (JSON values)."""
+    acquisition = config.acquisition
+    settings: dict[str, Any] = {"acquisition.source": acquisition.source}
+    if acquisition.source == "brainflow":
+        for key in ("board", "master_board", "emg_channels", "scale_uv"):
+            settings[f"acquisition.brainflow.{key}"] = getattr(acquisition.brainflow, key)
+    elif acquisition.source == "lsl":
+        settings["acquisition.lsl_inlet.scale_uv"] = acquisition.lsl_inlet.scale_uv
+    settings.update({f"controller.filters.{key}": value for key, value in asdict(config.controller.filters).items()})
+    return json.loads(json.dumps(settings))
 
 
 def check_matches(calibration: Calibration, config: Config) -> None:
-    """Refuse a config whose envelope differs from the one the levels were measured through: other
-    filter settings (other levels for the same contraction) or a muscle on another EMG channel
-    (other electrodes); names the key and both values."""
-    for key, value in filter_settings(config.controller.filters).items():
-        if calibration.filters.get(key) != value:
+    """Refuse a config whose envelope differs from the one the levels were measured through: another
+    source, board, board rows, scale or filters (other levels for the same contraction) or a muscle
+    on another EMG channel (other electrodes); names the key and both values."""
+    for key, value in envelope_settings(config).items():
+        calibrated = calibration.settings.get(key, "(not set)")
+        if calibrated != value:
             raise CalibrationError(
-                f"controller.filters.{key} = {value!r}, the levels were measured with "
-                f"{calibration.filters.get(key)!r}: calibrate again (or set it back)"
+                f"{key} = {value!r}, the levels were measured with {calibrated!r}: calibrate again (or set it back)"
             )
     for muscle in config.muscles:
         calibrated = calibration.muscle(muscle.name).emg_channel

@@ -28,7 +28,7 @@ import numpy as np
 import pylsl
 import zmq
 
-from controller.calibration import Calibration, CalibrationError, filter_settings, muscle_calibration
+from controller.calibration import Calibration, CalibrationError, envelope_settings, muscle_calibration
 from fesloop import protocol
 from fesloop.arguments import require_number
 from fesloop.config import Config
@@ -205,7 +205,7 @@ def compute(config: Config, config_path: str, phases: list[Phase], collected: li
         )
     return Calibration(
         config.name, config_path, datetime.now(timezone.utc).isoformat(timespec="seconds"), fs_hz,
-        filter_settings(config.controller.filters), tuple(muscles),
+        envelope_settings(config), tuple(muscles),
     )
 
 

@@ -30,12 +30,11 @@ from controller.calibration import (
     CalibrationError,
     LevelError,
     MuscleCalibration,
-    filter_settings,
     muscle_calibration,
 )
 from controller.estimator import EmgEstimator
 from fesloop.calibrate_cli import write_atomically
-from fesloop.config import FilterConfig, load_config
+from fesloop.config import load_config
 from fesloop.protocol import EmgChunk
 from tests.controller.test_recordings import biosppy, replay_config, verma
 from tests.controller.test_recordings import calibrate as calibrate_from_recording
@@ -235,6 +234,6 @@ def test_the_new_file_is_fsynced_before_it_replaces_the_old_one(tmp_path: Path, 
     out = tmp_path / "calibration.json"
     out.write_text("previous calibration\n")
     muscle = MuscleCalibration("muscle", 3.4, 0.6, 84.0, (84.0,), 5.2, 11.5, 0)
-    write_atomically(out, Calibration("replay", "", "", FS_HZ, filter_settings(FilterConfig()), (muscle,)))
+    write_atomically(out, Calibration("replay", "", "", FS_HZ, {"controller.filters.tkeo": False}, (muscle,)))
     assert [kind for kind, _ in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1], calls
     assert Calibration.from_dict(json.loads(out.read_text())).muscles == (muscle,)

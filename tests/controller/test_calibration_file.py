@@ -4,12 +4,13 @@ configured muscle is in it; refused, the controller keeps every gate closed (NOT
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from controller.calibration import FORMAT, Calibration, CalibrationError, filter_settings
+from controller.calibration import FORMAT, Calibration, CalibrationError, envelope_settings
 from controller.loop import Controller, load_calibration
 from fesloop.config import load_config
 from fesloop.protocol import EmgChunk, GateReason
@@ -25,9 +26,10 @@ def _muscle(name: str, **levels: float) -> dict:
             "onset_10pct_mvc_uv": 22.7, "emg_channel": channel}
 
 
-def _file(muscles: list[dict], sampling_rate_hz: float = 2000.0, **filters: object) -> dict:
+def _file(muscles: list[dict], sampling_rate_hz: float = 2000.0, settings: dict | None = None) -> dict:
+    """A calibration file made with demo.toml (``settings``: what else it was made with)."""
     return {"format": FORMAT, "config_name": "demo", "config_path": "demo.toml", "created_utc": "2026-11-27T00:00:00Z",
-            "sampling_rate_hz": sampling_rate_hz, "filters": {**filter_settings(DEMO.controller.filters), **filters},
+            "sampling_rate_hz": sampling_rate_hz, "settings": {**envelope_settings(DEMO), **(settings or {})},
             "muscles": muscles}
 
 
@@ -62,33 +64,56 @@ def test_levels_below_the_absolute_floors_are_refused_at_load(levels: dict, key:
         Calibration.from_dict(raw)
 
 
+BOTH = [_muscle("quadriceps_l"), _muscle("tibialis_l")]
+BRAINFLOW = {'source = "simulated"': 'source = "brainflow"', "[acquisition.simulated]": "[acquisition.brainflow]\nscale_uv = 1.0\n\n[acquisition.simulated]"}
+MADE_WITH_BRAINFLOW = {"acquisition.source": "brainflow", "acquisition.brainflow.board": "SYNTHETIC_BOARD",
+                       "acquisition.brainflow.master_board": "", "acquisition.brainflow.emg_channels": [],
+                       "acquisition.brainflow.scale_uv": 1.0}
+
+
 @pytest.mark.parametrize(
     ("content", "edits", "error"),
     [
-        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")], envelope_lowpass_hz=3.0), {},
+        (_file(BOTH, settings={"controller.filters.envelope_lowpass_hz": 3.0}), {},
          "controller.filters.envelope_lowpass_hz = 6.0, the levels were measured with 3.0: calibrate again"),
-        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")]), {"highpass_hz = 10.0": "highpass_hz = 30.0"},
+        (_file(BOTH), {"highpass_hz = 10.0": "highpass_hz = 30.0"},
          "controller.filters.highpass_hz = 30.0, the levels were measured with 10.0"),
-        (_file([_muscle("quadriceps_l"), _muscle("tibialis_l")]), {"[controller.filters]\n": "[controller.filters]\ntkeo = true\n"},
+        (_file(BOTH), {"[controller.filters]\n": "[controller.filters]\ntkeo = true\n"},
          "controller.filters.tkeo = True, the levels were measured with False"),
         (_file([_muscle("quadriceps_l"), {**_muscle("tibialis_l"), "emg_channel": 2}]), {},
          "tibialis_l: emg_channel = 1, the levels were measured on channel 2: calibrate again"),
-        ({**_file([_muscle("quadriceps_l"), _muscle("tibialis_l")]), "format": "fesloop-calibration/1"}, {},
-         "made by an older fesloop (fesloop-calibration/1 keeps neither the filter settings nor the EMG channels"),
+        (_file(BOTH), BRAINFLOW, "acquisition.source = 'brainflow', the levels were measured with 'simulated'"),
+        (_file(BOTH, settings=MADE_WITH_BRAINFLOW), {**BRAINFLOW, "scale_uv = 1.0": "scale_uv = 0.1"},
+         "acquisition.brainflow.scale_uv = 0.1, the levels were measured with 1.0"),
+        (_file(BOTH, settings=MADE_WITH_BRAINFLOW),
+         {**BRAINFLOW, "scale_uv = 1.0": "scale_uv = 1.0\nemg_channels = [2, 1]"},
+         "acquisition.brainflow.emg_channels = [2, 1], the levels were measured with []"),
+        ({**_file(BOTH), "format": "fesloop-calibration/1"}, {},
+         "made by an older fesloop (fesloop-calibration/1 keeps neither the source and filter settings nor the EMG"),
+        ({**_file(BOTH), "settings": "tkeo"}, {}, "calibration file is incomplete or malformed: settings is a JSON str, not an object"),
     ],
-    ids=["envelope_lowpass", "highpass", "tkeo", "channel", "format_1"],
+    ids=["envelope_lowpass", "highpass", "tkeo", "channel", "source", "scale", "board_rows", "format_1", "settings_str"],
 )
 def test_levels_measured_through_another_envelope_are_refused_naming_the_setting(
     write_config, tmp_path: Path, content: dict, edits: dict, error: str
 ) -> None:
     """The same contraction reads other levels through other filters (a 6 Hz envelope over a 3 Hz
-    one, TKEO over |x|), and another channel is other electrodes: such a file was used without a
-    word, scaling every activation by the ratio. Now refused, naming the setting and both values."""
+    one, TKEO over |x|), another source, uV scale or board rows (other gains, other electrodes), and
+    another channel is other electrodes: such a file was used without a word, scaling every
+    activation by the ratio. Now refused, naming the setting and both values."""
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(content))
     config = load_config(write_config("demo.toml", {"[controller]\n": f'[controller]\ncalibration_file = "{path}"\n', **edits}))
-    with pytest.raises(CalibrationError, match="^calibration file .*: " + error.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CalibrationError, match="^calibration file .*: " + re.escape(error)):
         load_calibration(config)
+
+
+def test_a_file_made_with_the_same_source_and_filters_is_accepted(write_config, tmp_path: Path) -> None:
+    """The brainflow cases above differ from an accepted file only in the setting named."""
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(_file(BOTH, settings=MADE_WITH_BRAINFLOW)))
+    config = load_config(write_config("demo.toml", {"[controller]\n": f'[controller]\ncalibration_file = "{path}"\n', **BRAINFLOW}))
+    assert load_calibration(config).muscle("tibialis_l").emg_channel == 1
 
 
 def test_a_file_without_a_configured_muscle_is_refused_naming_it(write_config, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 import scipy.io
 from scipy import signal
 
-from controller.calibration import Calibration, filter_settings, muscle_calibration
+from controller.calibration import Calibration, envelope_settings, muscle_calibration
 from controller.estimator import EmgEstimator
 from fesloop.config import Config, load_config
 from fesloop.protocol import EmgChunk
@@ -64,7 +64,7 @@ def calibrate(config: Config, emg_uv: np.ndarray, fs_hz: float, rest_s: tuple, m
     rest = envelope[(times_s >= rest_s[0]) & (times_s < rest_s[1])]
     mvc = envelope[(times_s >= mvc_s[0]) & (times_s < mvc_s[1])]
     muscle = muscle_calibration("muscle", rest, [mvc], fs_hz, emg_channel=0)
-    return Calibration("test", "", "", fs_hz, filter_settings(config.controller.filters), (muscle,))
+    return Calibration("test", "", "", fs_hz, envelope_settings(config), (muscle,))
 
 
 def onsets(estimator: EmgEstimator) -> np.ndarray:

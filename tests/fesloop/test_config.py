@@ -350,7 +350,7 @@ def test_muscle_levels_follow_the_calibration_files_rule(levels: dict, key: str,
     muscle = {"name": "m", "rest_sd_uv": 0.1, **levels, "mvc_trials_uv": [levels["mvc_uv"]], "onset_rest_3sd_uv": 0.0,
               "onset_10pct_mvc_uv": 0.0, "emg_channel": 0}
     raw = {"format": FORMAT, "config_name": "", "config_path": "", "created_utc": "", "sampling_rate_hz": 2000.0,
-           "filters": {}, "muscles": [muscle]}
+           "settings": {}, "muscles": [muscle]}
     with pytest.raises(CalibrationError, match=f"^m: {key} = {levels[key]!r}: "):
         Calibration.from_dict(raw)
 
