@@ -23,8 +23,12 @@ for ``reanchor_after_s`` and at least ``REANCHOR_READS`` reads (late first reads
 start-up, a step in the delivery latency); the period does not integrate a clipped
 pull, so the loop neither winds up nor overshoots. Reads late by less and less (by
 more than ``outlier_s`` since the run began: a delivery backlog draining) start the
-run again: a backlog is no step in the latency, however long it takes to drain, and
-until the reads are back within ``outlier_s`` they do not pull the line at all.
+run again: a backlog draining faster than ``outlier_s`` per ``reanchor_after_s`` (a link
+catching up more than 5 % above the nominal rate) is no step in the latency, however
+long it takes, and until the reads are back within ``outlier_s`` they do not pull the
+line at all. A slower drain is taken for a step (anchored again), and the reads then
+come earlier and earlier, as from an amplifier that runs fast: several re-anchors, and
+RateOffNominal if they go on.
 
 An amplifier off its nominal rate by more than ``MAX_RATE_ERROR`` cannot be followed:
 the fitted period sits at its limit for ``RATE_LIMIT_S``, or the line is anchored again
