@@ -9,13 +9,13 @@ periods late; jitter makes rows late now and then. So:
 - a later row bounds an earlier one (:func:`acquisition.gaps.scan_stamps`): rows an
   outlet stamped one by one as a backlog came in are late, the fresh row after them
   is not, and no gap is claimed;
-- the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times how much a
-  row's distance from the line (less the losses found before it) changes from the row
-  before, the ``JITTER_RANK``-th largest change recently (each halves every
+- the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times how far the
+  rows' distance from the line (less the losses found before them) goes out and comes
+  back, the ``JITTER_RANK``-th largest such excursion recently (each halves every
   ``JITTER_HALF_LIFE_S``), never below the configured one (``gap_tolerance_ms``, at
-  least half a period). Jitter changes that distance at every push; a loss the
-  tolerance missed changes it once (and the line takes it in), so it cannot widen the
-  tolerance for the next loss (nor does the line's re-anchor that may follow). Rows early by more than the clock's early limit (the
+  least half a period). Jitter comes back at the next push; a loss the tolerance
+  missed is a step that stays (the line takes it in slowly), so missed losses cannot
+  widen the tolerance for the next one (nor does the line's re-anchor that may follow). Rows early by more than the clock's early limit (the
   outlet re-synced: the clock anchors again) do not count. For the first ``LEARN_S``
   of the stream, while neither its jitter nor its clock is known, the tolerance is at
   least ``LEARN_TOLERANCE_S``.
@@ -37,20 +37,24 @@ from acquisition.sample_clock import Line, SampleClock
 from acquisition.sources import SourceEvent, advance_sample_clock
 
 JITTER_MARGIN = 3.0
-JITTER_RANK = 2  # one odd change (a missed loss, a lone late push) does not set the tolerance
+JITTER_RANK = 1
+MIN_CHANGE = 0.05  # periods: smaller changes (the line's own slope within a chunk) neither go out nor come back
 JITTER_HALF_LIFE_S = 10.0
 LEARN_S = 2.0
 LEARN_TOLERANCE_S = 0.05
 
 
 class StampJitter:
-    """How much the rows' distance from the sample clock's line changes from row to row (periods):
-    the ``rank``-th largest recent change, each decaying with time."""
+    """How far the rows' distance from the sample clock's line goes out and comes back (periods):
+    the ``rank``-th largest recent excursion, each decaying with time. An excursion is a change and
+    the change of opposite sign after it, as large as the smaller of the two: jitter comes back, a
+    missed loss (a step the line then takes in slowly) does not."""
 
     def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S, rank: int = JITTER_RANK) -> None:
         self.half_life_s = half_life_s
         self._largest = np.zeros(rank)  # ascending
         self._last: float | None = None  # the last row's distance
+        self._out = 0.0  # the change since the distance last turned (signed)
         self._time_s: float | None = None
 
     @property
@@ -65,13 +69,22 @@ class StampJitter:
         self._time_s = time_s if self._time_s is None else max(self._time_s, time_s)
         if residual.size == 0:
             return
-        changes = np.abs(np.diff(residual, prepend=residual[0] if self._last is None else self._last))
+        changes = np.diff(residual, prepend=residual[0] if self._last is None else self._last)
         self._last = float(residual[-1])
-        self._largest = np.sort(np.concatenate((self._largest, changes)))[-self._largest.size :]
+        excursions = []
+        for change in changes[np.abs(changes) >= MIN_CHANGE].tolist():
+            if change * self._out < 0.0:
+                excursions.append(min(abs(change), abs(self._out)))
+                self._out = change
+            else:
+                self._out += change
+        if excursions:
+            self._largest = np.sort(np.concatenate((self._largest, excursions)))[-self._largest.size :]
 
     def line_moved(self) -> None:
         """The line was anchored again: the next row's distance is from another line, no change to count."""
         self._last = None
+        self._out = 0.0
 
 
 class StampGaps:
