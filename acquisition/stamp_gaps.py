@@ -11,8 +11,7 @@ periods late; jitter makes rows late now and then. So:
   is not, and no gap is claimed;
 - the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times how far the
   rows' distance from the line (less the losses found before them) goes out and comes
-  back, the ``JITTER_RANK``-th largest such excursion recently (each halves every
-  ``JITTER_HALF_LIFE_S``), never below the configured one (``gap_tolerance_ms``, at
+  back, the largest such excursion recently (it halves every ``JITTER_HALF_LIFE_S``), never below the configured one (``gap_tolerance_ms``, at
   least half a period). Jitter comes back at the next push; a loss the tolerance
   missed is a step that stays (the line takes it in slowly), so missed losses cannot
   widen the tolerance for the next one (nor does the line's re-anchor that may follow). Rows early by more than the clock's early limit (the
@@ -37,7 +36,6 @@ from acquisition.sample_clock import Line, SampleClock
 from acquisition.sources import SourceEvent, advance_sample_clock
 
 JITTER_MARGIN = 3.0
-JITTER_RANK = 1
 MIN_CHANGE = 0.05  # periods: smaller changes (the line's own slope within a chunk) neither go out nor come back
 JITTER_HALF_LIFE_S = 10.0
 LEARN_S = 2.0
@@ -46,40 +44,33 @@ LEARN_TOLERANCE_S = 0.05
 
 class StampJitter:
     """How far the rows' distance from the sample clock's line goes out and comes back (periods):
-    the ``rank``-th largest recent excursion, each decaying with time. An excursion is a change and
-    the change of opposite sign after it, as large as the smaller of the two: jitter comes back, a
-    missed loss (a step the line then takes in slowly) does not."""
+    the largest recent excursion, decaying with time. An excursion is a change and the change of
+    opposite sign after it, as large as the smaller of the two: jitter comes back, a missed loss
+    (a step the line then takes in slowly) does not."""
 
-    def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S, rank: int = JITTER_RANK) -> None:
+    def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S) -> None:
         self.half_life_s = half_life_s
-        self._largest = np.zeros(rank)  # ascending
+        self.peak = 0.0
         self._last: float | None = None  # the last row's distance
         self._out = 0.0  # the change since the distance last turned (signed)
         self._time_s: float | None = None
-
-    @property
-    def peak(self) -> float:
-        return float(self._largest[0])
 
     def update(self, residual: np.ndarray, time_s: float) -> None:
         """Take in one pull: ``residual``, per row, how far from the line it is (periods, > 0 late);
         ``time_s``, the pull's newest timestamp."""
         if self._time_s is not None and time_s > self._time_s:
-            self._largest *= 0.5 ** ((time_s - self._time_s) / self.half_life_s)
+            self.peak *= 0.5 ** ((time_s - self._time_s) / self.half_life_s)
         self._time_s = time_s if self._time_s is None else max(self._time_s, time_s)
         if residual.size == 0:
             return
         changes = np.diff(residual, prepend=residual[0] if self._last is None else self._last)
         self._last = float(residual[-1])
-        excursions = []
         for change in changes[np.abs(changes) >= MIN_CHANGE].tolist():
             if change * self._out < 0.0:
-                excursions.append(min(abs(change), abs(self._out)))
+                self.peak = max(self.peak, min(abs(change), abs(self._out)))
                 self._out = change
             else:
                 self._out += change
-        if excursions:
-            self._largest = np.sort(np.concatenate((self._largest, excursions)))[-self._largest.size :]
 
     def line_moved(self) -> None:
         """The line was anchored again: the next row's distance is from another line, no change to count."""
