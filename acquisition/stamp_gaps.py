@@ -11,20 +11,22 @@ periods late; jitter makes rows late now and then. So:
   is not, and no gap is claimed;
 - the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times how far the
   rows' distance from the line (less the losses found before them) goes out and comes
-  back, the largest such excursion recently (it halves every ``JITTER_HALF_LIFE_S``), never below the configured one (``gap_tolerance_ms``, at
-  least half a period). Jitter comes back at the next push; a loss the tolerance
-  missed is a step that stays (the line takes it in slowly), so missed losses cannot
-  widen the tolerance for the next one (nor does the line's re-anchor that may follow). Rows early by more than the clock's early limit (the
-  outlet re-synced: the clock anchors again) do not count. For the first ``LEARN_S``
-  of the stream, while neither its jitter nor its clock is known, the tolerance is at
-  least ``LEARN_TOLERANCE_S``.
+  back, the largest such excursion recently (it halves every ``JITTER_HALF_LIFE_S``),
+  never below the configured one (``gap_tolerance_ms``, at least half a period).
+  Jitter comes back at the next push; a loss the tolerance missed is a step that
+  stays (the line takes it in slowly), so missed losses cannot widen the tolerance for
+  the next one (nor does the line's re-anchor that may follow). Rows early by more
+  than the clock's early limit (the outlet re-synced: the clock anchors again) do not
+  count. For the first ``LEARN_S`` of the stream, while neither its jitter nor its
+  clock is known, the tolerance is at least ``LEARN_TOLERANCE_S``.
 
 What it cannot see is a loss within the tolerance: its rows come late by that much
 and the sample clock takes it in (over seconds, or anchored again when it is beyond
-the clock's outlier bound), so sample times stay within the tolerance of the stamps.
-What it takes for a loss is jitter that starts suddenly, beyond the tolerance: the
-index moves on; the rows after come early for it, which widens the tolerance, so a
-burst of jitter on a quiet stream costs a gap or two at its onset, not one per push.
+the clock's outlier bound), so sample times stay within the tolerance of the stamps;
+or it finds it later, where a late push adds to it. What it takes for a loss is
+jitter that starts suddenly, beyond the tolerance: the index moves on, and the
+burst's pushes that come back widen the tolerance, so a burst of jitter on a quiet
+stream costs a gap or two at its onset, not one per push.
 """
 
 from __future__ import annotations
