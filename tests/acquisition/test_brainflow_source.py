@@ -179,7 +179,7 @@ def test_synthetic_board_chunk_times_follow_the_sample_indices() -> None:
     assert np.all(np.abs(off_s) <= 0.01 * np.diff([f[0] for f in firsts]) / source.sampling_rate_hz)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 @pytest.mark.skipif(LIBFAKETIME is None, reason="needs libfaketime (pip install libfaketime, or the system package)")
 def test_a_wall_clock_step_moves_no_sample_time_and_is_reported(tmp_path: Path) -> None:
     """The synthetic board under libfaketime, the wall clock stepped +2 s after 1 s (fault matrix
@@ -188,7 +188,37 @@ def test_a_wall_clock_step_moves_no_sample_time_and_is_reported(tmp_path: Path) 
     synthetic board then makes up the 2 s in a burst of samples (more samples than time): while
     it lasts the sample clock is anchored again at the reads (each an event; how long the burst
     lasts varies with the machine's load, so after the step only the bound on the times is
-    asserted); before the step, chunk times follow the indices."""
+    asserted); before the step, chunk times follow the indices.
+
+    In about one run of eight the synthetic board, which paces itself by the wall clock, stops
+    making samples for 1-2 s after its burst (more often when libfaketime's clock flaps back and
+    forth, each flap reported +-2.000 s): a device whose clock stopped, read rightly as samples
+    missing (a counter period lost, the line anchored again), not the one step this test is about.
+    Such a run is repeated, at most three times in all."""
+    for _ in range(3):
+        result = _run_with_a_wall_clock_step(tmp_path)
+        walls = [e for e in result["events"] if e[1].startswith("wall clock stepped")]
+        reads_s = [b[4] for b in result["blocks"]]
+        board_paused = max(np.diff(reads_s)) > 0.5
+        if len(walls) == 1 and not board_paused:
+            break
+    blocks, stepped_s, fs_hz = result["blocks"], result["stepped_s"], 250.0
+    newest_age_s = np.array([b[4] - (b[1] + (b[2] - 1) / fs_hz) for b in blocks])
+
+    assert len(walls) == 1 and not board_paused, f"three runs flapped or paused: {walls}, {max(np.diff(reads_s)):.2f} s"
+    assert len([b for b in blocks if b[4] > stepped_s + 1.0]) > 50
+    assert [b[0] for b in blocks] == np.cumsum([0] + [b[2] for b in blocks[:-1]]).tolist()  # no gap
+    assert sum(b[3] for b in blocks) == 0
+    assert np.abs(newest_age_s).max() < 0.5
+    assert walls[0][1].startswith("wall clock stepped +2.00") and walls[0][0] >= stepped_s
+    assert all(e[1].startswith("sample clock anchored again") for e in result["events"] if e not in walls)
+    before = [b for b in blocks if b[4] < stepped_s]
+    off_s = chunk_steps_off_the_index_s([(b[0], b[1], b[2]) for b in before], fs_hz)
+    assert np.all(np.abs(off_s) <= 0.01 * np.diff([b[0] for b in before]) / fs_hz)
+
+
+def _run_with_a_wall_clock_step(tmp_path: Path) -> dict:
+    """tests.acquisition.wall_clock_step_run under libfaketime: blocks and events of 4 s, +2 s at 1 s."""
     offset_file = tmp_path / "faketime.rc"
     offset_file.write_text("+0\n")
     env = {**os.environ, "LD_PRELOAD": str(LIBFAKETIME), "DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1",
@@ -198,23 +228,7 @@ def test_a_wall_clock_step_moves_no_sample_time_and_is_reported(tmp_path: Path) 
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=45,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    result = json.loads(run.stdout.splitlines()[-1])
-    blocks, stepped_s, fs_hz = result["blocks"], result["stepped_s"], 250.0
-    newest_age_s = np.array([b[4] - (b[1] + (b[2] - 1) / fs_hz) for b in blocks])
-    walls = [e for e in result["events"] if e[1].startswith("wall clock stepped")]
-
-    assert len([b for b in blocks if b[4] > stepped_s + 1.0]) > 50
-    assert [b[0] for b in blocks] == np.cumsum([0] + [b[2] for b in blocks[:-1]]).tolist()  # no gap
-    assert sum(b[3] for b in blocks) == 0
-    assert np.abs(newest_age_s).max() < 0.5
-    # The first report is the step; libfaketime's clock may flap back and forth once it rereads its file,
-    # and each flap is reported too (+-2.000 s): together they come to the one +2 s step.
-    assert walls and walls[0][1].startswith("wall clock stepped +2.00") and walls[0][0] >= stepped_s
-    assert sum(float(e[1].split()[3]) for e in walls) == pytest.approx(2.0, abs=0.01)
-    assert all(e[1].startswith("sample clock anchored again") for e in result["events"] if e not in walls)
-    before = [b for b in blocks if b[4] < stepped_s]
-    off_s = chunk_steps_off_the_index_s([(b[0], b[1], b[2]) for b in before], fs_hz)
-    assert np.all(np.abs(off_s) <= 0.01 * np.diff([b[0] for b in before]) / fs_hz)
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 @pytest.mark.timeout(30)
