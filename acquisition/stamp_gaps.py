@@ -10,23 +10,24 @@ periods late; jitter makes rows late now and then. So:
   outlet stamped one by one as a backlog came in are late, the fresh row after them
   is not, and no gap is claimed;
 - the tolerance follows the stream's own jitter: ``JITTER_MARGIN`` times how far the
-  rows' distance from the line (less the losses found before them) goes out and comes
-  back, the largest such excursion recently (it halves every ``JITTER_HALF_LIFE_S``),
-  never below the configured one (``gap_tolerance_ms``, at least half a period).
-  Jitter comes back at the next push; a loss the tolerance missed is a step that
-  stays (the line takes it in slowly), so missed losses cannot widen the tolerance for
-  the next one (nor does the line's re-anchor that may follow). Rows early by more
-  than the clock's early limit (the outlet re-synced: the clock anchors again) do not
-  count. For the first ``LEARN_S`` of the stream, while neither its jitter nor its
-  clock is known, the tolerance is at least ``LEARN_TOLERANCE_S``.
+  rows' distance from the line (less the losses found before them) strays, by the
+  larger of two measures (:class:`StampJitter`), each the largest recently (halving
+  every ``JITTER_HALF_LIFE_S``), never below the configured one (``gap_tolerance_ms``,
+  at least half a period). Rows early by more than the clock's early limit (the
+  outlet re-synced: the clock anchors again) do not count, nor does the jump of the
+  line when it is anchored again. For the first ``LEARN_S`` of the stream, while
+  neither its jitter nor its clock is known, the tolerance is at least
+  ``LEARN_TOLERANCE_S``.
 
 What it cannot see is a loss within the tolerance: its rows come late by that much
 and the sample clock takes it in (over seconds, or anchored again when it is beyond
 the clock's outlier bound), so sample times stay within the tolerance of the stamps;
-or it finds it later, where a late push adds to it. What it takes for a loss is
-jitter that starts suddenly, beyond the tolerance: the index moves on, and the
-burst's pushes that come back widen the tolerance, so a burst of jitter on a quiet
-stream costs a gap or two at its onset, not one per push.
+or it finds it later, where a late push adds to it. One missed loss does not widen
+the tolerance; two within seconds do (their steps are the two largest row-to-row
+changes), so a third may be missed too until the tolerance halves back. What it takes
+for a loss is jitter that starts suddenly, beyond the tolerance: the index moves on,
+and the burst's pushes widen the tolerance, so a burst of jitter on a quiet stream
+costs a gap or two at its onset, not one per push.
 """
 
 from __future__ import annotations
@@ -45,31 +46,44 @@ LEARN_TOLERANCE_S = 0.05
 
 
 class StampJitter:
-    """How far the rows' distance from the sample clock's line goes out and comes back (periods):
-    the largest recent excursion, decaying with time. An excursion is a change and the change of
-    opposite sign after it, as large as the smaller of the two: jitter comes back, a missed loss
-    (a step the line then takes in slowly) does not."""
+    """How far the rows' distance from the sample clock's line strays (periods), by two measures,
+    each the largest recent value, decaying with time; ``peak`` is the larger:
+
+    - an excursion: a change and the change of opposite sign after it, as large as the smaller of
+      the two (jitter comes back at the next push; a missed loss, a step the line then takes in
+      slowly, does not; a backlog that builds up over a few pushes and drains at once does);
+    - the second-largest change from one row to the next (a lateness that creeps up under small
+      noise and drops at once: the noise splits its excursions; an outlet re-syncing its clock).
+    """
 
     def __init__(self, half_life_s: float = JITTER_HALF_LIFE_S) -> None:
         self.half_life_s = half_life_s
-        self.peak = 0.0
+        self.excursion = 0.0
+        self.changes = np.zeros(2)  # the two largest changes, ascending
         self._last: float | None = None  # the last row's distance
         self._out = 0.0  # the change since the distance last turned (signed)
         self._time_s: float | None = None
+
+    @property
+    def peak(self) -> float:
+        return max(self.excursion, float(self.changes[0]))
 
     def update(self, residual: np.ndarray, time_s: float) -> None:
         """Take in one pull: ``residual``, per row, how far from the line it is (periods, > 0 late);
         ``time_s``, the pull's newest timestamp."""
         if self._time_s is not None and time_s > self._time_s:
-            self.peak *= 0.5 ** ((time_s - self._time_s) / self.half_life_s)
+            decay = 0.5 ** ((time_s - self._time_s) / self.half_life_s)
+            self.excursion *= decay
+            self.changes *= decay
         self._time_s = time_s if self._time_s is None else max(self._time_s, time_s)
         if residual.size == 0:
             return
         changes = np.diff(residual, prepend=residual[0] if self._last is None else self._last)
         self._last = float(residual[-1])
+        self.changes = np.sort(np.concatenate((self.changes, np.abs(changes))))[-2:]
         for change in changes[np.abs(changes) >= MIN_CHANGE].tolist():
             if change * self._out < 0.0:
-                self.peak = max(self.peak, min(abs(change), abs(self._out)))
+                self.excursion = max(self.excursion, min(abs(change), abs(self._out)))
                 self._out = change
             else:
                 self._out += change
