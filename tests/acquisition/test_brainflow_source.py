@@ -194,13 +194,14 @@ def test_a_wall_clock_step_moves_no_sample_time_and_is_reported(tmp_path: Path) 
     making samples for 1-2 s after its burst (more often when libfaketime's clock flaps back and
     forth, each flap reported +-2.000 s): a device whose clock stopped, read rightly as samples
     missing (a counter period lost, the line anchored again), not the one step this test is about.
-    Such a run is repeated, at most three times in all."""
+    Such a run is repeated, at most three times in all; not one where the step went unreported, nor
+    one where the source itself held rows back (that would be its own fault)."""
     for _ in range(3):
         result = _run_with_a_wall_clock_step(tmp_path)
         walls = [e for e in result["events"] if e[1].startswith("wall clock stepped")]
         reads_s = [b[4] for b in result["blocks"]]
-        board_paused = max(np.diff(reads_s)) > 0.5
-        if len(walls) == 1 and not board_paused:
+        board_paused = max(np.diff(reads_s)) > 0.5 and not result["held_s"]
+        if not (len(walls) > 1 or board_paused):
             break
     blocks, stepped_s, fs_hz = result["blocks"], result["stepped_s"], 250.0
     newest_age_s = np.array([b[4] - (b[1] + (b[2] - 1) / fs_hz) for b in blocks])

@@ -4,7 +4,8 @@ from ``FAKETIME_TIMESTAMP_FILE`` at every call (``FAKETIME_NO_CACHE=1``).
 
 Usage: python -m tests.acquisition.wall_clock_step_run OFFSET_FILE STEP AT_S RUN_S
 (STEP as libfaketime writes it, e.g. ``+2``). Prints one JSON line: every block read
-(first index, first sample time, samples, lost, local read time) and every source event.
+(first index, first sample time, samples, lost, local read time), every source event, and
+the local read times at which the source held rows back (see BrainFlowSource).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def run(offset_file: Path, step: str, at_s: float, run_s: float) -> dict:
     source.start(pylsl.local_clock())
     start_s = pylsl.local_clock()
     stepped_s = None
-    blocks, events = [], []
+    blocks, events, held_s = [], [], []
     try:
         while pylsl.local_clock() - start_s < run_s:
             if stepped_s is None and pylsl.local_clock() - start_s >= at_s:
@@ -41,10 +42,12 @@ def run(offset_file: Path, step: str, at_s: float, run_s: float) -> dict:
             read_s = pylsl.local_clock()
             for b in source.read(read_s):
                 blocks.append([b.first_sample_index, b.first_sample_time_s, len(b.emg_uv), b.lost_samples, read_s])
+            if source._held is not None:
+                held_s.append(read_s)
             events += [[event.time_s, event.marker] for event in source.take_events()]
     finally:
         source.stop()
-    return {"stepped_s": stepped_s, "blocks": blocks, "events": events}
+    return {"stepped_s": stepped_s, "blocks": blocks, "events": events, "held_s": held_s}
 
 
 if __name__ == "__main__":
