@@ -255,11 +255,9 @@ class BrainFlowSource:
         """Repeated rows and gaps from the package counter; whole counter periods (and the gap across
         a restart) from when the rows arrived (local time, per row) by the sample clock. (A wall-clock
         step inside one read only shifts the rows before it, which the last row bounds.)"""
-        arrived = self._sample_clock.index_at(arrival_s)
-        if arrived is None or not (self._cfg.dealias_with_timestamps or self._last_package is None):
-            arrived = None
-        else:
-            arrived = arrived - (self._next_index - 1)
+        at = self._sample_clock.index_at(arrival_s)
+        by_time = at is not None and (self._cfg.dealias_with_timestamps or self._last_package is None)
+        arrived = at - (self._next_index - 1) if by_time else None
         return scan_package_counter(counter, self._last_package, self._counter_modulo, self._counter_step, arrived)
 
     def take_events(self) -> list[SourceEvent]:
