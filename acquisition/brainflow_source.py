@@ -19,7 +19,7 @@ as lost (the index jumps over it, the counter shows the gap) and counted.
 Gaps come from the board's package counter (see :mod:`acquisition.gaps`): repeated
 and re-sent rows are dropped and counted, and whole counter periods lost are found
 from when the rows arrived by the sample clock. Rows that came whole periods late
-are held back up to ``LOSS_CONFIRM_S`` (reads go on, nothing is handed over): a
+are held back up to ``HOLD_AT_MOST_S`` (reads go on, nothing is handed over): a
 delivery backlog that the transport catches up over several reads (a Bluetooth
 hiccup) looks the same until its fresh rows come, which bound the old ones, and then
 nothing was lost; rows still that late after the wait follow the lost periods. The
@@ -34,14 +34,15 @@ sample clock too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from acquisition.gaps import GapScan, scan_package_counter, segments, steps_back
 from acquisition.sample_clock import SampleClock, WallClockWatch
-from acquisition.sources import Block, SourceError, SourceEvent, advance_sample_clock, n_channels_needed
+from acquisition.sources import (
+    Block, HeldRows, SourceError, SourceEvent, advance_sample_clock, joined, n_channels_needed
+)
 from fesloop import protocol
 from fesloop.clock import Clock, LslClock, wall_to_local_offset_s
 from fesloop.config import DEFAULT_CONFIG, BrainflowConfig, Config
@@ -52,8 +53,6 @@ ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read st
 # Package counter steps per sample other than 1: BrainFlow's CYTON_DAISY driver joins two radio
 # packets per sample and keeps the odd packet's number (cyton_daisy.cpp).
 COUNTER_STEP = {"CYTON_DAISY_BOARD": 2}
-LOSS_CONFIRM_S = 0.25  # rows that came whole counter periods late are held back at most this long
-RECOVERY_MARGIN_S = 0.05  # ... and handed over this long before the loop would reopen the board
 
 
 def resolve_board_id(board: str) -> int:
@@ -152,7 +151,7 @@ class BrainFlowSource:
         self._last_package: int | None = None
         self._last_stamp_s: float | None = None
         self._buffer = np.empty((0, needed), dtype=np.float32)
-        self._held: _Rows | None = None  # rows held back (see LOSS_CONFIRM_S)
+        self._held: HeldRows | None = None  # EMG, counter, local arrival time of rows held back
         self._handed_s = -math.inf  # when rows were last handed over
         self._recover_after_s = config.acquisition.recover_after_ms * 1e-3
 
@@ -180,13 +179,13 @@ class BrainFlowSource:
         read_s = self._clock.now() if new is None else new.read_s
         if new is None and (self._held is None or read_s < self._hold_until(self._held)):
             return []
-        rows = new if self._held is None else self._held if new is None else self._held.then(new)
-        scan = self._scan(rows.counter, rows.arrival_s)
+        rows = joined(self._held, new)
+        emg_uv, counter, arrival_s = rows.arrays
+        scan = self._scan(counter, arrival_s)
         if scan.periods_lost and read_s < self._hold_until(rows):
             self._held = rows.copy()
             return []
         self._held = None
-        emg_uv, counter = rows.emg_uv, rows.counter
         kept = counter if scan.keep is None else counter[scan.keep]
         self._last_package = int(kept[-1]) if kept.size else self._last_package
         if scan.keep is not None:
@@ -204,7 +203,7 @@ class BrainFlowSource:
         self._handed_s = read_s
         return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
 
-    def _new_rows(self) -> _Rows | None:
+    def _new_rows(self) -> HeldRows | None:
         """Every finite row that arrived since the last read (None: none), each with its local arrival time:
         the read time, less how much earlier than the newest row BrainFlow stamped it."""
         from brainflow.exit_codes import BrainFlowError
@@ -229,12 +228,10 @@ class BrainFlowSource:
         stamps_s = data[self._timestamp_row]
         self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
         self._last_stamp_s = float(stamps_s[-1])
-        return _Rows(emg_uv, counter, read_s - (stamps_s[-1] - stamps_s), read_s, read_s)
+        return HeldRows((emg_uv, counter, read_s - (stamps_s[-1] - stamps_s)), read_s, read_s)
 
-    def _hold_until(self, rows: _Rows) -> float:
-        """When rows held back (since ``rows.since_s``) must be handed over: after LOSS_CONFIRM_S, and
-        before the acquisition loop would take the board for stalled and reopen it."""
-        return min(rows.since_s + LOSS_CONFIRM_S, self._handed_s + self._recover_after_s - RECOVERY_MARGIN_S)
+    def _hold_until(self, rows: HeldRows) -> float:
+        return rows.hold_until(self._handed_s, self._recover_after_s)
 
     def _watch_wall_clock(self, read_s: float) -> None:
         """Measure the wall -> local offset; a step becomes an event."""
@@ -293,32 +290,6 @@ class BrainFlowSource:
                 self._board.release_session()
         except BrainFlowError:
             pass  # releasing a board that is already gone: nothing left to free
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """Finite rows read, in order, with each one's local arrival time; the time of the newest read,
-    and of the first read of rows held back."""
-
-    emg_uv: np.ndarray
-    counter: np.ndarray
-    arrival_s: np.ndarray
-    read_s: float
-    since_s: float
-
-    def then(self, rows: _Rows) -> _Rows:
-        """These rows followed by ``rows`` (held since the first)."""
-        return _Rows(
-            np.concatenate((self.emg_uv, rows.emg_uv)),
-            np.concatenate((self.counter, rows.counter)),
-            np.concatenate((self.arrival_s, rows.arrival_s)),
-            rows.read_s,
-            self.since_s,
-        )
-
-    def copy(self) -> _Rows:
-        """Owned arrays (a read's rows are views of the source's reused buffer)."""
-        return _Rows(self.emg_uv.copy(), self.counter.copy(), self.arrival_s.copy(), self.read_s, self.since_s)
 
 
 def _stable_source_id(board_id: int, cfg: BrainflowConfig) -> str:

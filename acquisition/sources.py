@@ -36,6 +36,44 @@ class SourceEvent:
     marker: str
 
 
+# Rows whose gap only what follows can confirm (a backlog draining looks like a loss until its
+# fresh rows come) are held back at most this long, and handed over this long before the
+# acquisition loop would take the source for stalled and reopen it.
+HOLD_AT_MOST_S = 0.25
+HOLD_MARGIN_S = 0.05
+
+
+@dataclass(frozen=True)
+class HeldRows:
+    """Rows read and not handed over yet: parallel arrays in read order, the time of the newest
+    read and of the first read held."""
+
+    arrays: tuple[np.ndarray, ...]
+    read_s: float
+    since_s: float
+
+    def then(self, rows: HeldRows) -> HeldRows:
+        """These rows followed by ``rows`` (held since the first)."""
+        joined = tuple(np.concatenate((a, b)) for a, b in zip(self.arrays, rows.arrays, strict=True))
+        return HeldRows(joined, rows.read_s, self.since_s)
+
+    def copy(self) -> HeldRows:
+        """Owned arrays (a read's rows may be views of a reused buffer)."""
+        return HeldRows(tuple(a.copy() for a in self.arrays), self.read_s, self.since_s)
+
+    def hold_until(self, handed_s: float, recover_after_s: float) -> float:
+        """When these rows must be handed over: after HOLD_AT_MOST_S, and before the loop would reopen
+        the source, ``recover_after_s`` after rows were last handed over (at ``handed_s``)."""
+        return min(self.since_s + HOLD_AT_MOST_S, handed_s + recover_after_s - HOLD_MARGIN_S)
+
+
+def joined(held: HeldRows | None, new: HeldRows | None) -> HeldRows | None:
+    """The rows held, then the new ones (either may be None)."""
+    if held is None or new is None:
+        return held or new
+    return held.then(new)
+
+
 class SourceError(RuntimeError):
     """The source cannot be opened or read; the message says which and why."""
 

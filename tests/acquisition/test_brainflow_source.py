@@ -469,7 +469,7 @@ def test_a_backlog_caught_up_over_many_reads_is_no_loss(monkeypatch: pytest.Monk
 @pytest.mark.parametrize("lost", [256, 300, 512])
 def test_a_dropout_of_whole_counter_periods_is_found_after_the_wait(monkeypatch: pytest.MonkeyPatch, lost: int) -> None:
     """The board loses 256, 300 or 512 samples (the counter shows 0, 44 or 0 of them), the rows
-    after arrive on time: after LOSS_CONFIRM_S of holding them back, every sample at its own index
+    after arrive on time: after HOLD_AT_MOST_S of holding them back, every sample at its own index
     and the whole loss before the first row after it."""
     source, board, clock = stub_source(monkeypatch, 5000)
     board.lose(1000, lost)
