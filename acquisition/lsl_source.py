@@ -7,11 +7,7 @@ clock); a sample clock fitted through them gives the stream's index -> time line
 sample times come from it (they follow the sample indices, without the outlet's push
 jitter), and samples stamped later than the line expects, by more than the stream's
 own jitter allows (at least ``gap_tolerance_ms``), follow a gap of that many samples
-(:mod:`acquisition.stamp_gaps`). Rows with such a gap are held back up to
-``HOLD_AT_MOST_S`` (reads go on, nothing is handed over): a push that came late, or an
-outlet's backlog draining over several pushes, is then bounded by the fresher rows
-that follow, and was no loss; rows still that late after the wait follow the gap.
-Timestamps that go back are counted. A sample with a NaN, an infinity or a value
+(:mod:`acquisition.stamp_gaps`). Timestamps that go back are counted. A sample with a NaN, an infinity or a value
 beyond float32 after scaling is dropped as lost and counted (the next block handed over
 says it in its ``lost_samples``, also when it ended a pull). A re-anchor of the sample
 clock is reported as an event; a stream off its nominal rate by more than the clock can
@@ -23,14 +19,12 @@ counted from the timestamps.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pylsl
 from pylsl.util import LostError, TimeoutError as LslTimeoutError
 
 from acquisition.gaps import segments, steps_back, lost_counted_from, without_rows
-from acquisition.sources import Block, HeldRows, SourceError, SourceEvent, joined, n_channels_needed
+from acquisition.sources import Block, SourceError, SourceEvent, n_channels_needed
 from acquisition.stamp_gaps import StampGaps
 from fesloop import protocol
 from fesloop.config import Config
@@ -62,9 +56,6 @@ class LslSource:
         self._emg_uv = np.empty((MAX_PULL_SAMPLES, self.n_channels), dtype=np.float32)
         self._last_stamp_s: float | None = None
         self._handed_stop = 0  # the index after the last sample handed over
-        self._held: HeldRows | None = None  # EMG (uV, non-finite rows too) and stamps of rows held back
-        self._handed_s = -math.inf  # when rows were last handed over
-        self._recover_after_s = config.acquisition.recover_after_ms * 1e-3
         self._events: list[SourceEvent] = []
 
     def start(self, now_s: float) -> None:
@@ -114,43 +105,25 @@ class LslSource:
         except LostError:
             self._inlet = None
             raise SourceError(f"LSL stream {self._query}: lost (the outlet is gone)") from None
-        new = self._pulled(raw, stamps_s, now_s)
-        if new is None and (self._held is None or now_s < self._hold_until(self._held)):
+        n = len(stamps_s)
+        if n == 0:
             return []
-        rows = joined(self._held, new)
-        emg_uv, stamps_s = rows.arrays
-        if self._stamps.scan(stamps_s).gap_rows.size and now_s < self._hold_until(rows):
-            self._held = rows.copy()
-            return []
-        self._held = None
+        emg_uv = self._emg_uv[:n]
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, and its row is dropped
+            np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
+        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
+        self._last_stamp_s = float(stamps_s[-1])
         first_index = self._stamps.next_index
         scan, line = self._stamps.place(stamps_s, self._events)
         finite = np.isfinite(emg_uv).all(axis=1)
         if not finite.all():  # NaN, inf, or beyond float32: the row is lost
+            self.non_finite_samples += int(n - finite.sum())
             scan, emg_uv = without_rows(scan, finite), emg_uv[finite]
         parts = lost_counted_from(segments(emg_uv.shape[0], scan, first_index), self._handed_stop)
         if parts:
             start, stop, index, _ = parts[-1]
             self._handed_stop = index + stop - start
-            self._handed_s = now_s
         return [Block(index, line.time_of(index), emg_uv[start:stop], lost) for start, stop, index, lost in parts]
-
-    def _pulled(self, raw: np.ndarray, stamps_s: np.ndarray, now_s: float) -> HeldRows | None:
-        """The rows a pull brought (None: none): EMG in uV (views of the reused buffers) and stamps;
-        non-finite rows counted (they are dropped when handed over)."""
-        n = len(stamps_s)
-        if n == 0:
-            return None
-        emg_uv = self._emg_uv[:n]
-        with np.errstate(over="ignore"):  # beyond float32 becomes inf, and its row is dropped
-            np.multiply(raw[:, : self.n_channels], self._cfg.scale_uv, out=emg_uv, casting="unsafe")
-        self.non_finite_samples += int(n - np.isfinite(emg_uv).all(axis=1).sum())
-        self.timestamps_back += steps_back(stamps_s, self._last_stamp_s)
-        self._last_stamp_s = float(stamps_s[-1])
-        return HeldRows((emg_uv, stamps_s), now_s, now_s)
-
-    def _hold_until(self, rows: HeldRows) -> float:
-        return rows.hold_until(self._handed_s, self._recover_after_s)
 
     def restart(self, now_s: float) -> None:
         """Resolve the stream again (briefly: the loop retries with backoff)."""

@@ -119,11 +119,6 @@ class StampGaps:
             return max(self.tolerance, LEARN_TOLERANCE_S * self.sampling_rate_hz)
         return self.tolerance
 
-    def scan(self, stamps_s: np.ndarray) -> GapScan:
-        """The gaps among rows (``stamps_s``, one per row, non-empty) if they were placed now; nothing
-        changes (a source may hold rows with a gap back, to see whether the rows after bound it)."""
-        return scan_stamps(self._late(stamps_s), self._tolerance_at(float(stamps_s[0])))
-
     def place(self, stamps_s: np.ndarray, events: list[SourceEvent]) -> tuple[GapScan, Line]:
         """The gaps among a pull's rows (``stamps_s``, one per row, non-empty), and the line for its
         indices from ``next_index`` on (lost ones included); re-anchors go to ``events``."""
