@@ -183,7 +183,7 @@ class BrainFlowSource:
         emg_uv, counter, arrival_s = rows.arrays
         scan = self._scan(counter, arrival_s)
         if scan.periods_lost and read_s < self._hold_until(rows):
-            self._held = rows.copy()
+            self._held = rows if self._held is not None else rows.copy()  # joined rows are already owned
             return []
         self._held = None
         kept = counter if scan.keep is None else counter[scan.keep]

@@ -7,12 +7,11 @@ clock); a sample clock fitted through them gives the stream's index -> time line
 sample times come from it (they follow the sample indices, without the outlet's push
 jitter), and samples stamped later than the line expects, by more than the stream's
 own jitter allows (at least ``gap_tolerance_ms``), follow a gap of that many samples
-(:mod:`acquisition.stamp_gaps`). Timestamps that go back are counted. A sample with a NaN, an infinity or a value
-beyond float32 after scaling is dropped as lost and counted (the next block handed over
-says it in its ``lost_samples``, also when it ended a pull). A re-anchor of the sample
-clock is reported as an event; a stream off its nominal rate by more than the clock can
-follow raises SourceError. A lost stream raises
-SourceError on read; the acquisition loop then reports it and calls ``restart``,
+(:mod:`acquisition.stamp_gaps`). Timestamps that go back are counted. A sample with a
+NaN, an infinity or a value beyond float32 after scaling is dropped as lost and counted
+(the next block handed over says it in its ``lost_samples``, also when it ended a pull).
+A re-anchor of the sample clock is reported as an event; a stream off its nominal rate
+by more than the clock can follow raises SourceError. A lost stream raises SourceError on read; the acquisition loop then reports it and calls ``restart``,
 which resolves the stream again (same query), and the gap across the outage is
 counted from the timestamps.
 """
