@@ -45,9 +45,8 @@ from acquisition.sources import (
 )
 from fesloop import protocol
 from fesloop.clock import Clock, LslClock, wall_to_local_offset_s
-from fesloop.config import DEFAULT_CONFIG, BrainflowConfig, Config
+from fesloop.config import BrainflowConfig, Config
 
-PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
 RING_BUFFER_SAMPLES = 45000
 ROW_COUNT_MODULO = 1 << 62  # boards without a package counter: the rows read stand in for it
 # Package counter steps per sample other than 1: BrainFlow's CYTON_DAISY driver joins two radio
@@ -300,19 +299,10 @@ def _stable_source_id(board_id: int, cfg: BrainflowConfig) -> str:
     return f"brainflow-{board_name(board_id)}-{device or 'default'}"
 
 
-def resolve_data_file(path: str) -> str:
-    """A relative playback file is looked up in the current directory, then in the project
-    root (where ``configs/`` lives), so the shipped configs run from anywhere."""
-    if not path or Path(path).is_absolute() or Path(path).exists():
-        return path
-    shipped = PROJECT_ROOT / path
-    return str(shipped) if shipped.exists() else path
-
-
 def _input_params(cfg: BrainflowConfig, params: object) -> object:
     for name in ("serial_port", "ip_address", "ip_port", "mac_address", "serial_number", "other_info", "timeout"):
         setattr(params, name, getattr(cfg, name))
-    params.file = resolve_data_file(cfg.file)
+    params.file = cfg.file
     if cfg.master_board:
         params.master_board = resolve_board_id(cfg.master_board)
     return params

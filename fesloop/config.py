@@ -553,7 +553,7 @@ class SecurityConfig:
 
     Every socket admits only the three process keys and the ``clients`` keys; control
     requests are accepted only from a client key that lists them. A relative
-    ``keys_dir`` is taken from the working directory.
+    ``keys_dir`` is taken from the config file's folder.
     """
 
     keys_dir: str = ""
@@ -696,16 +696,28 @@ def parse_config(text: str, source: str = "<string>") -> Config:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Load a config file (the demo config when ``path`` is None); a relative
-    ``controller.calibration_file`` is taken from the config file's folder."""
+    """Load a config file (the demo config when ``path`` is None); a relative path in it (see
+    :func:`_paths_from`) is taken from the config file's folder."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    return _calibration_file_from(parse_config(path.read_text(encoding="utf-8"), str(path)), path.absolute().parent)
+    return _paths_from(parse_config(path.read_text(encoding="utf-8"), str(path)), path.absolute().parent)
 
 
-def _calibration_file_from(config: Config, folder: Path) -> Config:
-    """``config`` with a relative calibration_file made absolute from ``folder``: the calibration
-    belongs with the rig's config, not with the folder a process happens to start in."""
-    file = config.controller.calibration_file
-    if not file or Path(file).is_absolute():
-        return config
-    return replace(config, controller=replace(config.controller, calibration_file=str(folder / file)))
+def _paths_from(config: Config, folder: Path) -> Config:
+    """``config`` with its relative paths (``controller.calibration_file``, ``acquisition.brainflow.file``
+    and ``record_file``, ``security.keys_dir``) made absolute from ``folder``: they belong with the
+    rig's config, not with the folder a process happens to start in (the supervisor, a process
+    started by hand and ``fesloop calibrate`` then agree on every file)."""
+
+    def absolute(file: str) -> str:
+        return str(folder / file) if file and not Path(file).is_absolute() else file
+
+    brainflow = config.acquisition.brainflow
+    return replace(
+        config,
+        acquisition=replace(
+            config.acquisition,
+            brainflow=replace(brainflow, file=absolute(brainflow.file), record_file=absolute(brainflow.record_file)),
+        ),
+        controller=replace(config.controller, calibration_file=absolute(config.controller.calibration_file)),
+        security=replace(config.security, keys_dir=absolute(config.security.keys_dir)),
+    )

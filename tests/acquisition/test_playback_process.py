@@ -17,7 +17,7 @@ import pytest
 
 from fesloop.config import Config, load_config
 from fesloop.lsl import configure_machine_scope
-from tests.acquisition.conftest import Tap, emg_series, playback_config_text, ramp_playback
+from tests.acquisition.conftest import SHIPPED_PLAYBACK, Tap, emg_series, playback_config_text, ramp_playback
 from tests.conftest import config_with_fresh_ports, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -284,14 +284,19 @@ def test_a_counter_jump_the_time_does_not_show_is_marked_and_the_clock_anchored_
     assert status["lost_samples"] == 120
 
 
-def test_playback_config_runs_the_whole_loop(write_config) -> None:
-    """configs/playback.toml: the three processes on the shipped recording, stopped cleanly."""
+def test_playback_config_runs_the_whole_loop(write_config, tmp_path: Path) -> None:
+    """configs/playback.toml: the three processes on the shipped recording, stopped cleanly; its
+    relative file is taken from the config's folder, wherever the command starts."""
+    import shutil
     import subprocess
     import sys
 
-    path = write_config("playback.toml")
+    (tmp_path / "data").mkdir()
+    shutil.copy(SHIPPED_PLAYBACK, tmp_path / "data")
+    path = write_config("playback.toml", {"../acquisition/data/": "data/"})
+    (tmp_path / "elsewhere").mkdir()
     run = subprocess.run([sys.executable, "-m", "fesloop", "run", str(path), "--duration", "4"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path / "elsewhere")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "running: brainflow-PLAYBACK_FILE_BOARD-biosppy_emg_1_callibri.tsv, 1 channels at 1000 Hz" in run.stderr
     assert "fesloop: stopped cleanly" in run.stdout + run.stderr

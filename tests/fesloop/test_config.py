@@ -110,6 +110,35 @@ def test_every_shipped_config_loads(path):
         assert channel.max_ma <= electrode_limit_ma(
             channel.electrode_area_cm2, channel.pulse_width_us, channel.frequency_hz
         )
+    if config.acquisition.brainflow.file:  # relative in the file, taken from configs/
+        assert Path(config.acquisition.brainflow.file).is_file()
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
+    """They were taken from the folder a command started in (except the calibration file): a process
+    started elsewhere replayed, recorded to or took keys from another folder's files."""
+    (tmp_path / "rig").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    text = minimal().replace("[[muscles]]", """[acquisition.brainflow]
+file = "data/session.tsv"
+record_file = "/abs/raw.csv"
+
+[controller]
+calibration_file = "calibration.json"
+
+[security]
+keys_dir = "keys"
+
+[[muscles]]""", 1)
+    (tmp_path / "rig" / "rig.toml").write_text(text)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load_config(Path("..") / "rig" / "rig.toml")
+    rig = (tmp_path / "elsewhere" / ".." / "rig").absolute()
+    assert config.acquisition.brainflow.file == str(rig / "data" / "session.tsv")
+    assert config.acquisition.brainflow.record_file == "/abs/raw.csv"
+    assert config.controller.calibration_file == str(rig / "calibration.json")
+    assert config.security.keys_dir == str(rig / "keys")
+    assert parse_config(text).security.keys_dir == "keys"  # text without a file: as written
 
 
 def test_minimal_config_loads_with_defaults():
