@@ -62,16 +62,16 @@ class EmulatedMotomed:
     """A MOTOmed whose motor turns the crank at ``cadence_rpm`` (settable) with ``torque_nm`` on it."""
 
     cadence_rpm: float = 40.0
-    torque_nm: int = 0
+    torque_nm: float = 0.0
     angle_deg: float = 0.0
     time_s: float | None = None
 
     def advance(self, now_s: float) -> sm2.ActualValues:
-        """The crank at ``now_s``, as the device reports it (whole degrees and rpm)."""
+        """The crank at ``now_s``, as the device reports it (whole degrees and rpm, torque in dNm)."""
         if self.time_s is not None:
             self.angle_deg = (self.angle_deg + 6.0 * self.cadence_rpm * (now_s - self.time_s)) % 360.0
         self.time_s = now_s
-        return sm2.ActualValues(int(self.angle_deg) % 360, round(self.cadence_rpm), self.torque_nm)
+        return sm2.ActualValues(int(self.angle_deg) % 360, round(self.cadence_rpm), round(self.torque_nm * 10))
 
 
 class RehaStim2Emulator:

@@ -338,22 +338,23 @@ def parse_start_data(data: bytes, n_active: int) -> list[ChannelSetting]:
 class ActualValues:
     """MOTOmed crank state from the ActualValues packet (command 60, every 20 ms).
 
-    Data: three two-byte fields, MSB first like every two-byte field of the protocol
-    tables: angle (0..359 degrees), speed (rpm, signed) and torque (N m, signed).
-    The digest of the PDF lists the command and its 20 ms interval but not its bytes;
-    this layout is the one public decoders (pysciencemode) read. Check it against the
-    PDF before relying on a real MOTOmed.
+    Data (PDF section 4.4, bytes 7-12, MSB first): angle (0..359 degrees from the left crank
+    at 12 o'clock), speed (rpm, + forward) and torque (dNm, + active, - passive).
     """
 
     angle_deg: int
     speed_rpm: int
-    torque_nm: int
+    torque_dnm: int
+
+    @property
+    def torque_nm(self) -> float:
+        return self.torque_dnm / 10.0
 
     def to_bytes(self) -> bytes:
         return (
             self.angle_deg.to_bytes(2, "big")
             + self.speed_rpm.to_bytes(2, "big", signed=True)
-            + self.torque_nm.to_bytes(2, "big", signed=True)
+            + self.torque_dnm.to_bytes(2, "big", signed=True)
         )
 
     @classmethod

@@ -561,7 +561,7 @@ def test_a_vanished_port_faults_once_naming_the_channels_then_stays_closed(
 
 
 def test_motomed_actual_values_reach_take_crank_every_20_ms() -> None:
-    with PtyEmulator(RehaStim2Emulator(EmulatedMotomed(cadence_rpm=45.0))) as emulator:
+    with PtyEmulator(RehaStim2Emulator(EmulatedMotomed(cadence_rpm=45.0, torque_nm=-12.5))) as emulator:
         driver = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
         try:
             loop = connected(Loop(driver))
@@ -582,10 +582,11 @@ def test_motomed_actual_values_reach_take_crank_every_20_ms() -> None:
     angle = np.concatenate([c.angle_deg for c in readings])
     received_s = np.concatenate([c.time_s for c in readings])
     assert len(angle) >= 20  # 0.5 s at one reading per 20 ms
-    assert [(v.angle_deg, v.speed_rpm, v.torque_nm) for _, v in sent[: len(angle)]] == [
-        (int(a), 45, 0) for a in angle
+    assert [(v.angle_deg, v.speed_rpm, v.torque_dnm) for _, v in sent[: len(angle)]] == [
+        (int(a), 45, -125) for a in angle
     ]
     assert np.all(np.concatenate([c.cadence_rpm for c in readings]) == 45.0)
+    assert np.all(np.concatenate([c.torque_nm for c in readings]) == -12.5)  # sent in dNm
     np.testing.assert_allclose(np.median(np.diff(received_s)), 0.020, atol=0.003)
     assert status["bad_actual_values"] == 1  # the angle-360 reading: counted and dropped
     assert status["actual_values"] >= len(angle)

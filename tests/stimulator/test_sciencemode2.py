@@ -193,8 +193,9 @@ def test_encode_refuses_what_the_protocol_cannot_carry() -> None:
 
 
 def test_actual_values_bytes_msb_first_and_signed() -> None:
-    values = sm2.ActualValues(angle_deg=300, speed_rpm=-16, torque_nm=5)
-    assert values.to_bytes() == bytes([0x01, 0x2C, 0xFF, 0xF0, 0x00, 0x05])  # 300 = 0x012C, -16 = 0xFFF0
+    values = sm2.ActualValues(angle_deg=300, speed_rpm=-16, torque_dnm=125)
+    assert values.to_bytes() == bytes([0x01, 0x2C, 0xFF, 0xF0, 0x00, 0x7D])  # 300 = 0x012C, -16 = 0xFFF0
+    assert values.torque_nm == 12.5  # the PDF gives torque in dNm
     assert sm2.ActualValues.from_bytes(values.to_bytes()) == values
     framed = sm2.encode(7, Cmd.ACTUAL_VALUES, values.to_bytes())  # 0xF0 inside the data is stuffed
     assert b"\x81\xa5" in framed and sm2.Decoder().feed(framed)[0].data == values.to_bytes()
