@@ -51,7 +51,7 @@ def plan_channel_list(channels: Sequence[StimulationChannel]) -> ChannelListPlan
     main_hz = float(frequencies.max())
     code = math.ceil(((1e3 / main_hz) - 1.0) / 0.5 - 1e-9)
     init_code = max(code, int((sm2.MIN_INTERVAL_MS - 1.0) / 0.5))
-    if init_code > 2047:
+    if init_code > sm2.MAX_MAIN_INTERVAL_CODE:
         raise LimitError("frequency_hz", main_hz, "RehaStim2 main interval is at most 1025 ms (about 0.98 Hz)")
     period_s = (init_code * 0.5 + 1.0) / 1e3
     every = np.ones(len(channels), dtype=np.int64)

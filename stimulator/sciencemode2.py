@@ -33,6 +33,7 @@ MIN_PULSE_WIDTH_US = 20  # "in current version [20, 500] us, if (pw < 20) then p
 MAX_CURRENT_MA = 130
 MAX_LOW_FREQUENCY_FACTOR = 7
 MIN_INTERVAL_MS = 8.0  # minimum inter-pulse and main interval of the current firmware
+MAX_MAIN_INTERVAL_CODE = 2048  # "Range: [0, 2048]": t1 = code * 0.5 ms + 1 ms, up to 1025 ms
 SLOT_MS = 1.5  # time slot of each selected channel in the list
 
 
@@ -275,8 +276,8 @@ class ChannelListInit:
         init = cls(data[0], data[1], data[2], data[3], (data[4] << 8) | data[5], data[6])
         if init.low_frequency_factor > MAX_LOW_FREQUENCY_FACTOR:
             raise ParameterError(f"low frequency factor {init.low_frequency_factor} > {MAX_LOW_FREQUENCY_FACTOR}")
-        if init.main_interval_code > 2047:
-            raise ParameterError(f"main interval code {init.main_interval_code} > 2047 (11 bits)")
+        if init.main_interval_code > MAX_MAIN_INTERVAL_CODE:
+            raise ParameterError(f"main interval code {init.main_interval_code} > {MAX_MAIN_INTERVAL_CODE}")
         if init.main_interval_code and init.main_interval_ms < MIN_INTERVAL_MS:
             raise ParameterError(f"main interval {init.main_interval_ms} ms < {MIN_INTERVAL_MS} ms")
         if init.inter_pulse_ms < MIN_INTERVAL_MS:

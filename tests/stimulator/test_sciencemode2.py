@@ -100,7 +100,7 @@ def test_pulse_width_below_20_us_becomes_20_as_the_device_does() -> None:
         (bytes([8, 1, 0, 13, 0, 65, 0]), "low frequency factor"),
         (bytes([0, 1, 0, 12, 0, 65, 0]), "inter pulse interval 7.5 ms"),
         (bytes([0, 1, 0, 13, 0, 13, 0]), "main interval 7.5 ms"),
-        (bytes([0, 1, 0, 13, 0x08, 0x00, 0]), "11 bits"),
+        (bytes([0, 1, 0, 13, 0x08, 0x01, 0]), "main interval code 2049 > 2048"),
         (bytes([0, 1, 0, 13, 0, 65, 2]), "channel execution"),
         (bytes([0, 1, 0, 13, 0, 65]), "7 data bytes"),
     ],
@@ -108,6 +108,11 @@ def test_pulse_width_below_20_us_becomes_20_as_the_device_does() -> None:
 def test_init_out_of_range_is_a_parameter_error(init: bytes, match: str) -> None:
     with pytest.raises(sm2.ParameterError, match=match):
         sm2.ChannelListInit.from_bytes(init)
+
+
+def test_init_takes_the_longest_main_interval() -> None:
+    """The PDF's range is [0, 2048] (1025 ms); 2048 was refused as beyond 11 bits."""
+    assert sm2.ChannelListInit.from_bytes(bytes([0, 1, 0, 13, 0x08, 0x00, 0])).main_interval_ms == 1025.0
 
 
 def test_signed_result_codes() -> None:
