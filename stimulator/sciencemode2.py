@@ -198,7 +198,10 @@ class Decoder:
     begins a new frame. Bytes outside any frame are counted as garbage. The bytes
     after the two leading stuffing bytes are checksum ^ 0x55 and length ^ 0x55, which
     may equal the start or stop byte (checksum 0x5A is sent as 0x81 0x0F): they are
-    never taken as delimiters.
+    never taken as delimiters. So a start byte there may also begin the next frame (a
+    fragment of a frame cut short, then a whole one): a frame that fails its check, or
+    lacks a stuffing byte before its checksum or length, is scanned again from its
+    second byte, so the packet after a fragment is not lost with it.
     """
 
     def __init__(self) -> None:
@@ -209,27 +212,44 @@ class Decoder:
     def feed(self, data: bytes) -> list[Packet | FrameError]:
         """Every complete packet (or FrameError) in ``data`` after what was fed before."""
         out: list[Packet | FrameError] = []
-        for byte in data:
-            if len(self._frame) in (2, 4):  # the stuffed checksum or length: any value, even 0x0F
-                self._frame.append(byte)
-            elif byte == START:
-                if self._frame:
-                    out.append(self._error(FrameError(f"start byte inside a frame: {len(self._frame)} bytes dropped")))
-                self._frame = bytearray((START,))
-            elif not self._frame:
-                self.garbage_bytes += 1
-            else:
-                self._frame.append(byte)
-                if byte == STOP:
-                    frame, self._frame = bytes(self._frame), bytearray()
-                    try:
-                        out.append(parse_frame(frame))
-                    except FrameError as exc:
-                        out.append(self._error(exc))
-                elif len(self._frame) >= MAX_FRAME_BYTES:
-                    self._frame = bytearray()
-                    out.append(self._error(FrameError(f"no stop byte within {MAX_FRAME_BYTES} bytes")))
+        todo = bytearray(data)
+        i = 0
+        while i < len(todo):
+            byte = todo[i]
+            i += 1
+            again = self._take(byte, out)
+            if again:
+                todo[i:i] = again
         return out
+
+    def _take(self, byte: int, out: list[Packet | FrameError]) -> bytes:
+        """One byte into the frame; returns the bytes of a failed frame to scan again (after its start byte)."""
+        at = len(self._frame)
+        if at in (2, 4):  # the stuffed checksum or length: any value, even 0x0F
+            self._frame.append(byte)
+        elif at in (1, 3) and byte != STUFF:
+            frame, self._frame = bytes(self._frame), bytearray()
+            out.append(self._error(FrameError(f"byte {at} of a frame is 0x{byte:02X}, not the stuffing byte")))
+            return frame[1:] + bytes((byte,))
+        elif byte == START:
+            if self._frame:
+                out.append(self._error(FrameError(f"start byte inside a frame: {len(self._frame)} bytes dropped")))
+            self._frame = bytearray((START,))
+        elif not self._frame:
+            self.garbage_bytes += 1
+        else:
+            self._frame.append(byte)
+            if byte == STOP:
+                frame, self._frame = bytes(self._frame), bytearray()
+                try:
+                    out.append(parse_frame(frame))
+                except FrameError as exc:
+                    out.append(self._error(exc))
+                    return frame[1:]
+            elif len(self._frame) >= MAX_FRAME_BYTES:
+                self._frame = bytearray()
+                out.append(self._error(FrameError(f"no stop byte within {MAX_FRAME_BYTES} bytes")))
+        return b""
 
     def _error(self, exc: FrameError) -> FrameError:
         self.frame_errors += 1

@@ -17,7 +17,10 @@ then StartChannelListMode with every channel's current and pulse width; changes 
 StartChannelListMode again (it also updates); all channels zero -> StopChannelListMode,
 after which the device's mode is asked (GetStimulationMode) before starting again.
 A StimulationError, a refused command, an ack timeout, an unexpected Init while
-stimulating or a link error -> DriverFault naming the cause and the channels. After
+stimulating or a link error -> DriverFault naming the cause and the channels. Bytes
+from the device that fail their check while it may stimulate could be a StimulationError:
+as section 5.3 asks, its mode is then asked (GetStimulationMode), and a device found
+stopped is a DriverFault too. After
 an ack timeout the driver falls silent until the device, reset by its own watchdog,
 sends Init again; meanwhile it counts the device as stopped, so pulses the device
 may deliver until its watchdog fires (up to 1.2 s) are not published, nor counted in
@@ -145,6 +148,7 @@ class RehaStim2Driver:
         self.mode: sm2.StimulationMode | None = None  # None: stopped, set-up unknown
         self.protocol_version: int | None = None
         self._in_flight: _InFlight | None = None
+        self._mode_in_doubt = False  # garbled bytes came while it may stimulate: ask its mode
         self._number = 0
         self.last_sent_s = -math.inf
         n = len(channels)
@@ -195,12 +199,17 @@ class RehaStim2Driver:
         if self.link_lost:
             return None
         faults = []
+        garbage_bytes = self.decoder.garbage_bytes
         for item in self.decoder.feed(self._link_io(self.link.read_available)):
             if isinstance(item, sm2.Packet):
                 try:
                     self._on_packet(item, now_s)
                 except DriverFault as exc:  # the packets after it still tell what the device did
                     faults.append(exc)
+            elif self._may_stimulate():
+                self._mode_in_doubt = True
+        if self.decoder.garbage_bytes > garbage_bytes and self._may_stimulate():
+            self._mode_in_doubt = True
         if faults:
             raise faults[0] if len(faults) == 1 else DriverFault(
                 "; ".join(f.cause for f in faults), list(dict.fromkeys(c for f in faults for c in f.channels))
@@ -365,6 +374,11 @@ class RehaStim2Driver:
                     self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
             return
         mode = self.mode
+        if self._mode_in_doubt:
+            self._mode_in_doubt = False
+            if self._may_stimulate():
+                self._command(sm2.Cmd.GET_STIMULATION_MODE, now_s)
+                return
         if self._want_ma.any():
             if mode is None:
                 self._command(sm2.Cmd.GET_STIMULATION_MODE, now_s)
@@ -423,7 +437,10 @@ class RehaStim2Driver:
             raise DriverFault(f"RehaStim2 StimulationError {code}: {cause}; the device stopped", stimulating)
         elif command == sm2.Cmd.UNKNOWN_COMMAND:
             echoed = packet.data[0] if packet.data else -1
-            raise DriverFault(f"RehaStim2 does not know command {echoed}")
+            flight = self._in_flight
+            if flight is not None and packet.number == flight.number:
+                self._in_flight = None  # answered: the device did nothing with it
+            raise DriverFault(f"RehaStim2 does not know command {echoed}", self._on(self._device_ma))
         elif self._in_flight is not None and packet.number == self._in_flight.number and command == self._in_flight.command + 1:
             self._on_ack(packet, now_s)
         elif command in (sm2.Cmd.INIT_CHANNEL_LIST_MODE_ACK, sm2.Cmd.START_CHANNEL_LIST_MODE_ACK,
@@ -464,9 +481,20 @@ class RehaStim2Driver:
         if flight.command is sm2.Cmd.GET_STIMULATION_MODE:
             if len(packet.data) < 2 or packet.data[1] > max(sm2.StimulationMode):
                 raise DriverFault(f"RehaStim2 answered GetStimulationMode with no known mode: {bytes(packet.data).hex()}")
-            self.mode = sm2.StimulationMode(packet.data[1])
-            if self.mode is sm2.StimulationMode.STARTED and not self._device_settings:
+            mode = sm2.StimulationMode(packet.data[1])
+            if mode is sm2.StimulationMode.STARTED and not self._device_settings:
+                self.mode = mode
                 raise DriverFault("RehaStim2 reports stimulation running after Stop", self.names)
+            if mode is not sm2.StimulationMode.STARTED and self._device_settings:  # asked after garbled bytes
+                stopped = self._on(self._device_ma)
+                self._stopped()
+                self.mode = mode
+                raise DriverFault(
+                    f"RehaStim2 is in {mode.name} mode: it stopped on its own, and its report was garbled "
+                    "on the line (a StimulationError: emergency switch, electrode or module error)",
+                    stopped,
+                )
+            self.mode = mode
         elif flight.command is sm2.Cmd.INIT_CHANNEL_LIST_MODE:
             self.mode = sm2.StimulationMode.INITIALIZED
         elif flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE:

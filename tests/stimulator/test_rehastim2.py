@@ -290,6 +290,34 @@ def test_stimulation_error_faults_naming_cause_and_channels(
     assert len(commands(emulator)) == n_sent
 
 
+@pytest.mark.parametrize(("byte", "garble"), [(2, 0x01), (0, 0xF0)], ids=["checksum", "start byte"])
+def test_a_garbled_stimulation_error_is_found_by_asking_the_mode(
+    emulator: PtyEmulator, driver: RehaStim2Driver, byte: int, garble: int
+) -> None:
+    """Section 5.3: a report with a transfer error -> the PC asks the mode. The garbled report was
+    dropped: the driver went on publishing pulses the stopped device never gave, and fed its watchdog."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    with emulator.lock:
+        emulator.device.inject_stimulation_error(-2, time.monotonic())
+        emulator.device.outbox[byte] ^= garble
+    with pytest.raises(DriverFault) as error:
+        loop.until(lambda: False, 0.5, "the mode check", [20.0, 0.0])
+    assert "RehaStim2 is in START mode: it stopped on its own" in str(error.value)
+    assert error.value.channels == ("quad (device channel 1)",)
+    assert sm2.Cmd.GET_STIMULATION_MODE in commands(emulator) and driver.mode is sm2.StimulationMode.START
+    assert driver.status()["frame_errors"] + driver.status()["garbage_bytes"] >= 1
+
+
+def test_an_unknown_command_report_names_the_channels_on(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    emulator.inject_line_bytes(sm2.encode(200, sm2.Cmd.UNKNOWN_COMMAND, bytes((99,))))
+    with pytest.raises(DriverFault) as error:
+        loop.until(lambda: False, 0.5, "the report", [20.0, 0.0])
+    assert "does not know command 99" in str(error.value) and error.value.channels == ("quad (device channel 1)",)
+
+
 def test_ack_timeout_faults_then_the_driver_stays_silent_until_the_device_resets(
     emulator: PtyEmulator, driver: RehaStim2Driver
 ) -> None:
@@ -327,6 +355,7 @@ def test_garbage_on_the_line_is_dropped_both_ways(emulator: PtyEmulator, driver:
         assert emulator.device.settings[0].current_ma == 21
     status = driver.status()
     assert status["garbage_bytes"] >= 4 and status["frame_errors"] >= 2
+    assert sm2.Cmd.GET_STIMULATION_MODE in commands(emulator)  # asked, found running: no fault
 
 
 def test_a_refused_update_leaves_the_device_running_until_zero_stops_it(

@@ -183,9 +183,30 @@ def test_unstuffed_checksum_and_dangling_stuffing_byte_are_frame_errors() -> Non
     assert decoder.frame_errors == 2
 
 
+@pytest.mark.parametrize("fragment", [b"\xf0", b"\xf0\x00", b"\xf0\x81", b"\xf0\x81\x13", b"\xf0\x81\x13\x81"])
+def test_a_fragment_does_not_take_the_next_packet_with_it(fragment: bytes) -> None:
+    """Section 5.2: bytes are rejected up to the next start byte. A fragment of two or more bytes
+    swallowed the packet after it (its start byte read as the fragment's checksum or length):
+    a StimulationError behind line noise went unseen."""
+    report = sm2.encode(7, Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(-2),)))
+    decoder = sm2.Decoder()
+    out = decoder.feed(fragment + report)
+    assert out[-1] == sm2.Packet(7, Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(-2),)))
+    assert all(isinstance(item, sm2.FrameError) for item in out[:-1]) and decoder.frame_errors == len(out) - 1
+
+
+def test_a_frame_failing_its_check_is_scanned_again_for_the_next_start() -> None:
+    """A frame cut short whose stuffed checksum and length happen to look whole: the start byte of
+    the packet after it sits at the checksum's place; the failed frame is read again from there."""
+    report = sm2.encode(8, Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(-1),)))
+    out = sm2.Decoder().feed(b"\xf0\x81" + report)
+    assert out[-1] == sm2.Packet(8, Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(-1),)))
+    assert sm2.Decoder().feed(report + report) == [sm2.Packet(8, Cmd.STIMULATION_ERROR, bytes((sm2.to_byte(-1),)))] * 2
+
+
 def test_run_without_stop_byte_is_bounded() -> None:
     decoder = sm2.Decoder()
-    out = decoder.feed(b"\xf0" + b"\x01" * (2 * sm2.MAX_FRAME_BYTES))
+    out = decoder.feed(b"\xf0\x81\x00\x81\x00" + b"\x01" * (2 * sm2.MAX_FRAME_BYTES))
     assert len(out) == 1 and "no stop byte" in out[0].reason
     assert decoder.feed(sm2.encode(1, Cmd.WATCHDOG)) == [sm2.Packet(1, 4, b"")]
 
