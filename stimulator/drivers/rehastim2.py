@@ -446,6 +446,10 @@ class RehaStim2Driver:
         elif command in (sm2.Cmd.INIT_CHANNEL_LIST_MODE_ACK, sm2.Cmd.START_CHANNEL_LIST_MODE_ACK,
                          sm2.Cmd.STOP_CHANNEL_LIST_MODE_ACK, sm2.Cmd.GET_STIMULATION_MODE_ACK):  # fmt: skip
             self.stale_acks += 1  # the answer to a command pre-empted by zero()
+            if packet.data and packet.data[0] and self._may_stimulate():
+                # A failure in no answer we wait for (the PDF's StimulationError table names command
+                # 33, StartChannelListModeAck, where section 3.3 says 38): ask the mode.
+                self._mode_in_doubt = True
         else:
             self.unexpected_packets += 1
 

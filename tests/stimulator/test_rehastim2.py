@@ -309,6 +309,22 @@ def test_a_garbled_stimulation_error_is_found_by_asking_the_mode(
     assert driver.status()["frame_errors"] + driver.status()["garbage_bytes"] >= 1
 
 
+def test_a_stimulation_error_sent_as_command_33_is_found_by_asking_the_mode(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """The PDF's StimulationError table gives command 33 (StartChannelListModeAck), section 3.3 gives
+    38: a firmware sending 33 looked like a stale ack, and the stopped device went unnoticed."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    with emulator.lock:
+        emulator.device.inject_stimulation_error(-2, time.monotonic())
+        emulator.device.outbox.clear()
+        emulator.device.outbox += sm2.encode(201, sm2.Cmd.START_CHANNEL_LIST_MODE_ACK, bytes((sm2.to_byte(-2),)))
+    with pytest.raises(DriverFault, match="RehaStim2 is in START mode: it stopped on its own"):
+        loop.until(lambda: False, 0.5, "the mode check", [20.0, 0.0])
+    assert driver.status()["stale_acks"] >= 1
+
+
 def test_an_unknown_command_report_names_the_channels_on(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
     loop = connected(Loop(driver))
     stimulating(loop, emulator, [20.0, 0.0])
