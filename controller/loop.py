@@ -196,9 +196,14 @@ class Controller:
             return
         self.finish_chunk()  # the previous chunk's, when its command is still held back by the rate limit
         stale_s = self.config.controller.stale_ms * 1e-3
-        restarted = False  # a stream at another rate: its filters and contamination detector start afresh
-        if self.estimator is None or self.estimator.fs_hz != chunk.sampling_rate_hz:
-            restarted = self.estimator is not None
+        # A stream at another rate, or whose indices start again (the acquisition restarted): its filters,
+        # contamination detector and artifact finder start afresh (they keep sample indices).
+        estimator = self.estimator
+        restarted = estimator is not None and (
+            estimator.fs_hz != chunk.sampling_rate_hz
+            or (estimator.next_index is not None and chunk.first_sample_index < estimator.next_index)
+        )
+        if estimator is None or restarted:
             self._refuse_calibration_at_another_rate(chunk.sampling_rate_hz)
             self.estimator = EmgEstimator(
                 self.config, chunk.sampling_rate_hz, chunk.data.shape[1], self.calibration

@@ -89,3 +89,35 @@ def test_emg_at_another_rate_holds_the_gates_closed_for_a_hold_off(write_config)
     hold_off_s = config.controller.stale_ms * 1e-3
     assert all(r == [GateReason.GAP] * 2 for t, r in reasons if t < hold_off_s - 1e-6)
     assert all(r == [GateReason.OPEN] * 2 for t, r in reasons if t > hold_off_s + 1e-6)
+
+
+@pytest.mark.timeout(30)
+def test_emg_indices_starting_again_give_a_fresh_estimator(write_config) -> None:
+    """The acquisition process restarted (same rate, indices from 0 again). The estimator's
+    index-keyed state (artifacts found in the signal, contamination) stayed in the old stream's
+    indices: every new sample fell in an old artifact window, the envelope was held and the
+    activation of a contraction before the restart drove stimulation at rest, gate open."""
+    config = load_config(write_config("demo.toml", {"post_ms = 20.0": "post_ms = 20.0\ndetect = true"}))
+    rng = np.random.default_rng(1)
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            now_s = controller.rt.clock.now()
+            for k in range(1500):  # 3 s at 2 kHz in 2 ms chunks, contracting in the last 0.5 s, artifacts every 32 ms
+                data = rng.normal(0.0, 300.0 if k >= 1250 else 3.0, (4, 2))
+                data[0] += 5000.0 if k % 16 == 0 else 0.0
+                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+                now_s += 0.002
+            contracting = controller.compute(now_s).intensity.copy()
+            now_s += 0.5  # the process died and came back
+            for k in range(750):  # 1.5 s at rest, indices from 0
+                data = rng.normal(0.0, 3.0, (4, 2)).astype(np.float32)
+                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
+                now_s += 0.002
+            command = controller.compute(now_s)
+        finally:
+            controller.rt.close()
+    assert contracting[0] > 0.5
+    assert command.gate_reason.tolist() == [GateReason.OPEN] * 2
+    assert command.intensity.tolist() == [0.0, 0.0] and controller.estimator.activation.max() < 0.05
