@@ -88,6 +88,7 @@ class EmgEstimator:
             cc.mwave, fs_hz, self._muscle_of_device, np.array([m.mwave_reference_uv for m in config.muscles])
         )
         self.stim_muscle = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
+        self._reads_activation = np.array([s.law.reads_activation for s in config.stimulation], dtype=bool)
         self.contamination = ContaminationDetector(fs_hz, n_muscles, cc.contamination)
         self.onset = OnsetDetector(*self._onset_thresholds(cc, rest_sd_uv), *self._onset_timing(cc, fs_hz))
         self._pending_pulses: list[tuple[np.ndarray, np.ndarray]] = []
@@ -114,6 +115,9 @@ class EmgEstimator:
         self.artifacts_detected = 0
         self.next_index: int | None = None
         self.gap_samples = 0
+        # Samples since the last one not blanked: beyond stale_ms the envelope is only held, not measured.
+        self.blanked_run = 0
+        self._blanked_limit = int(round(cc.stale_ms * 1e-3 * fs_hz))
         self._unfinished_raw: tuple[int, float, np.ndarray] | None = None  # (first index, its time, muscles' raw EMG)
         self._unfinished_envelope_first = 0
 
@@ -158,10 +162,15 @@ class EmgEstimator:
             self._pending_pulses.append((np.asarray(time_s, dtype=np.float64), np.asarray(device_channel)))
 
     def gate_reasons(self, out: np.ndarray) -> None:
-        """Per stimulation channel: CONTAMINATED where its muscle's EMG is, else OPEN."""
+        """Per stimulation channel: CONTAMINATED where its muscle's EMG is; BLANKED where its law reads
+        the activation and no sample of the last stale_ms was left unblanked (artifact windows cover
+        the stimulation period: the held activation would keep stimulating whatever the muscle
+        does); else OPEN."""
         np.take(self.contaminated, self.stim_muscle, out=self._stim_contaminated)
         out[:] = GateReason.OPEN
         np.copyto(out, GateReason.CONTAMINATED, where=self._stim_contaminated, casting="unsafe")
+        if self.blanked_run > self._blanked_limit:
+            np.copyto(out, GateReason.BLANKED, where=self._reads_activation, casting="unsafe")
 
     def process(self, chunk: protocol.EmgChunk) -> bool:
         """Everything for one chunk (:meth:`update`, then :meth:`finish`); False when it follows a gap."""
@@ -205,6 +214,7 @@ class EmgEstimator:
         if self.blanker is not None:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
         runs = self.envelope.valid_runs(valid)
+        self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
         held_uv = self.envelope.hold(raw_uv, runs)
         filtered_uv = self.envelope.band(held_uv)
         if self.canceller is not None:

@@ -374,6 +374,11 @@ class ProportionalLaw:
     smoothing_s: float = bounded(0.0, 0.0, 10.0, "s (time constant)")
     slew_per_s: float = bounded(0.0, 0.0, 1000.0, "intensity per s (0 = off)")
 
+    @property
+    def reads_activation(self) -> bool:
+        """Whether the intensity follows the muscle's EMG activation."""
+        return True
+
     def check(self) -> None:
         check_not_above("min_intensity", self.min_intensity, "max_intensity", self.max_intensity)
 
@@ -399,6 +404,10 @@ class TriggeredLaw:
     reps_per_set: int = bounded(0, 0, 10000, "(0 = no sets)")
     set_rest_s: float = bounded(0.0, 0.0, 3600.0, "s")
     max_repetitions: int = bounded(0, 0, 100000, "(0 = no limit)")
+
+    @property
+    def reads_activation(self) -> bool:
+        return True
 
     def check(self) -> None:
         check_not_above("off_threshold", self.off_threshold, "on_threshold", self.on_threshold)
@@ -431,6 +440,10 @@ class TrackingLaw:
     ki: float = bounded(1.0, 0.0, 1000.0, "intensity per unit error per s")
     min_intensity: float = bounded(0.0, 0.0, 1.0)
     max_intensity: float = bounded(1.0, 0.0, 1.0)
+
+    @property
+    def reads_activation(self) -> bool:
+        return self.measure == "activation"
 
     def check(self) -> None:
         if not self.target:
@@ -474,6 +487,10 @@ class CyclingLaw:
     kp_per_rpm: float = bounded(0.02, 0.0, 10.0, "intensity per rpm")
     ki_per_rpm_s: float = bounded(0.01, 0.0, 10.0, "intensity per rpm per s")
     emg_weight: float = bounded(0.0, 0.0, 1.0)
+
+    @property
+    def reads_activation(self) -> bool:
+        return self.emg_weight > 0
 
     def check(self) -> None:
         start, end = self.window_deg

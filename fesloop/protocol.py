@@ -59,6 +59,7 @@ class GateReason(enum.IntEnum):
     SHUTDOWN = 6
     CLOCK_UNSYNCED = 7  # a peer's clock offset is not known yet: pulse and EMG times cannot be compared
     NO_CRANK = 8  # cycling: no fresh crank reading (LSL stream or MOTOmed), the phase is unknown
+    BLANKED = 9  # every EMG sample of the last stale_ms was blanked: the activation is not measured
 
 
 _LAST_GATE_REASON = max(GateReason)

@@ -7,7 +7,7 @@ import pytest
 
 from controller.loop import Controller
 from fesloop.config import load_config
-from fesloop.protocol import EmgChunk, GateReason
+from fesloop.protocol import EmgChunk, GateReason, Pulses
 from tests.conftest import clock_peer, wait_until
 
 
@@ -121,3 +121,51 @@ def test_emg_indices_starting_again_give_a_fresh_estimator(write_config) -> None
     assert contracting[0] > 0.5
     assert command.gate_reason.tolist() == [GateReason.OPEN] * 2
     assert command.intensity.tolist() == [0.0, 0.0] and controller.estimator.activation.max() < 0.05
+
+
+@pytest.mark.timeout(30)
+def test_blanking_that_leaves_no_sample_closes_the_gates_of_laws_reading_the_activation(write_config) -> None:
+    """Pulses 20 ms apart with 21 ms artifact windows leave no sample to measure: the envelope was held
+    at its last value, so a contraction's activation kept the gate open and the stimulation going
+    after the muscle relaxed (each pulse blanking the next window). Now BLANKED after stale_ms."""
+    config = load_config(write_config("demo.toml"))
+    rng = np.random.default_rng(4)
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            now_s, reasons = controller.rt.clock.now(), []
+            start_s, next_pulse_s = now_s, None
+            for k in range(1500):  # 3 s: contracting for 1 s, then at rest
+                if next_pulse_s is None and controller.compute(now_s).intensity[0] > 0:
+                    next_pulse_s = now_s + 0.001  # the stimulator starts a 50 Hz train
+                if next_pulse_s is not None and next_pulse_s < now_s + 0.002:
+                    controller.on_pulses(Pulses(np.zeros(1, np.uint16), np.array([next_pulse_s]),
+                                                np.full(1, 20.0, np.float32), np.full(1, 300.0, np.float32)))
+                    next_pulse_s += 0.020
+                data = rng.normal(0.0, 200.0 if k < 500 else 3.0, (4, 2)).astype(np.float32)
+                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
+                reasons.append((now_s - start_s, controller.compute(now_s).gate_reason.tolist()))
+                now_s += 0.002
+            command = controller.compute(now_s)
+        finally:
+            controller.rt.close()
+    assert any(r == [GateReason.OPEN] * 2 for t, r in reasons if t < 0.5)  # the train started
+    assert command.gate_reason.tolist() == [GateReason.BLANKED] * 2 and command.intensity.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.timeout(30)
+def test_blanked_gates_leave_laws_that_do_not_read_the_activation_open(write_config) -> None:
+    """Cycling without EMG weight follows the crank alone: windows covering every sample do not stop it."""
+    from controller.estimator import EmgEstimator
+
+    config = load_config(write_config("cycling_leg.toml"))
+    estimator = EmgEstimator(config, 2000.0, 6)
+    estimator.add_pulses(np.arange(0.0, 1.0, 0.010), np.zeros(100, np.uint16), np.full(100, 20.0, np.float32),
+                         np.full(100, 300.0, np.float32))
+    for k in range(250):
+        estimator.process(EmgChunk(4 * k, 0.002 * k, 0.002 * k, 2000.0, np.zeros((4, 6), np.float32)))
+    gate = np.zeros(len(config.stimulation), dtype=np.uint8)
+    estimator.gate_reasons(gate)
+    assert estimator.blanked_run > 0.1 * 2000.0
+    assert all(not s.law.reads_activation for s in config.stimulation) and gate.tolist() == [GateReason.OPEN] * len(gate)
