@@ -5,7 +5,8 @@ Pure logic: no I/O, no sockets, no clock. Every time-dependent call takes the ti
 loop owns time and tests can step it. It enforces DESIGN.md section 5: output only
 when ARMED, never above the channel ceiling, rise ramped, drops immediate, gate
 closed -> 0, no fresh command within the deadline -> FAULT (latched), STOP latched
-until reset, and reset never restarts output.
+until reset, and reset never restarts output. A channel back at 0 stays there for one
+period of its frequency, so no device pulses it faster than configured.
 
 The process loop must call :meth:`SafetyKernel.fault` on any exception (zero first,
 then report), and send the device keep-alive only after an update that found a fresh
@@ -69,6 +70,9 @@ class SafetyKernel:
         self._max_ma = np.array([ch.max_ma for ch in channels], dtype=np.float64)
         self._step_ma = device.amplitude_step_ma
         self._rise_ma_per_s = self.clamp_ma / cfg.ramp_s
+        self._period_s = np.array([1.0 / ch.frequency_hz for ch in channels], dtype=np.float64)
+        self._on = np.zeros(self.n_channels, dtype=bool)  # output above 0 at the last update
+        self._cut_s = np.full(self.n_channels, -math.inf)  # the update that found a channel's output back at 0
         self._deadline_ms = cfg.deadline_ms
         self._max_emg_age_s = cfg.max_emg_age_ms / 1e3
 
@@ -154,15 +158,27 @@ class SafetyKernel:
         self.check_deadline(now_s)
         latest = self._fresh_command(now_s)
         if self.state is not StimState.ARMED or latest is None:
-            return self.output_ma.copy()
+            return self._handed(now_s)
         level_ma = intensity_to_ma(latest.intensity, self._threshold_ma, self._max_ma, self._step_ma)
-        target_ma = np.where(latest.gate_open, np.minimum(level_ma, self.clamp_ma), 0.0)
+        # A channel cut to 0 stays there one stimulation period: the device starts a new train at once,
+        # so a gate flickering open and closed would otherwise pulse it faster than its frequency (and
+        # above the electrode's rms limit, which is computed at that frequency).
+        resting = ~self._on & (now_s < self._cut_s + self._period_s)
+        target_ma = np.where(latest.gate_open & ~resting, np.minimum(level_ma, self.clamp_ma), 0.0)
         rise_ma = self._rise_ma_per_s * max(now_s - self._last_update_s, 0.0)
         following = np.minimum(target_ma, self.output_ma + rise_ma)  # drops are immediate
         # A channel past its dose limit ramps down (no abrupt end of a contraction) and stays at 0.
         ramping_down = np.maximum(self.output_ma - rise_ma, 0.0)
         self.output_ma = np.where(self.dose_locked, np.minimum(following, ramping_down), following)
         self._last_update_s = now_s
+        return self._handed(now_s)
+
+    def _handed(self, now_s: float) -> np.ndarray:
+        """The output handed to the driver at ``now_s``; a channel found back at 0 (cut by this update,
+        or by a state change since the last one) notes the time."""
+        on = self.output_ma > 0
+        self._cut_s[self._on & ~on] = now_s
+        self._on = on
         return self.output_ma.copy()
 
     # -- control -------------------------------------------------------------------

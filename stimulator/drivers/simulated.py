@@ -2,7 +2,9 @@
 
 It stands where a device would: it is handed the amplitude per channel and emits a
 pulse on each channel with a non-zero amplitude every 1/frequency, on the shared
-clock. A channel going from zero to non-zero pulses at once; zero stops it at once.
+clock, never sooner after the one before (a late call delays the train). A channel
+going from zero to non-zero pulses at once, unless its last pulse was less than a
+period ago; zero stops it at once.
 It implements :class:`stimulator.drivers.base.Driver`.
 """
 
@@ -25,6 +27,7 @@ class SimulatedDriver:
         self.pulse_width_us = np.array([c.pulse_width_us for c in channels], dtype=np.float32)
         self.amplitude_ma = np.zeros(len(channels))
         self.next_pulse_s = np.full(len(channels), math.inf)
+        self.last_pulse_s = np.full(len(channels), -math.inf)
         self.pulses_delivered = 0
 
     def ready(self) -> bool:
@@ -32,7 +35,7 @@ class SimulatedDriver:
 
     def set_output(self, amplitude_ma: np.ndarray, pulse_width_us: np.ndarray, now_s: float) -> None:
         starting = (self.amplitude_ma == 0) & (amplitude_ma > 0)
-        self.next_pulse_s[starting] = now_s
+        self.next_pulse_s[starting] = np.maximum(now_s, self.last_pulse_s + self.period_s)[starting]
         self.next_pulse_s[amplitude_ma == 0] = math.inf
         self.amplitude_ma[:] = amplitude_ma
         self.pulse_width_us[:] = pulse_width_us
@@ -62,9 +65,8 @@ class SimulatedDriver:
         due = self.next_pulse_s <= now_s
         if not due.any():
             return None
-        late = due & (now_s - self.next_pulse_s >= self.period_s)
-        self.next_pulse_s[due] += self.period_s[due]
-        self.next_pulse_s[late] = now_s + self.period_s[late]
+        self.last_pulse_s[due] = now_s
+        self.next_pulse_s[due] = now_s + self.period_s[due]
         self.pulses_delivered += int(due.sum())
         n = int(due.sum())
         return protocol.Pulses(

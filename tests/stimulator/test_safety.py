@@ -139,7 +139,28 @@ def test_drop_to_lower_target_is_immediate_then_rise_ramps_again() -> None:
     out = loop.tick(0.001, [0.5, 0.0])
     assert out.tolist() == [26.0, 0.0]  # 12 + 0.5 * 28; zero intensity is 0 mA, not threshold
     out = loop.tick(0.01, [1.0, 1.0])
-    np.testing.assert_allclose(out, [26.0 + 0.8, 0.6])
+    np.testing.assert_allclose(out, [26.0 + 0.8, 0.0])  # the channel cut to 0 rests a period (33.3 ms)
+    out = loop.tick(0.03, [1.0, 1.0])
+    np.testing.assert_allclose(out, [26.0 + 0.8 + 2.4, 1.8])
+
+
+def test_a_channel_cut_to_zero_rests_one_period_however_its_gate_flickers() -> None:
+    """Each reopening ramps from 0, but a device starts a new train at once: a gate open 5 ms, closed
+    1 ms, pulsed a 30 Hz channel every 6 ms (rms density above the electrode limit, which is computed
+    at the configured frequency). Now a cut channel rests one period (33.3 ms) before it rises."""
+    loop = Loop()
+    loop.armed_at_full()
+    cuts_s, starts_s, on = [], [], True
+    for k in range(1000):  # 1 s in 1 ms steps; the gate closed 1 ms of every 6
+        out = loop.tick(0.001, [1.0, 1.0], gate_open=[k % 6 != 0, True])
+        if on and out[0] == 0:
+            cuts_s.append(loop.now_s)
+        elif not on and out[0] > 0:
+            starts_s.append(loop.now_s)
+        on = out[0] > 0
+        assert out[1] == 30.0  # the other channel goes on
+    assert len(starts_s) >= 20  # it does stimulate between the cuts
+    assert all(start_s - cut_s >= 1 / 30 for cut_s, start_s in zip(cuts_s, starts_s))
 
 
 def test_gate_closed_cuts_that_channel_at_once_and_reopening_ramps() -> None:
@@ -148,8 +169,10 @@ def test_gate_closed_cuts_that_channel_at_once_and_reopening_ramps() -> None:
     out = loop.tick(0.001, [1.0, 1.0], gate_open=[True, False])
     assert out.tolist() == [40.0, 0.0]
     assert loop.kernel.state is StimState.ARMED
+    out = loop.tick(0.03, [1.0, 1.0])
+    assert out.tolist() == [40.0, 0.0]  # resting a period (33.3 ms) after the cut
     out = loop.tick(0.01, [1.0, 1.0])
-    np.testing.assert_allclose(out, [40.0, 0.6])
+    np.testing.assert_allclose(out, [40.0, 0.6])  # then it ramps
 
 
 @pytest.mark.parametrize("emg_age_s", [0.251, 10.0, -0.251])
@@ -159,8 +182,8 @@ def test_stale_or_future_emg_closes_every_gate(emg_age_s: float) -> None:
     out = loop.tick(0.001, [1.0, 1.0], emg_time_s=loop.now_s + 0.001 - emg_age_s)
     assert out.tolist() == [0.0, 0.0]
     assert loop.kernel.state is StimState.ARMED  # a closed gate is not a fault
-    out = loop.tick(0.01, [1.0, 1.0], emg_time_s=loop.now_s + 0.01 - 0.249)
-    np.testing.assert_allclose(out, RISE_MA_PER_S * 0.01)
+    out = loop.tick(0.04, [1.0, 1.0], emg_time_s=loop.now_s + 0.04 - 0.249)
+    np.testing.assert_allclose(out, RISE_MA_PER_S * 0.04)  # after resting a period (33.3 ms)
 
 
 def test_emg_age_is_judged_on_this_clock_through_the_acquisition_offset() -> None:
@@ -275,7 +298,7 @@ def test_reset_accepts_a_restarted_controller_counting_from_one() -> None:
     loop.kernel.reset()
     assert loop.kernel.accept(1, command([1.0, 1.0], now_s=loop.now_s), loop.now_s)
     loop.kernel.arm(loop.now_s)
-    assert loop.tick(0.01, [1.0, 1.0]).tolist() == pytest.approx([0.8, 0.6])
+    assert loop.tick(0.04, [1.0, 1.0]).tolist() == pytest.approx([3.2, 2.4])  # the fault cut them 40 ms ago
 
 
 def test_a_backlog_replayed_after_reset_cannot_stimulate() -> None:
@@ -506,6 +529,8 @@ def test_output_invariants_hold_for_any_command_stream(
     rise_ma_per_s = ceiling_ma / cfg.ramp_s
     threshold_ma = np.array([ch.threshold_ma for ch in channels])
     max_ma = np.array([ch.max_ma for ch in channels])
+    period_s = np.array([1.0 / ch.frequency_hz for ch in channels])
+    was_on, cut_s = np.zeros(n, dtype=bool), np.full(n, -math.inf)  # a channel back at 0 rests one period
 
     state, last_seq, highest_seq_sent, n_commands = "DISARMED", -1, 0, 0
     latest: tuple[np.ndarray, np.ndarray, float, bool] | None = None  # intensity, effective gate, received_s, EMG fresh
@@ -565,7 +590,8 @@ def test_output_invariants_hold_for_any_command_stream(
         else:
             intensity, gate_open, _, _ = latest
             level_ma = intensity_to_ma(intensity, threshold_ma, max_ma, REHASTIM2.amplitude_step_ma)
-            target_ma = np.where(gate_open, np.minimum(level_ma, ceiling_ma), 0.0)
+            resting = ~was_on & (now_s < cut_s + period_s)
+            target_ma = np.where(gate_open & ~resting, np.minimum(level_ma, ceiling_ma), 0.0)
             assert not out[~gate_open].any()
             assert (out <= target_ma + 1e-9).all()
             dropping = target_ma <= before_ma
@@ -574,6 +600,10 @@ def test_output_invariants_hold_for_any_command_stream(
             np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-9)  # not slower than the ramp
             ramp_base_s = now_s
             event("ARMED update with output" if out.any() else "ARMED update, output zero")
+            if resting.any() and (intensity > 0).any():
+                event("a cut channel resting")
+        cut_s[was_on & ~(out > 0)] = now_s
+        was_on = out > 0
         last_update_s = now_s
 
 
