@@ -185,7 +185,11 @@ class MWaveEstimator:
             self._steady_charge[muscle] = charge
         steady.append(amplitude_uv)
         if len(steady) == self.cfg.reference_pulses:
-            self.reference_uv[muscle] = sum(steady) / len(steady)
+            reference_uv = sum(steady) / len(steady)
+            if reference_uv > 0:  # a flat line (lead off) measures 0: nothing to normalize by, wait for more
+                self.reference_uv[muscle] = reference_uv
+            else:
+                steady.clear()
 
     def status(self, names: list[str]) -> dict[str, Any]:
         """Per muscle name: amplitude, reference, normalized (None until known) and pulse counts."""

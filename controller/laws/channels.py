@@ -9,6 +9,7 @@ handed to the loop once each for the LSL markers stream.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -98,8 +99,11 @@ class ChannelLaws:
         for i, law in enumerate(self.laws):
             if gate_open[i] and activation is not None:
                 muscle = self._muscle[i]
-                evoked = None if mwave is None or np.isnan(mwave[muscle]) else float(mwave[muscle])
+                evoked = None if mwave is None or not np.isfinite(mwave[muscle]) else float(mwave[muscle])
                 out[i] = law.step(now_s, LawInputs(float(activation[muscle]), self.crank, evoked))
+                if not math.isfinite(out[i]):  # never sent: the stimulator would drop the whole command
+                    out[i] = 0.0
+                    self.event_counts["non_finite_output"] = self.event_counts.get("non_finite_output", 0) + 1
             else:
                 law.hold(now_s)
                 out[i] = 0.0

@@ -22,6 +22,7 @@ from fesloop.config import (
     ProportionalLaw,
     TrackingLaw,
     TriggeredLaw,
+    load_config,
     parse_config,
 )
 from tests.conftest import CONFIGS
@@ -303,6 +304,17 @@ def test_channel_laws_hold_closed_gates_and_publish_events() -> None:
     assert laws.status()["crank"] is None and laws.ergometer is None
     laws.step(0.1, np.array([0.5, 0.5]), np.array([False, False]), out)
     assert out.tolist() == [0.0, 0.0] and laws.status()["law_event_counts"]["train_aborted"] == 1
+
+
+def test_a_non_finite_m_wave_or_law_output_never_reaches_the_command() -> None:
+    """An M-wave normalized by a reference of 0 was inf: the PI's output went NaN and the stimulator
+    dropped the whole command (all channels). Now it counts as no M-wave known."""
+    laws = ChannelLaws(load_config(CONFIGS / "tracking_mwave.toml"))
+    n = len(laws.laws)
+    out = np.zeros(n, dtype=np.float32)
+    for k in range(400):  # 4 s: past the probe, then steered by the (broken) M-wave
+        laws.step(0.01 * k, np.zeros(1), np.ones(n, dtype=bool), out, mwave=np.full(1, np.inf))
+        assert np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
 
 
 def test_build_law_gives_the_object_for_each_kind() -> None:

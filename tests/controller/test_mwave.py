@@ -199,6 +199,22 @@ def test_fresh_reference_is_the_mean_of_the_first_steady_m_waves() -> None:
     assert estimator.normalized[0] < 0.6  # the scripted M-wave fell from 800 to 400 uV
 
 
+def test_a_flat_line_gives_no_fresh_reference_and_no_nan() -> None:
+    """A lead off (exact zeros) during the first steady pulses measured M-waves of 0: the reference
+    became 0, the normalized M-wave NaN then inf, and M-wave tracking sent NaN intensities (the
+    stimulator dropped every command: a deadline FAULT instead of a closed gate)."""
+    emg = _scripted(2000, PULSES, PEAKS_UV)
+    emg[: PULSES[6], 0] = 0.0  # off until the 7th pulse
+    estimator = _estimator(reference_uv=(0.0, 0.0))
+    estimator.add_pulses(PULSES / FS_HZ, np.zeros(len(PULSES), dtype=int), np.full(len(PULSES), 9.0))
+    _feed(estimator, emg[: PULSES[5] + END + 1], [40])
+    assert estimator.measured[0] >= 3 and np.isnan(estimator.reference_uv[0]) and np.isnan(estimator.normalized[0])
+    _feed(estimator, emg[PULSES[5] + END + 1 :], [40], first_index=PULSES[5] + END + 1)
+    assert estimator.reference_uv[0] > 0 and np.isfinite(estimator.normalized[0])
+    normalized = [m.normalized for m in estimator.take_measurements()]
+    assert not np.isinf(normalized).any() and np.isfinite(normalized[-1])  # NaN only until the reference
+
+
 def test_emg_estimator_measures_the_patients_m_wave_before_blanking_without_touching_activation() -> None:
     """On the simulated patient (contracting, so the voluntary path has work), the measured M-wave
     is 2 x the patient's peak (recruitment x fatigue), although blanking removes those samples
