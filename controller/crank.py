@@ -1,8 +1,12 @@
 """Crank angle and cadence from outside the controller: an LSL stream, or the MOTOmed.
 
-:class:`CrankTracker` is pure: readings in (times on this process's clock), the crank
-at a later time out, extrapolated at the last cadence, or None once the newest reading
-is older than ``stale_s`` (the phase is no longer known, so cycling must stop).
+:class:`CrankTracker` is pure: readings in (times on this process's clock, and when
+they were received), the crank at a later time out, extrapolated at the last cadence,
+or None once the newest reading is older than ``stale_s`` by its own time or by when
+it was received (DESIGN 3: freshness on the receiver's clock; the phase is no longer
+known, so cycling must stop). A reading stamped later than it was received (by more
+than ``FUTURE_TOLERANCE_S``: a source on another clock) is dropped and counted: it
+would stay "fresh" and block every true reading after it.
 Cadence comes with each reading (MOTOmed, or an LSL cadence channel) or from the
 angle's rate of change over the last ``CADENCE_WINDOW_S``.
 
@@ -31,6 +35,7 @@ RESOLVE_WAIT_S = 0.5
 PULL_WAIT_S = 0.05
 MAX_PULL_SAMPLES = 1024
 MAX_PENDING_CHUNKS = 256  # chunks not taken by the loop yet (older ones are dropped)
+FUTURE_TOLERANCE_S = 0.05  # a reading may be stamped this much after it was received (clock sync error)
 
 
 def _wrap_deg(delta_deg: float) -> float:
@@ -46,17 +51,24 @@ class CrankTracker:
         self.readings = 0
         self.out_of_order = 0  # readings not newer than the last one: dropped
         self.not_finite = 0  # readings with a NaN or infinite time, angle or cadence: dropped
+        self.future = 0  # readings stamped after they were received: dropped
         self._time_s = -math.inf
+        self._received_s = -math.inf
         self._angle_deg = 0.0
         self._cadence_rpm = 0.0
         self._recent: deque[tuple[float, float]] = deque()  # (time, unwrapped angle) for a derived cadence
 
-    def add(self, time_s: np.ndarray, angle_deg: np.ndarray, cadence_rpm: np.ndarray | None = None) -> None:
-        """Readings in time order; ``cadence_rpm`` None derives the cadence from the angles."""
+    def add(
+        self, time_s: np.ndarray, angle_deg: np.ndarray, cadence_rpm: np.ndarray | None, received_s: float
+    ) -> None:
+        """Readings in time order, received at ``received_s``; ``cadence_rpm`` None derives the cadence from the angles."""
         for i in range(len(time_s)):
             t_s = float(time_s[i])
             if not (math.isfinite(t_s) and math.isfinite(angle_deg[i]) and (cadence_rpm is None or math.isfinite(cadence_rpm[i]))):
                 self.not_finite += 1  # a NaN would open every cycling window or poison the cadence
+                continue
+            if t_s > received_s + FUTURE_TOLERANCE_S:
+                self.future += 1
                 continue
             if not t_s > self._time_s:
                 self.out_of_order += 1
@@ -71,13 +83,13 @@ class CrankTracker:
             elif len(self._recent) > 1:
                 (t0_s, a0), (t1_s, a1) = self._recent[0], self._recent[-1]
                 self._cadence_rpm = (a1 - a0) / (t1_s - t0_s) / DEG_PER_S_PER_RPM
-            self._time_s, self._angle_deg = t_s, angle
+            self._time_s, self._angle_deg, self._received_s = t_s, angle, received_s
             self.readings += 1
 
     def state(self, now_s: float) -> CrankState | None:
         """The crank at ``now_s``, extrapolated from the newest reading; None if that is stale."""
         age_s = now_s - self._time_s
-        if age_s > self.stale_s:
+        if age_s > self.stale_s or now_s - self._received_s > self.stale_s:
             return None
         advanced_deg = self._cadence_rpm * DEG_PER_S_PER_RPM * max(age_s, 0.0)
         return CrankState((self._angle_deg + advanced_deg) % 360.0, self._cadence_rpm)

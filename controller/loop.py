@@ -163,12 +163,14 @@ class Controller:
                 pulses.pulse_width_us,
             )
 
-    def on_crank(self, crank: protocol.Crank) -> None:
+    def on_crank(self, crank: protocol.Crank, received_s: float) -> None:
         """MOTOmed readings relayed by the stimulator, put on this clock; counted and dropped until it is known."""
         if not self.clocks.peers["stimulator"].known:
             self.crank_unsynced += len(crank.time_s)
             return
-        self.laws.add_crank(self.clocks.to_local("stimulator", crank.time_s), crank.angle_deg, crank.cadence_rpm)
+        self.laws.add_crank(
+            self.clocks.to_local("stimulator", crank.time_s), crank.angle_deg, crank.cadence_rpm, received_s
+        )
 
     def _crank_source_status(self) -> dict[str, Any]:
         if self.lsl_crank is not None:
@@ -323,14 +325,16 @@ class Controller:
             timeout_ms = min(timeout_ms, max(0.0, (self.last_command_s + MIN_COMMAND_INTERVAL_S - now_s) * 1e3))
         ready = dict(poller.poll(math.ceil(timeout_ms)))  # zmq polls whole ms: round down would spin
         if self.pulses_link.sock in ready:
-            for message in self.pulses_link.drain(rt.clock.now()):
+            received_s = rt.clock.now()
+            for message in self.pulses_link.drain(received_s):
                 if isinstance(message.body, protocol.Crank):
-                    self.on_crank(message.body)
+                    self.on_crank(message.body, received_s)
                 else:
                     self.on_pulses(message.body)
         if self.lsl_crank is not None:
+            received_s = rt.clock.now()
             for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():
-                self.laws.add_crank(time_s, angle_deg, cadence_rpm)
+                self.laws.add_crank(time_s, angle_deg, cadence_rpm, received_s)
         if self.emg_link.sock in ready:
             received_s = rt.clock.now()
             for message in self.emg_link.drain(received_s):

@@ -66,10 +66,13 @@ class ChannelLaws:
         if self.ergometer is not None:
             self.ergometer.add_pulses(time_s, device_channel, amplitude_ma)
 
-    def add_crank(self, time_s: np.ndarray, angle_deg: np.ndarray, cadence_rpm: np.ndarray | None) -> None:
-        """External crank readings on this process's clock (ignored with the simulated ergometer)."""
+    def add_crank(
+        self, time_s: np.ndarray, angle_deg: np.ndarray, cadence_rpm: np.ndarray | None, received_s: float
+    ) -> None:
+        """External crank readings on this process's clock, received at ``received_s`` (ignored with the
+        simulated ergometer)."""
         if self.tracker is not None:
-            self.tracker.add(time_s, angle_deg, cadence_rpm)
+            self.tracker.add(time_s, angle_deg, cadence_rpm, received_s)
 
     def advance_crank(self, now_s: float) -> None:
         """The crank at ``now_s``, for the gates and the laws of this tick."""
@@ -131,4 +134,5 @@ class ChannelLaws:
             status["crank_readings"] = self.tracker.readings
             status["crank_out_of_order"] = self.tracker.out_of_order
             status["crank_not_finite"] = self.tracker.not_finite
+            status["crank_future"] = self.tracker.future
         return status
