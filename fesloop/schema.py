@@ -69,6 +69,18 @@ def build(cls: type[T], raw: Any, path: str = "") -> T:
     return obj
 
 
+def check_ranges(obj: Any, path: str = "") -> None:
+    """The bounded fields of a dataclass built in code, not by :func:`build`: each finite and in its range."""
+    for field in dataclasses.fields(obj):
+        if "range" not in field.metadata:
+            continue
+        value, key = getattr(obj, field.name), _join(path, field.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if any(not math.isfinite(item) for item in items):
+            raise ConfigError(key, value, "must be a finite number")
+        _check_range(field, value, key)
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 

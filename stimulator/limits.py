@@ -76,8 +76,8 @@ def check_channel(
         raise LimitError("max_ma", max_ma, f"{device.name} amplitude range is {lo:g}-{hi:g} mA")
     if not 0 <= threshold_ma <= max_ma:
         raise LimitError("threshold_ma", threshold_ma, f"motor threshold must be within 0..max_ma ({max_ma:g} mA)")
-    if electrode_area_cm2 <= 0:
-        raise LimitError("electrode_area_cm2", electrode_area_cm2, "electrode area must be positive")
+    if not 0 < electrode_area_cm2 < math.inf:  # NaN too: the electrode limit would drop out of the clamp
+        raise LimitError("electrode_area_cm2", electrode_area_cm2, "electrode area must be a positive finite number")
     limit = electrode_limit_ma(electrode_area_cm2, pulse_width_us, frequency_hz)
     if max_ma > limit:
         raise LimitError(

@@ -25,6 +25,7 @@ import numpy as np
 
 from fesloop.config import StimulationChannel, StimulatorConfig
 from fesloop.protocol import Command, GateReason
+from fesloop.schema import check_ranges
 from stimulator.limits import DeviceLimits, check_channel
 from stimulator.mapping import clamp_ma, intensity_to_ma
 
@@ -54,6 +55,7 @@ class SafetyKernel:
     """Decides, from the latest valid command and the time, what each channel delivers."""
 
     def __init__(self, channels: Sequence[StimulationChannel], device: DeviceLimits, cfg: StimulatorConfig) -> None:
+        check_ranges(cfg, "stimulator")  # a ramp_s of 0 built in code would be no ramp at all
         for ch in channels:  # refuse channels built without the config checks
             check_channel(
                 device,

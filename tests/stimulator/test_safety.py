@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fesloop.config import StimulationChannel, StimulatorConfig
 from fesloop import protocol
 from fesloop.protocol import Command, GateReason
-from fesloop.schema import build
+from fesloop.schema import ConfigError, build
 from stimulator.limits import REHASTIM2, LimitError, electrode_limit_ma
 from stimulator.mapping import intensity_to_ma
 from stimulator.safety import SafetyKernel, SafetyRefused, StimState
@@ -384,6 +384,25 @@ def test_channel_beyond_electrode_limit_refused() -> None:
     )  # fmt: skip
     with pytest.raises(LimitError, match="electrode limit"):
         SafetyKernel([too_small], REHASTIM2, CFG)
+
+
+@pytest.mark.parametrize("area_cm2", [math.nan, math.inf, 0.0])
+def test_channel_with_an_area_that_is_not_a_positive_finite_number_refused(area_cm2: float) -> None:
+    """NaN compared False with every limit: the electrode term dropped out of the clamp (100 mA on 1 cm2)."""
+    channel = StimulationChannel(
+        name="x", muscle="x", device_channel=0, electrode_area_cm2=area_cm2,
+        threshold_ma=5.0, max_ma=100.0, pulse_width_us=300.0, frequency_hz=30.0,
+    )  # fmt: skip
+    with pytest.raises(LimitError, match="electrode_area_cm2 .*positive finite"):
+        SafetyKernel([channel], REHASTIM2, CFG)
+
+
+@pytest.mark.parametrize(("key", "value"), [("ramp_s", 0.0), ("deadline_ms", math.inf), ("max_emg_age_ms", math.nan)])
+def test_a_stimulator_config_built_in_code_is_checked_too(key: str, value: float) -> None:
+    """The kernel refuses what the config loader would: ramp_s 0 built in code meant no ramp."""
+    cfg = StimulatorConfig(**{"deadline_ms": 100.0, "ramp_s": 0.5, "max_emg_age_ms": 250.0, key: value})
+    with pytest.raises(ConfigError, match=f"stimulator.{key} = "):
+        SafetyKernel([QUAD, TIB], REHASTIM2, cfg)
 
 
 def test_every_state_change_is_reported_once() -> None:
