@@ -4,7 +4,8 @@ Pure and chunk-invariant. A sample is contaminated when it is near the amplifier
 rail (saturation), ends a run of near-constant samples at least ``flat`` long
 (lead-off), or when the 1-20 Hz content of the blanked signal exceeds ``motion_uv``
 (movement spikes). A channel stays contaminated until ``holdoff`` samples after its
-last contaminated sample.
+last contaminated sample, counted by the position the caller gives each block (the
+estimator counts samples received, so samples lost in a gap do not shorten it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ContaminationDetector:
         self._last_moving = np.full(n_channels, NEVER)
         self._last_bad = np.full(n_channels, NEVER)
         self.contaminated = np.zeros(n_channels, dtype=bool)
+        self.bad = np.zeros((0, n_channels), dtype=bool)  # the last block's contaminated samples, hold-off not included
         self._bad = Columns(n_channels, dtype=bool)
         self._test = Columns(n_channels, dtype=bool)
         self._steps = Columns(n_channels)
@@ -78,6 +80,7 @@ class ContaminationDetector:
             np.abs(motion, out=motion)
             np.greater(motion, self._motion_uv, out=test)
             np.logical_or(bad, test, out=bad)
+        self.bad = bad
         since_bad = self._running_last(bad, self._last_bad, first_index, n)
         flags = self._flags(n)
         np.less_equal(since_bad, self._holdoff, out=flags)

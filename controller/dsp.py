@@ -64,6 +64,7 @@ class StreamingSos:
         self.sos = np.ascontiguousarray(sos, dtype=np.float64)
         self._zi_unit = signal.sosfilt_zi(self.sos)  # (n_sections, 2)
         self._zi = np.zeros((n_channels, self.sos.shape[0], 2))  # channel-major, as the kernel wants it
+        self._restart_zi = np.zeros_like(self._zi)
         self._out = Columns(n_channels)
         self._steady_start = steady_start
         self._started = False
@@ -74,6 +75,13 @@ class StreamingSos:
         np.copyto(y, x)
         self.filter_in_place(y)
         return y
+
+    def restart(self, channels: np.ndarray, level: np.ndarray) -> None:
+        """The state of ``channels`` (bool per channel) set to the steady state for a constant input at
+        ``level`` (per channel): whatever those channels were ringing with is forgotten."""
+        np.multiply(self._zi_unit, level[:, np.newaxis, np.newaxis], out=self._restart_zi)
+        np.copyto(self._zi, self._restart_zi, where=channels[:, np.newaxis, np.newaxis])
+        self._started = True
 
     def filter_in_place(self, y: np.ndarray) -> None:
         """Filter a float64 (n_samples, n_channels) block in the :class:`Columns` layout, in place."""
@@ -108,6 +116,7 @@ class EnvelopeEstimator:
         self._held_uv = np.zeros(n_channels)
         self._have_held = False
         self.last_envelope_uv = np.zeros(n_channels)
+        self._zeros = np.zeros(n_channels)
         self._edges = Rows(dtype=bool)
         self._held = Columns(n_channels)
         self._rectified = Columns(n_channels)
@@ -149,6 +158,15 @@ class EnvelopeEstimator:
             held[start:stop] = self._held_uv
         self._held_uv[:] = held[-1]
         return held
+
+    def restart(self, channels: np.ndarray, input_uv: np.ndarray) -> None:
+        """Forget the filters' past on ``channels`` (bool per channel): band filters at rest for a constant
+        input at ``input_uv``, envelope 0. Where contamination ends, so what a railed or jumping signal
+        set ringing (a 50 Hz notch with Q 30 rings for over a second) is not read as activation."""
+        self._band.restart(channels, input_uv)
+        self._lowpass.restart(channels, self._zeros)
+        np.copyto(self._tkeo_history, 0.0, where=channels)
+        np.copyto(self.last_envelope_uv, 0.0, where=channels)
 
     def band(self, held_uv: np.ndarray) -> np.ndarray:
         """High-pass, notches and band-pass, state kept across blocks."""

@@ -93,6 +93,11 @@ class EmgEstimator:
         self.onset = OnsetDetector(*self._onset_thresholds(cc, rest_sd_uv), *self._onset_timing(cc, fs_hz))
         self._pending_pulses: list[tuple[np.ndarray, np.ndarray]] = []
         self._was_contaminated = np.zeros(n_muscles, dtype=bool)
+        self._received = 0  # samples processed: the contamination hold-off counts these, not indices
+        self._was_bad = np.zeros(n_muscles, dtype=bool)
+        self._bad_changed = Columns(n_muscles, dtype=bool)
+        self._restart_filtered = Columns(n_muscles)  # a block split where contamination ended
+        self._restart_envelope = Columns(n_muscles)
         self._normalization = Normalization(self.rest_uv, self.mvc_uv)
         self.activation = np.zeros(n_muscles)  # updated in place by every chunk
         # The last block's envelope and band-filtered EMG, aligned with its samples (views of reused buffers).
@@ -216,17 +221,24 @@ class EmgEstimator:
         runs = self.envelope.valid_runs(valid)
         self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
         held_uv = self.envelope.hold(raw_uv, runs)
-        filtered_uv = self.envelope.band(held_uv)
-        if self.canceller is not None:
-            filtered_uv = self.canceller.process(filtered_uv, first)
-        envelope_uv = self.envelope.envelope(filtered_uv, runs)
-        self.envelope_uv = envelope_uv
-        self.filtered_uv = filtered_uv
+        restarts = None
         if self.contamination.enabled:
-            self.contamination_flags = self.contamination.process(raw_uv, held_uv, first)
+            # The hold-off counts samples received: samples lost in a gap do not shorten it.
+            self.contamination_flags = self.contamination.process(raw_uv, held_uv, self._received)
             self._contamination_events(self.contamination_flags, first)
+            restarts = self._clean_again(self.contamination.bad)
         else:
             self.contamination_flags = self._never_flagged(n)
+        self._received += n
+        if restarts is None:
+            filtered_uv = self.envelope.band(held_uv)
+            if self.canceller is not None:
+                filtered_uv = self.canceller.process(filtered_uv, first)
+            envelope_uv = self.envelope.envelope(filtered_uv, runs)
+        else:
+            filtered_uv, envelope_uv = self._filter_restarting(held_uv, valid, first, restarts)
+        self.envelope_uv = envelope_uv
+        self.filtered_uv = filtered_uv
         self._unfinished_envelope_first = first
         if n:
             self._normalization(envelope_uv[-1], out=self.activation)
@@ -281,3 +293,40 @@ class EmgEstimator:
                 kind = "contamination_start" if flags[local, muscle] else "contamination_end"
                 self.events.append(Event(self._time_of(first + int(local)), self.names[muscle], kind))
         self._was_contaminated[:] = flags[-1]
+
+    def _clean_again(self, bad: np.ndarray) -> np.ndarray | None:
+        """Per sample and muscle, where the signal turned clean after contaminated samples (None: nowhere).
+        The filters start afresh there, so they settle during the hold-off on clean samples only."""
+        if not len(bad):
+            return None
+        ended = self._bad_changed(len(bad))
+        column_steps(bad, self._was_bad, ended, np.less)  # clean now, bad before
+        self._was_bad[:] = bad[-1]
+        return ended if ended.any() else None
+
+    def _filter_restarting(
+        self, held_uv: np.ndarray, valid: np.ndarray, first: int, ended: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Band filters and envelope of a block in which contamination ended (rare): split at each row
+        where it ended for some muscle, whose filters start afresh there (the same rows whatever the
+        chunking, so the estimate stays chunk-invariant)."""
+        n = held_uv.shape[0]
+        filtered_uv, envelope_uv = self._restart_filtered(n), self._restart_envelope(n)
+        rows = np.flatnonzero(ended.any(axis=1)).tolist()
+        starts = rows if rows[0] == 0 else [0, *rows]
+        for lo, hi in zip(starts, [*starts[1:], n]):
+            if ended[lo].any():
+                self.envelope.restart(ended[lo], held_uv[lo])
+            self._filter_rows(held_uv, valid, first, lo, hi, filtered_uv, envelope_uv)
+        return filtered_uv, envelope_uv
+
+    def _filter_rows(
+        self, held_uv: np.ndarray, valid: np.ndarray, first: int, lo: int, hi: int,
+        filtered_uv: np.ndarray, envelope_uv: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Rows ``lo:hi`` of a block through band filters, canceller and envelope, into the outputs."""
+        filtered = self.envelope.band(held_uv[lo:hi])
+        if self.canceller is not None:
+            filtered = self.canceller.process(filtered, first + lo)
+        envelope_uv[lo:hi] = self.envelope.envelope(filtered, self.envelope.valid_runs(valid[lo:hi]))
+        filtered_uv[lo:hi] = filtered

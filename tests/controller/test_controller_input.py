@@ -64,6 +64,28 @@ def test_emg_resuming_after_a_stall_holds_the_gates_closed_for_a_hold_off(write_
 
 
 @pytest.mark.timeout(30)
+def test_the_gates_close_stale_exactly_stale_ms_after_the_last_emg(write_config) -> None:
+    """Fault matrix row 5: the staleness check trips at <= 100 ms. The process tests only bound the
+    last pulse (250 ms), which a check at 1.9 x stale_ms still met."""
+    config = load_config(write_config("demo.toml"))
+    stale_s = config.controller.stale_ms * 1e-3
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            now_s = controller.rt.clock.now()
+            for k in range(100):
+                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+                last_s, now_s = now_s, now_s + 0.002
+            before = controller.compute(last_s + stale_s - 1e-3).gate_reason.tolist()
+            after = controller.compute(last_s + stale_s + 1e-3).gate_reason.tolist()
+        finally:
+            controller.rt.close()
+    assert stale_s == 0.1
+    assert before == [GateReason.OPEN] * 2 and after == [GateReason.STALE_EMG] * 2
+
+
+@pytest.mark.timeout(30)
 def test_emg_at_another_rate_holds_the_gates_closed_for_a_hold_off(write_config) -> None:
     """A stream coming back at another rate (the amplifier reconfigured) gets a fresh estimator, whose
     contamination detector cannot flag a lead-off for its first flat_ms: its first chunk opened every
@@ -169,3 +191,47 @@ def test_blanked_gates_leave_laws_that_do_not_read_the_activation_open(write_con
     estimator.gate_reasons(gate)
     assert estimator.blanked_run > 0.1 * 2000.0
     assert all(not s.law.reads_activation for s in config.stimulation) and gate.tolist() == [GateReason.OPEN] * len(gate)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("lost_s", [0.0, 0.6])
+def test_a_railed_lead_does_not_reopen_the_gate_on_its_filters_ringing(write_config, lost_s: float) -> None:
+    """A lead coming off picks up mains hum that rails the amplifier for 200 ms. The gate closed
+    (CONTAMINATED) but the 50 Hz notch (Q 30) kept ringing after it: the gate reopened after the
+    500 ms hold-off with activation 0.98 at rest (1.0 after a 600 ms gap, which also shortened the
+    hold-off: lost samples counted as clean). The filters now start afresh where contamination ends."""
+    config = load_config(write_config(
+        "demo.toml", {"post_ms = 20.0": "post_ms = 20.0\n\n[controller.contamination]\nrail_uv = 5000.0\nholdoff_ms = 500.0"}
+    ))
+    rng = np.random.default_rng(3)
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            now_s, index = controller.rt.clock.now(), 0
+
+            def feed(n_chunks: int, railed: bool = False) -> list[tuple[float, list[int], float]]:
+                nonlocal now_s, index
+                seen = []
+                for _ in range(n_chunks):
+                    data = rng.normal(0.0, 3.0, (4, 2))
+                    if railed:
+                        k = index + np.arange(4)
+                        data[:, 0] = np.clip(20000.0 * np.sin(2 * np.pi * 50.0 * k / 2000.0), -5000.0, 5000.0)
+                    controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+                    command = controller.compute(now_s)
+                    seen.append((now_s, command.gate_reason.tolist(), float(controller.estimator.activation[0])))
+                    index, now_s = index + 4, now_s + 0.002
+                return seen
+
+            feed(1000)  # 2 s at rest
+            railed = feed(100, railed=True)
+            index, now_s = index + int(lost_s * 2000), now_s + lost_s
+            resumed_s = now_s
+            after = feed(1000)  # 2 s at rest
+        finally:
+            controller.rt.close()
+    assert railed[-1][1][0] == GateReason.CONTAMINATED
+    reopened = [(t, activation) for t, reasons, activation in after if reasons[0] == GateReason.OPEN]
+    assert reopened and reopened[0][0] - resumed_s >= 0.5 - 0.002  # the whole hold-off, gap or not
+    assert max(activation for _, activation in reopened) < 0.05
