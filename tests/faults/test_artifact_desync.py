@@ -69,7 +69,11 @@ def test_unblanked_artifacts_keep_activation_ceiling_and_ramp(write_config, proc
         rise_ma_per_s = ceiling_ma / config.stimulator.ramp_s
         # A pulse carries its scheduled time and the output of the loop step that delivered it, up to
         # LATE_S after on a loaded machine; and one device step of rounding.
-        allowed = rise_ma_per_s * (np.diff(t) + LATE_S) + device.amplitude_step_ma
-        assert (np.diff(a) <= allowed).all(), f"{stim.name}: rose faster than the ramp"
+        # Over any span, not only pulse to pulse (slack per pair added up along a ramp let 1.9x pass).
+        b = a - rise_ma_per_s * t
+        rise_over_any_span = b[1:] - np.minimum.accumulate(b[:-1])
+        assert (rise_over_any_span <= rise_ma_per_s * LATE_S + device.amplitude_step_ma).all(), (
+            f"{stim.name}: rose faster than the ramp"
+        )
         # The first pulse comes within a period of the output leaving 0, so within a period's rise.
         assert a[0] <= rise_ma_per_s * (1.0 / stim.frequency_hz + LATE_S) + device.amplitude_step_ma

@@ -89,6 +89,8 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
     print(f"StimulationError {code}: FAULT {fault_s * 1e3:.1f} ms after the error")
     assert 0 <= fault_s <= FAULT_WITHIN_S
     assert CAUSES[code] in status["fault_reason"].lower(), status["fault_reason"]
+    assert "quadriceps_l (device channel 1)" in status["fault_reason"]  # the matrix: name the channel
+    assert "tibialis_l" not in status["fault_reason"]  # at 0 mA: not concerned
     assert status["output_ma"] == [0.0, 0.0]
     assert later["state"] == "FAULT" and not stimulating_again
 
@@ -122,6 +124,7 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
     print(f"cable pulled: FAULT {fault_s * 1e3:.1f} ms later")
     assert 0 <= fault_s <= FAULT_WITHIN_S
     assert "serial" in status["fault_reason"], status["fault_reason"]
+    assert "quadriceps_l (device channel 1)" in status["fault_reason"]
     assert status["output_ma"] == [0.0, 0.0]
     assert later["state"] == "FAULT" and later["output_ma"] == [0.0, 0.0]
     assert not rearm["ok"]

@@ -2,7 +2,8 @@
 
 The processes start one by one, 0.5 s apart, in each of the six orders. The
 stimulator must stay DISARMED with no pulses until an explicit arm, refuse that arm
-until the controller's commands are fresh, and stimulate once armed.
+until the controller's commands are fresh (an arm asked as soon as the stimulator is
+up, before the others, is refused), and stimulate once armed.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def test_any_start_order_stays_disarmed_until_armed_then_stimulates(write_config
     ctx = zmq.Context()
     stim = ControlClient(ctx, config.endpoints.stimulator_control)
     refusals: list[str] = []
+    early_arm = None  # asked while a process the loop needs is not started yet
     try:
-        for role in order:
+        for i, role in enumerate(order):
             processes.start(role, str(path), name=role)
+            if role == "stimulator" and i < len(order) - 1:
+                early_arm = stim.request("arm", timeout_s=20.0)
             time.sleep(0.5)
 
         def arm() -> bool:
@@ -54,6 +58,9 @@ def test_any_start_order_stays_disarmed_until_armed_then_stimulates(write_config
         recorder.close()
         stim.close()
         ctx.destroy(linger=0)
+    if order[-1] != "stimulator":
+        assert early_arm is not None and not early_arm["ok"], early_arm
+        assert "fresh command" in early_arm["error"] or "EMG is not within" in early_arm["error"], early_arm
     assert disarmed["state"] == "DISARMED" and disarmed["output_ma"] == [0.0, 0.0]
     assert pulses_before_arm == 0
     assert all("fresh command" in r or "EMG is not within" in r or "not ready" in r for r in refusals), refusals

@@ -37,7 +37,8 @@ def truth_series(messages: list[protocol.Message]) -> tuple[np.ndarray, np.ndarr
 
 
 def test_demo_run_stimulates_during_contractions_and_rests_at_rest(write_config, tmp_path) -> None:
-    path = write_config("demo.toml")
+    # A name of its own: another test's processes, still exiting, may have an EMG outlet up (CI saw one).
+    path = write_config("demo.toml", {'name = "demo"': f'name = "demo-{tmp_path.name}"'})
     config = load_config(path)
     recorder = Recorder(
         {
@@ -52,7 +53,7 @@ def test_demo_run_stimulates_during_contractions_and_rests_at_rest(write_config,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        emg_streams = pylsl.resolve_byprop("type", "EMG", minimum=1, timeout=20)
+        emg_streams = pylsl.resolve_byprop("name", f"{config.name}-emg", minimum=1, timeout=20)
         inlet = pylsl.StreamInlet(emg_streams[0], max_buflen=5)
         info = inlet.info(timeout=5)
         chunk, stamps = inlet.pull_chunk(timeout=2.0, max_samples=4000)
