@@ -506,6 +506,13 @@ def test_electrode_limit_boundary():
             "stimulation[0].max_ma", above, "electrode limit", "4 cm^2", f"at most {limit:.1f} mA")
 
 
+def test_an_electrode_area_in_mm2_by_mistake_is_refused():
+    """600 for a 2 x 3 cm electrode (6 cm^2) raised its limit at 300 us, 30 Hz from 89 mA to the device's 130."""
+    assert 89.0 < electrode_ma(6.0, 300.0, 30.0) < 90.0
+    refused(minimal(electrode_area_cm2=600.0), "stimulation[0].electrode_area_cm2", 600.0, "within 0.0..300.0 cm^2")
+    assert parse_config(minimal(electrode_area_cm2=300.0)).stimulation[0].electrode_area_cm2 == 300.0
+
+
 def test_zero_electrode_area_is_refused():
     refused(minimal(electrode_area_cm2=0.0), "stimulation[0].electrode_area_cm2", 0.0, "must be a positive finite number")
 
