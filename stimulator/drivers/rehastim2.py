@@ -6,9 +6,10 @@ flight at a time (a cut to zero pre-empts it); its ack must come within 100 ms
 (MaxResponseTime) or the driver raises :class:`DriverFault`. A refused command
 leaves the device as it was: a refused Stop goes out again, and after three refusals
 the driver falls silent so the device's watchdog stops it. It sends nothing on
-its own: commands go out when the output changes, ``Watchdog`` only from
-:meth:`keep_alive` (called after a fresh command), and ``InitAck`` in answer to the
-device's ``Init``. So when the loop dies, the device's 1200 ms watchdog stops
+its own but one Stop when it starts (a device still stimulating from before a restart
+of the stimulator stops at once): commands go out when the output changes,
+``Watchdog`` only from :meth:`keep_alive` (called after a fresh command), and
+``InitAck`` in answer to the device's ``Init``. So when the loop dies, the device's 1200 ms watchdog stops
 stimulation.
 
 Session: the device sends Init (every 500 ms until answered) -> InitAck. Output
@@ -169,6 +170,9 @@ class RehaStim2Driver:
         self._crank: deque[tuple[float, sm2.ActualValues]] = deque(maxlen=MAX_CRANK_READINGS)
         self.actual_values = 0
         self.bad_actual_values = 0
+        # A stimulator restarted while the device still runs the last session's channel list: stop it
+        # now, not when its watchdog fires (1.2 s). Not awaited: a device not connected yet ignores it.
+        self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", clock())
 
     # -- Driver interface -------------------------------------------------------------
 

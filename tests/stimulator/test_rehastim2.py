@@ -147,7 +147,8 @@ def test_handshake_answers_the_devices_init(emulator: PtyEmulator, driver: RehaS
     with emulator.lock:
         assert emulator.device.connected and not emulator.device.stimulating
     assert driver.protocol_version == 1 and driver.status()["device"] == "connected"
-    assert commands(emulator)[0] == sm2.Cmd.INIT_ACK
+    # A starting driver's one Stop (ignored by a device not connected yet), then the answer to Init.
+    assert commands(emulator)[:2] == [sm2.Cmd.STOP_CHANNEL_LIST_MODE, sm2.Cmd.INIT_ACK]
     assert sm2.Cmd.INIT_CHANNEL_LIST_MODE not in commands(emulator)  # nothing is set up before output
 
 
@@ -156,7 +157,7 @@ def test_start_delivers_what_the_driver_publishes(emulator: PtyEmulator, driver:
     stimulating(loop, emulator, [20.0, 0.0])
     loop.run(0.5, [20.0, 0.0])
     device = emulated(emulator)
-    assert commands(emulator)[1:3] == [sm2.Cmd.INIT_CHANNEL_LIST_MODE, sm2.Cmd.START_CHANNEL_LIST_MODE]
+    assert commands(emulator)[2:4] == [sm2.Cmd.INIT_CHANNEL_LIST_MODE, sm2.Cmd.START_CHANNEL_LIST_MODE]
     with emulator.lock:
         init = emulator.device.channel_list
     assert init is not None and init.active_mask == 0b10001 and init.main_interval_ms == PERIOD_S * 1e3
@@ -332,6 +333,23 @@ def test_an_unknown_command_report_names_the_channels_on(emulator: PtyEmulator, 
     with pytest.raises(DriverFault) as error:
         loop.until(lambda: False, 0.5, "the report", [20.0, 0.0])
     assert "does not know command 99" in str(error.value) and error.value.channels == ("quad (device channel 1)",)
+
+
+def test_a_restarted_stimulator_stops_the_device_at_once(emulator: PtyEmulator) -> None:
+    """The stimulator process died while the device stimulated and was started again: its new driver
+    waited for an Init the connected device never sends, so the old channel list ran on until the
+    device's watchdog fired (1.2 s). Now the new driver's first packet is a Stop."""
+    first = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
+    loop = connected(Loop(first))
+    stimulating(loop, emulator, [20.0, 0.0])
+    restarted_s = time.monotonic()  # the first driver is gone (never serviced again); a new one on the port
+    second = RehaStim2Driver([QUAD, TIB], first.link)  # (a pty closed once cannot be opened again)
+    try:
+        wait_for(lambda: not emulator.device.stimulating, emulator, "the device to stop", timeout_s=0.5)
+        stopped_s = time.monotonic()
+    finally:
+        second.close()
+    assert stopped_s - restarted_s < 0.1  # the device's own watchdog would take 1.2 s
 
 
 def test_ack_timeout_faults_then_the_driver_stays_silent_until_the_device_resets(
