@@ -13,7 +13,10 @@ probe with the shortest round trip in a recent window wins. A peer that answers 
 this host's clock identity shares the clock: offset exactly 0.
 
 Until a peer's offset is known, ``to_local`` returns NaN, which every caller treats
-as "cannot be trusted" (gates stay closed).
+as "cannot be trusted" (gates stay closed). So it is again when the peer (on another
+clock) has not answered for ``OFFSET_MAX_AGE_S``: clocks drift apart (1e-5 to 1e-4), and
+an offset kept for ever would move pulse times off their artifacts. A probing thread
+that fails unexpectedly forgets every offset before it ends (a frozen offset fails safe).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ PROBE_WINDOW = 8  # probes kept; the shortest round trip among them gives the of
 SYNC_PERIOD_S = 1.0  # between probes once synchronized (steady clocks drift ~1e-5)
 RETRY_PERIOD_S = 0.1  # between probes while a peer has not answered yet
 PROBE_TIMEOUT_S = 0.5
+OFFSET_MAX_AGE_S = 10.0  # a peer on another clock unanswered this long: its offset is unknown again
 
 
 @lru_cache(maxsize=1)
@@ -105,6 +109,18 @@ class PeerOffset:
         best = min(self._probes, key=lambda p: p.rtt_s)
         self.offset_s, self.uncertainty_s = best.offset_s, best.rtt_s / 2.0
 
+    def expire(self, now_s: float, max_age_s: float) -> None:
+        """Forget the offset of a peer on another clock whose last probe was received before ``now_s - max_age_s``."""
+        if self._probes and now_s - self._probes[-1].received_s > max_age_s:
+            self.forget()
+
+    def forget(self) -> None:
+        """Unknown again, until the next probe."""
+        self._probes.clear()
+        self._peer_clock_id = ""
+        self.shared_clock = False
+        self.offset_s = self.uncertainty_s = math.nan
+
     @property
     def known(self) -> bool:
         return not math.isnan(self.offset_s)
@@ -132,13 +148,20 @@ class ClockSync:
     """
 
     def __init__(
-        self, ctx: zmq.Context, clock: Clock, peers: dict[str, str], security: Security | None = None
+        self,
+        ctx: zmq.Context,
+        clock: Clock,
+        peers: dict[str, str],
+        security: Security | None = None,
+        max_age_s: float = OFFSET_MAX_AGE_S,
     ) -> None:
         self._ctx = ctx
         self._clock = clock
         self._endpoints = dict(peers)
         self._security = security
+        self._max_age_s = max_age_s
         self.peers = {name: PeerOffset(clock_id()) for name in peers}
+        self.failure = ""  # why the probing thread ended, if it failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fesloop-clocksync", daemon=True)
 
@@ -165,7 +188,10 @@ class ClockSync:
         return all(offset.known for offset in self.peers.values())
 
     def status(self) -> dict[str, Any]:
-        return {name: offset.status() for name, offset in self.peers.items()}
+        status: dict[str, Any] = {name: offset.status() for name, offset in self.peers.items()}
+        if self.failure:
+            status["failure"] = self.failure
+        return status
 
     def _run(self) -> None:
         clients = {
@@ -178,7 +204,13 @@ class ClockSync:
                     if self._stop.is_set():
                         break
                     self._probe(name, client)
+                    self.peers[name].expire(self._clock.now(), self._max_age_s)
                 self._stop.wait(SYNC_PERIOD_S if self.synchronized else RETRY_PERIOD_S)
+        except Exception as exc:  # no offset can be kept fresh any more: none is trusted (gates close)
+            self.failure = f"clock probing stopped: {type(exc).__name__}: {exc}"
+            for offset in self.peers.values():
+                offset.forget()
+            raise
         finally:
             for client in clients.values():
                 client.close()

@@ -14,7 +14,7 @@ import zmq
 from fesloop.clock import LslClock
 from fesloop.clocksync import ClockSync, PeerOffset, Probe
 from fesloop.runtime import ProcessRuntime
-from tests.conftest import free_ports, wait_until
+from tests.conftest import clock_peer, free_ports, wait_until
 
 LOCAL = "this-pc/boot"
 
@@ -84,3 +84,66 @@ def test_clock_sync_measures_a_real_control_server() -> None:
         sync.stop()
         ctx.destroy(linger=0)
         server.close()
+
+
+def test_an_offset_not_refreshed_for_max_age_is_unknown_again() -> None:
+    """Clocks drift apart (1e-5 to 1e-4): an offset kept for ever moves pulse times off their artifacts."""
+    peer = PeerOffset(LOCAL)
+    peer.add(Probe(10.0, 1010.004, 10.010), "other-pc/boot")
+    peer.expire(20.0, 10.0)
+    assert peer.known
+    peer.expire(20.011, 10.0)
+    assert not peer.known and math.isnan(peer.to_local(1020.0))
+    shared = PeerOffset(LOCAL)
+    shared.add(Probe(10.0, 10.005, 10.010), LOCAL)
+    shared.expire(1e6, 10.0)
+    assert shared.known and shared.offset_s == 0.0  # one clock: nothing to drift
+
+
+@pytest.mark.timeout(20)
+def test_a_peer_that_stops_answering_is_unsynchronized_after_max_age() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    ctx = zmq.Context()
+    sync = ClockSync(ctx, LslClock(), {"stimulator": endpoint}, max_age_s=1.0)
+    try:
+        with clock_peer(endpoint, shift_s=3600.0, host="other-pc/boot"):
+            sync.start()
+            wait_until(lambda: sync.synchronized, 10, what="a clock reply")
+            assert sync.peers["stimulator"].offset_s == pytest.approx(3600.0, abs=0.01)
+        gone_s = LslClock().now()
+        wait_until(lambda: not sync.synchronized, 5, what="the offset to expire")
+        assert LslClock().now() - gone_s >= 1.0 - 0.05
+    finally:
+        sync.stop()
+        ctx.destroy(linger=0)
+
+
+class FailingClock(LslClock):
+    """The local clock, until ``fail`` is set: then reading it raises (an unexpected failure in the thread)."""
+
+    fail = False
+
+    def now(self) -> float:
+        if self.fail:
+            raise RuntimeError("clock read failed")
+        return super().now()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # re-raised for the log
+def test_a_probing_thread_that_fails_forgets_every_offset_and_says_why() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    ctx = zmq.Context()
+    clock = FailingClock()
+    sync = ClockSync(ctx, clock, {"acquisition": endpoint})
+    try:
+        with clock_peer(endpoint, shift_s=5.0, host="other-pc/boot"):
+            sync.start()
+            wait_until(lambda: sync.synchronized, 10, what="a clock reply")
+            clock.fail = True
+            wait_until(lambda: not sync.synchronized, 5, what="the offsets to be forgotten")
+    finally:
+        sync.stop()
+        ctx.destroy(linger=0)
+    assert sync.status()["failure"] == "clock probing stopped: RuntimeError: clock read failed"
+    assert not sync.peers["acquisition"].known
