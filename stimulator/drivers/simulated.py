@@ -2,9 +2,10 @@
 
 It stands where a device would: it is handed the amplitude per channel and emits a
 pulse on each channel with a non-zero amplitude every 1/frequency, on the shared
-clock, never sooner after the one before (a late call delays the train). A channel
-going from zero to non-zero pulses at once, unless its last pulse was less than a
-period ago; zero stops it at once.
+clock: on its own grid, as a device's timer does, each pulse stamped with its grid
+time (a call late by a period or more starts the grid again from then, so pulses are
+never closer than 1/frequency). A channel going from zero to non-zero pulses at once,
+unless its last pulse was less than a period ago; zero stops it at once.
 It implements :class:`stimulator.drivers.base.Driver`.
 """
 
@@ -61,17 +62,19 @@ class SimulatedDriver:
         return float(self.next_pulse_s.min()) if len(self.next_pulse_s) else math.inf
 
     def deliver_due(self, now_s: float) -> protocol.Pulses | None:
-        """Fire every pulse that is due; the pulse time is when it was delivered."""
+        """Fire every pulse that is due, stamped with its time on the grid."""
         due = self.next_pulse_s <= now_s
         if not due.any():
             return None
-        self.last_pulse_s[due] = now_s
-        self.next_pulse_s[due] = now_s + self.period_s[due]
+        times_s = self.next_pulse_s[due]
+        self.last_pulse_s[due] = times_s
+        late = due & (now_s - self.next_pulse_s >= self.period_s)
+        self.next_pulse_s[due] += self.period_s[due]
+        self.next_pulse_s[late] = now_s + self.period_s[late]
         self.pulses_delivered += int(due.sum())
-        n = int(due.sum())
         return protocol.Pulses(
             self.device_channel[due],
-            np.full(n, now_s),
+            times_s,
             self.amplitude_ma[due].astype(np.float32),
             self.pulse_width_us[due],
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fesloop.config import StimulationChannel
 from stimulator.drivers.simulated import SimulatedDriver
@@ -26,11 +27,28 @@ def pulse_times(driver: SimulatedDriver, steps: list[tuple[float, float]]) -> li
     return times
 
 
-def test_a_late_call_delays_the_train_instead_of_shortening_the_next_interval() -> None:
-    """Delivered 11.7 ms late at 45 ms, the next pulse was still due at 66.7 ms: 21.7 ms after it."""
-    times = pulse_times(SimulatedDriver([QUAD]), [(0.0, 20.0), (0.045, 20.0), (0.07, 20.0), (0.079, 20.0)])
-    assert times == [0.0, 0.045, 0.079]
-    assert min(np.diff(times)) >= PERIOD_S
+def test_pulses_keep_their_grid_and_a_very_late_call_starts_it_again() -> None:
+    """A device's timer: pulses every 1/f exactly, stamped on the grid however late they are read (the
+    pulse due at 33.3 ms and read at 45 ms was stamped 45 ms, and the next one came 21.7 ms after it);
+    a call late by a period or more starts the grid again from then."""
+    steps = [(0.0, 20.0), (0.045, 20.0), (0.07, 20.0), (0.2, 20.0), (0.22, 20.0), (0.24, 20.0)]
+    times = pulse_times(SimulatedDriver([QUAD]), steps)
+    np.testing.assert_allclose(times, [0.0, PERIOD_S, 2 * PERIOD_S, 3 * PERIOD_S, 0.2 + PERIOD_S])
+    assert min(np.diff(times)) >= PERIOD_S - 1e-12
+
+
+def test_the_rate_is_exact_whatever_the_loop_wakes() -> None:
+    """A loop waking up to 1 ms after each pulse is due: 30.00 Hz (a grid restarted at each late
+    delivery gave 29.25 Hz)."""
+    rng = np.random.default_rng(0)
+    driver, times, now_s = SimulatedDriver([QUAD]), [], 0.0
+    driver.set_output(np.array([20.0]), WIDTH_US, now_s)
+    while now_s < 10.0:
+        pulses = driver.deliver_due(now_s)
+        if pulses is not None:
+            times.extend(pulses.time_s.tolist())
+        now_s = driver.next_event_s() + rng.uniform(0.0, 0.001)
+    assert (len(times) - 1) / (times[-1] - times[0]) == pytest.approx(30.0, rel=1e-9)
 
 
 def test_a_channel_switched_off_and_on_again_waits_out_its_period() -> None:
