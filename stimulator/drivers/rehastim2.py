@@ -160,6 +160,9 @@ class RehaStim2Driver:
         self._device_pw_us = np.zeros(n, dtype=np.float32)
         self._first_list_s = math.inf
         self._next_list = 0
+        # A new channel list pulses at once: after a stop none starts until the longest period has passed.
+        self._longest_period_s = float(1.0 / self.plan.frequency_hz().min())
+        self._resume_s = -math.inf
         self.pulses_delivered = 0
         self.pulses_unpublished = 0
         self.acks = 0
@@ -242,6 +245,8 @@ class RehaStim2Driver:
 
     def next_event_s(self) -> float:
         times = [self._first_list_s + self._next_list * self.plan.period_s]
+        if self._want_ma.any() and self.mode is not sm2.StimulationMode.STARTED:
+            times.append(self._resume_s)
         if self._in_flight is not None:
             times.append(self._in_flight.sent_s + ACK_TIMEOUT_S)
         return min(times)
@@ -363,14 +368,18 @@ class RehaStim2Driver:
         """Send the next command towards the wanted output.
 
         One command is in flight at a time, except for a cut: a channel that a Start in
-        flight drives is wanted at zero (gate closed, disarm, stop). Then the update (or
-        Stop) goes out at once, pre-empting it, and the drop is not delayed by the ack.
+        flight drives, or that the device runs while its mode is asked, is wanted at zero
+        (gate closed, disarm, stop). Then the update (or Stop) goes out at once, pre-empting
+        it, and the drop is not delayed by the ack.
         """
         if not self.ready():
             return
         flight = self._in_flight
         if flight is not None:
-            if flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE and self._cuts_off(flight.settings):
+            asking = flight.command is sm2.Cmd.GET_STIMULATION_MODE and self._cuts_off(self._device_settings)
+            if asking:  # a cut does not wait for the mode (asked after garbled bytes): ask again after it
+                self._mode_in_doubt = True
+            if asking or (flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE and self._cuts_off(flight.settings)):
                 self._preempt(now_s)
                 if self._want_ma.any():
                     self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
@@ -386,6 +395,8 @@ class RehaStim2Driver:
         if self._want_ma.any():
             if mode is None:
                 self._command(sm2.Cmd.GET_STIMULATION_MODE, now_s)
+            elif mode is not sm2.StimulationMode.STARTED and now_s < self._resume_s:
+                return  # a Start now would pulse sooner than 1/f after the last list (a flickering output)
             elif mode is sm2.StimulationMode.START:
                 self._command(sm2.Cmd.INIT_CHANNEL_LIST_MODE, now_s)
             elif mode is sm2.StimulationMode.INITIALIZED or self._settings() != self._device_settings:
@@ -412,7 +423,10 @@ class RehaStim2Driver:
             self._first_list_s, self._next_list = now_s, 0
 
     def _stopped(self) -> None:
-        """The device stops (or was told to): no pulses from here, set-up unknown."""
+        """The device stops (or was told to): no pulses from here, set-up unknown; a new channel list
+        waits out the longest period, so no channel pulses sooner than 1/f after its last pulse."""
+        if not math.isinf(self._first_list_s):
+            self._resume_s = self.clock() + self._longest_period_s
         self.mode = None
         self._device_settings = ()
         self._device_ma[:] = 0

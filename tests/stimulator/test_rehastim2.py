@@ -326,6 +326,36 @@ def test_a_stimulation_error_sent_as_command_33_is_found_by_asking_the_mode(
     assert driver.status()["stale_acks"] >= 1
 
 
+def test_a_cut_does_not_wait_for_the_mode_asked_after_garbled_bytes(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    """The mode query after line noise was a command in flight that a gate closing did not pre-empt:
+    with its answer lost too, the closed channel was stimulated until the 100 ms ack timeout."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 20.0])
+    with emulator.lock:
+        emulator.device.outbox += b"\x55\x81"  # two bytes of line noise
+        emulator.device.drop_acks = True  # and the answers after them are lost
+    loop.until(lambda: driver._in_flight is not None and driver._in_flight.command is sm2.Cmd.GET_STIMULATION_MODE,
+               1.0, "the mode query", [20.0, 20.0])
+    cut_s = time.monotonic()
+    with pytest.raises(DriverFault, match="no answer"):  # the lost answers fault it in the end
+        loop.until(lambda: False, 0.5, "the ack timeout", [0.0, 20.0])
+    late = [p for p in emulated(emulator) if p.channel == 0 and p.time_s > cut_s + 0.005]
+    assert late == []  # the cut went out at once
+
+
+def test_a_channel_list_started_again_waits_out_the_period(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    """Every channel at 0 stops the device; a Start right after began a new list, pulsing at once: an
+    output flickering to 0 (a gate, or pulse-width modulation switching a channel off below 20 us)
+    pulsed faster than the configured frequency and above the electrode's rms limit."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    for _ in range(10):
+        loop.run(0.004, [0.0, 0.0])
+        loop.run(0.03, [20.0, 0.0])
+    times = np.array([p.time_s for p in emulated(emulator) if p.channel == 0])
+    assert len(times) >= 10 and np.diff(times).min() >= PERIOD_S - 0.001
+
+
 def test_an_unknown_command_report_names_the_channels_on(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
     loop = connected(Loop(driver))
     stimulating(loop, emulator, [20.0, 0.0])
