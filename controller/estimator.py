@@ -219,6 +219,7 @@ class EmgEstimator:
         if self.blanker is not None:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
         runs = self.envelope.valid_runs(valid)
+        unblanked_rows = self._after_long_blanking(runs, n)
         self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
         held_uv = self.envelope.hold(raw_uv, runs)
         restarts = None
@@ -229,6 +230,12 @@ class EmgEstimator:
             restarts = self._clean_again(self.contamination.bad)
         else:
             self.contamination_flags = self._never_flagged(n)
+        if unblanked_rows:  # measured again from scratch, not from the activation held across the blanking
+            if restarts is None:
+                restarts = self._bad_changed(n)
+                restarts[:] = False
+            for row in unblanked_rows:
+                restarts[row] = True
         self._received += n
         if restarts is None:
             filtered_uv = self.envelope.band(held_uv)
@@ -293,6 +300,15 @@ class EmgEstimator:
                 kind = "contamination_start" if flags[local, muscle] else "contamination_end"
                 self.events.append(Event(self._time_of(first + int(local)), self.names[muscle], kind))
         self._was_contaminated[:] = flags[-1]
+
+    def _after_long_blanking(self, runs: list[int] | None, n: int) -> list[int]:
+        """Rows where samples are valid again after more than stale_ms blanked (``runs`` as
+        :meth:`EnvelopeEstimator.valid_runs` gives them): the envelope was only held across them,
+        so the filters start afresh there (BLANKED must not reopen on the held activation)."""
+        if runs is None:
+            return [0] if self.blanked_run > self._blanked_limit and n else []
+        starts, stops = runs[::2], [-self.blanked_run, *runs[1::2]]  # blanked stretches end where runs start
+        return [start for start, stop in zip(starts, stops) if start - stop > self._blanked_limit]
 
     def _clean_again(self, bad: np.ndarray) -> np.ndarray | None:
         """Per sample and muscle, where the signal turned clean after contaminated samples (None: nowhere).

@@ -149,31 +149,36 @@ def test_emg_indices_starting_again_give_a_fresh_estimator(write_config) -> None
 def test_blanking_that_leaves_no_sample_closes_the_gates_of_laws_reading_the_activation(write_config) -> None:
     """Pulses 20 ms apart with 21 ms artifact windows leave no sample to measure: the envelope was held
     at its last value, so a contraction's activation kept the gate open and the stimulation going
-    after the muscle relaxed (each pulse blanking the next window). Now BLANKED after stale_ms."""
+    after the muscle relaxed (each pulse blanking the next window). Now BLANKED after stale_ms, and
+    the envelope is measured afresh when samples come back, so the held activation cannot reopen it.
+    Closed loop: a 50 Hz train runs while the command asks for the channel."""
     config = load_config(write_config("demo.toml"))
     rng = np.random.default_rng(4)
     with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
         controller = Controller(config)
         try:
             wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            now_s, reasons = controller.rt.clock.now(), []
-            start_s, next_pulse_s = now_s, None
-            for k in range(1500):  # 3 s: contracting for 1 s, then at rest
-                if next_pulse_s is None and controller.compute(now_s).intensity[0] > 0:
-                    next_pulse_s = now_s + 0.001  # the stimulator starts a 50 Hz train
+            now_s = controller.rt.clock.now()
+            start_s, next_pulse_s, commands = now_s, None, []
+            for k in range(2000):  # 4 s: contracting for 1 s, then at rest
                 if next_pulse_s is not None and next_pulse_s < now_s + 0.002:
                     controller.on_pulses(Pulses(np.zeros(1, np.uint16), np.array([next_pulse_s]),
                                                 np.full(1, 20.0, np.float32), np.full(1, 300.0, np.float32)))
                     next_pulse_s += 0.020
                 data = rng.normal(0.0, 200.0 if k < 500 else 3.0, (4, 2)).astype(np.float32)
                 controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
-                reasons.append((now_s - start_s, controller.compute(now_s).gate_reason.tolist()))
+                command = controller.compute(now_s)
+                commands.append((now_s - start_s, command.gate_reason.tolist(), float(command.intensity[0])))
+                if command.intensity[0] > 0 and next_pulse_s is None:
+                    next_pulse_s = now_s + 0.001  # the stimulator starts the train
+                elif command.intensity[0] == 0:
+                    next_pulse_s = None
                 now_s += 0.002
-            command = controller.compute(now_s)
         finally:
             controller.rt.close()
-    assert any(r == [GateReason.OPEN] * 2 for t, r in reasons if t < 0.5)  # the train started
-    assert command.gate_reason.tolist() == [GateReason.BLANKED] * 2 and command.intensity.tolist() == [0.0, 0.0]
+    assert any(intensity > 0 for t, _, intensity in commands if t < 1.0)  # the train ran
+    assert any(reasons == [GateReason.BLANKED] * 2 for _, reasons, _ in commands)
+    assert max(intensity for t, _, intensity in commands if t > 2.0) == 0.0  # at rest: none, gate open or not
 
 
 @pytest.mark.timeout(30)
