@@ -513,7 +513,7 @@ class StimulationChannel:
     muscle: str
     device_channel: int = bounded(lo=0, hi=255)
     # Up to 300 cm^2 (the largest garment electrodes are ~10 x 20 cm): an area typed in mm^2 raises the
-    # electrode limit a hundredfold; this catches it for electrodes of 3 cm^2 and up.
+    # electrode limit a hundredfold; this catches it for electrodes larger than 3 cm^2.
     electrode_area_cm2: float = bounded(lo=0.0, hi=300.0, unit="cm^2")
     threshold_ma: float = bounded(lo=0.0, unit="mA")
     max_ma: float = bounded(lo=0.0, unit="mA")
