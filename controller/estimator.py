@@ -123,6 +123,7 @@ class EmgEstimator:
         # Samples since the last one not blanked: beyond stale_ms the envelope is only held, not measured.
         self.blanked_run = 0
         self._blanked_limit = int(round(cc.stale_ms * 1e-3 * fs_hz))
+        self._since_unblanked = self._blanked_limit  # samples since the last such stretch ended
         self._unfinished_raw: tuple[int, float, np.ndarray] | None = None  # (first index, its time, muscles' raw EMG)
         self._unfinished_envelope_first = 0
 
@@ -170,11 +171,11 @@ class EmgEstimator:
         """Per stimulation channel: CONTAMINATED where its muscle's EMG is; BLANKED where its law reads
         the activation and no sample of the last stale_ms was left unblanked (artifact windows cover
         the stimulation period: the held activation would keep stimulating whatever the muscle
-        does); else OPEN."""
+        does), and for stale_ms after that while the envelope, started afresh, settles; else OPEN."""
         np.take(self.contaminated, self.stim_muscle, out=self._stim_contaminated)
         out[:] = GateReason.OPEN
         np.copyto(out, GateReason.CONTAMINATED, where=self._stim_contaminated, casting="unsafe")
-        if self.blanked_run > self._blanked_limit:
+        if self.blanked_run > self._blanked_limit or self._since_unblanked < self._blanked_limit:
             np.copyto(out, GateReason.BLANKED, where=self._reads_activation, casting="unsafe")
 
     def process(self, chunk: protocol.EmgChunk) -> bool:
@@ -220,6 +221,7 @@ class EmgEstimator:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
         runs = self.envelope.valid_runs(valid)
         unblanked_rows = self._after_long_blanking(runs, n)
+        self._since_unblanked = n - unblanked_rows[-1] if unblanked_rows else self._since_unblanked + n
         self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
         held_uv = self.envelope.hold(raw_uv, runs)
         restarts = None

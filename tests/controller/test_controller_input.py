@@ -182,6 +182,27 @@ def test_blanking_that_leaves_no_sample_closes_the_gates_of_laws_reading_the_act
 
 
 @pytest.mark.timeout(30)
+def test_blanked_gates_stay_closed_while_the_envelope_settles(write_config) -> None:
+    """Started afresh where samples come back, the envelope reads low for its settling time: the gate
+    stays BLANKED stale_ms longer, then opens (it opened on the first unblanked sample)."""
+    from controller.estimator import EmgEstimator
+
+    config = load_config(write_config("demo.toml"))
+    estimator = EmgEstimator(config, 2000.0, 2)
+    pulses_s = np.arange(0.0, 0.3, 0.010)  # 21 ms windows every 10 ms: nothing left until 0.32 s
+    estimator.add_pulses(pulses_s, np.zeros(len(pulses_s), np.uint16), np.full(len(pulses_s), 20.0, np.float32),
+                         np.full(len(pulses_s), 300.0, np.float32))
+    gate, reasons = np.zeros(2, dtype=np.uint8), []
+    for k in range(300):  # 0.6 s in 2 ms chunks
+        estimator.process(EmgChunk(4 * k, 0.002 * k, 0.002 * k, 2000.0, np.ones((4, 2), np.float32)))
+        estimator.gate_reasons(gate)
+        reasons.append((0.002 * k + 0.0015, gate.tolist()))  # the chunk's last sample
+    back_s, stale_s = pulses_s[-1] + 0.020, config.controller.stale_ms * 1e-3
+    assert all(r == [GateReason.BLANKED] * 2 for t, r in reasons if 0.1 + 0.003 < t < back_s + stale_s - 0.003)
+    assert all(r == [GateReason.OPEN] * 2 for t, r in reasons if t > back_s + stale_s + 0.003)
+
+
+@pytest.mark.timeout(30)
 def test_blanked_gates_leave_laws_that_do_not_read_the_activation_open(write_config) -> None:
     """Cycling without EMG weight follows the crank alone: windows covering every sample do not stop it."""
     from controller.estimator import EmgEstimator
