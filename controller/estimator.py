@@ -222,7 +222,8 @@ class EmgEstimator:
         runs = self.envelope.valid_runs(valid)
         unblanked_rows = self._after_long_blanking(runs, n)
         self._since_unblanked = n - unblanked_rows[-1] if unblanked_rows else self._since_unblanked + n
-        self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
+        if n:  # (an empty block says nothing about blanking)
+            self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
         held_uv = self.envelope.hold(raw_uv, runs)
         restarts = None
         if self.contamination.enabled:

@@ -197,6 +197,9 @@ def test_blanked_gates_stay_closed_while_the_envelope_settles(write_config) -> N
         estimator.process(EmgChunk(4 * k, 0.002 * k, 0.002 * k, 2000.0, np.ones((4, 2), np.float32)))
         estimator.gate_reasons(gate)
         reasons.append((0.002 * k + 0.0015, gate.tolist()))  # the chunk's last sample
+        if k == 100:  # an empty block (the wire refuses them; code calling the estimator may not) changes nothing
+            estimator.process(EmgChunk(4 * k + 4, 0.002 * k, 0.002 * k, 2000.0, np.ones((0, 2), np.float32)))
+            assert estimator.blanked_run == 404
     back_s, stale_s = pulses_s[-1] + 0.020, config.controller.stale_ms * 1e-3
     assert all(r == [GateReason.BLANKED] * 2 for t, r in reasons if 0.1 + 0.003 < t < back_s + stale_s - 0.003)
     assert all(r == [GateReason.OPEN] * 2 for t, r in reasons if t > back_s + stale_s + 0.003)
