@@ -1,14 +1,30 @@
-"""EMG chunks the controller cannot use are counted and dropped, never raised out of its loop."""
+"""The controller on its EMG input: chunks it cannot use (counted and dropped, never raised out of its
+loop), and the gates that stalls, gaps, restarts, blanking and contamination close."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from controller.loop import Controller
-from fesloop.config import load_config
+from fesloop.config import Config, load_config
 from fesloop.protocol import EmgChunk, GateReason, Pulses
 from tests.conftest import clock_peer, wait_until
+
+
+@contextmanager
+def synced_controller(config: Config) -> Iterator[Controller]:
+    """A real Controller whose acquisition and stimulator clocks (peers on this host) are known."""
+    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
+        controller = Controller(config)
+        try:
+            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
+            yield controller
+        finally:
+            controller.rt.close()
 
 
 @pytest.mark.timeout(30)
@@ -37,26 +53,21 @@ def test_emg_resuming_after_a_stall_holds_the_gates_closed_for_a_hold_off(write_
     """DESIGN 4: a stale stream is a contamination window, closed while it lasts plus a hold-off.
     The first chunk after a 1 s stall (no sample lost) reopened every gate at once."""
     config = load_config(write_config("demo.toml"))
-    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
-        controller = Controller(config)
-        try:
-            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            t0_s, index = controller.rt.clock.now(), 0
-            for k in range(100):  # 0.2 s of EMG in 2 ms chunks
-                now_s = t0_s + k * 0.002
-                controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
-                index += 4
-            streaming = controller.compute(now_s).gate_reason.tolist()
-            now_s += 1.0
-            stale = controller.compute(now_s).gate_reason.tolist()
-            resumed_s, reasons = now_s, []
-            for k in range(60):  # the stream resumes, contiguous (the source only stalled): 120 ms
-                now_s = resumed_s + k * 0.002
-                controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
-                index += 4
-                reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
-        finally:
-            controller.rt.close()
+    with synced_controller(config) as controller:
+        t0_s, index = controller.rt.clock.now(), 0
+        for k in range(100):  # 0.2 s of EMG in 2 ms chunks
+            now_s = t0_s + k * 0.002
+            controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            index += 4
+        streaming = controller.compute(now_s).gate_reason.tolist()
+        now_s += 1.0
+        stale = controller.compute(now_s).gate_reason.tolist()
+        resumed_s, reasons = now_s, []
+        for k in range(60):  # the stream resumes, contiguous (the source only stalled): 120 ms
+            now_s = resumed_s + k * 0.002
+            controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            index += 4
+            reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
     assert streaming == [GateReason.OPEN] * 2 and stale == [GateReason.STALE_EMG] * 2
     hold_off_s = config.controller.stale_ms * 1e-3
     assert all(r == [GateReason.GAP] * 2 for t, r in reasons if t < hold_off_s - 1e-6)
@@ -69,18 +80,13 @@ def test_the_gates_close_stale_exactly_stale_ms_after_the_last_emg(write_config)
     last pulse (250 ms), which a check at 1.9 x stale_ms still met."""
     config = load_config(write_config("demo.toml"))
     stale_s = config.controller.stale_ms * 1e-3
-    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
-        controller = Controller(config)
-        try:
-            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            now_s = controller.rt.clock.now()
-            for k in range(100):
-                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
-                last_s, now_s = now_s, now_s + 0.002
-            before = controller.compute(last_s + stale_s - 1e-3).gate_reason.tolist()
-            after = controller.compute(last_s + stale_s + 1e-3).gate_reason.tolist()
-        finally:
-            controller.rt.close()
+    with synced_controller(config) as controller:
+        now_s = controller.rt.clock.now()
+        for k in range(100):
+            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            last_s, now_s = now_s, now_s + 0.002
+        before = controller.compute(last_s + stale_s - 1e-3).gate_reason.tolist()
+        after = controller.compute(last_s + stale_s + 1e-3).gate_reason.tolist()
     assert stale_s == 0.1
     assert before == [GateReason.OPEN] * 2 and after == [GateReason.STALE_EMG] * 2
 
@@ -91,22 +97,17 @@ def test_emg_at_another_rate_holds_the_gates_closed_for_a_hold_off(write_config)
     contamination detector cannot flag a lead-off for its first flat_ms: its first chunk opened every
     gate at once (the same rate after a restart of the index gave GAP)."""
     config = load_config(write_config("demo.toml"))
-    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
-        controller = Controller(config)
-        try:
-            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            t0_s = controller.rt.clock.now()
-            for k in range(100):  # 0.2 s at 2 kHz
-                now_s = t0_s + k * 0.002
-                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
-            streaming = controller.compute(now_s).gate_reason.tolist()
-            resumed_s, reasons = now_s + 0.002, []
-            for k in range(60):  # at once at 1 kHz, from index 0: 120 ms
-                now_s = resumed_s + k * 0.002
-                controller.on_emg(EmgChunk(2 * k, now_s, now_s, 1000.0, np.zeros((2, 2), np.float32)), now_s)
-                reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
-        finally:
-            controller.rt.close()
+    with synced_controller(config) as controller:
+        t0_s = controller.rt.clock.now()
+        for k in range(100):  # 0.2 s at 2 kHz
+            now_s = t0_s + k * 0.002
+            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+        streaming = controller.compute(now_s).gate_reason.tolist()
+        resumed_s, reasons = now_s + 0.002, []
+        for k in range(60):  # at once at 1 kHz, from index 0: 120 ms
+            now_s = resumed_s + k * 0.002
+            controller.on_emg(EmgChunk(2 * k, now_s, now_s, 1000.0, np.zeros((2, 2), np.float32)), now_s)
+            reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
     assert streaming == [GateReason.OPEN] * 2
     hold_off_s = config.controller.stale_ms * 1e-3
     assert all(r == [GateReason.GAP] * 2 for t, r in reasons if t < hold_off_s - 1e-6)
@@ -121,25 +122,20 @@ def test_emg_indices_starting_again_give_a_fresh_estimator(write_config) -> None
     activation of a contraction before the restart drove stimulation at rest, gate open."""
     config = load_config(write_config("demo.toml", {"post_ms = 20.0": "post_ms = 20.0\ndetect = true"}))
     rng = np.random.default_rng(1)
-    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
-        controller = Controller(config)
-        try:
-            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            now_s = controller.rt.clock.now()
-            for k in range(1500):  # 3 s at 2 kHz in 2 ms chunks, contracting in the last 0.5 s, artifacts every 32 ms
-                data = rng.normal(0.0, 300.0 if k >= 1250 else 3.0, (4, 2))
-                data[0] += 5000.0 if k % 16 == 0 else 0.0
-                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
-                now_s += 0.002
-            contracting = controller.compute(now_s).intensity.copy()
-            now_s += 0.5  # the process died and came back
-            for k in range(750):  # 1.5 s at rest, indices from 0
-                data = rng.normal(0.0, 3.0, (4, 2)).astype(np.float32)
-                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
-                now_s += 0.002
-            command = controller.compute(now_s)
-        finally:
-            controller.rt.close()
+    with synced_controller(config) as controller:
+        now_s = controller.rt.clock.now()
+        for k in range(1500):  # 3 s at 2 kHz in 2 ms chunks, contracting in the last 0.5 s, artifacts every 32 ms
+            data = rng.normal(0.0, 300.0 if k >= 1250 else 3.0, (4, 2))
+            data[0] += 5000.0 if k % 16 == 0 else 0.0
+            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+            now_s += 0.002
+        contracting = controller.compute(now_s).intensity.copy()
+        now_s += 0.5  # the process died and came back
+        for k in range(750):  # 1.5 s at rest, indices from 0
+            data = rng.normal(0.0, 3.0, (4, 2)).astype(np.float32)
+            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
+            now_s += 0.002
+        command = controller.compute(now_s)
     assert contracting[0] > 0.5
     assert command.gate_reason.tolist() == [GateReason.OPEN] * 2
     assert command.intensity.tolist() == [0.0, 0.0] and controller.estimator.activation.max() < 0.05
@@ -154,28 +150,23 @@ def test_blanking_that_leaves_no_sample_closes_the_gates_of_laws_reading_the_act
     Closed loop: a 50 Hz train runs while the command asks for the channel."""
     config = load_config(write_config("demo.toml"))
     rng = np.random.default_rng(4)
-    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
-        controller = Controller(config)
-        try:
-            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            now_s = controller.rt.clock.now()
-            start_s, next_pulse_s, commands = now_s, None, []
-            for k in range(2000):  # 4 s: contracting for 1 s, then at rest
-                if next_pulse_s is not None and next_pulse_s < now_s + 0.002:
-                    controller.on_pulses(Pulses(np.zeros(1, np.uint16), np.array([next_pulse_s]),
-                                                np.full(1, 20.0, np.float32), np.full(1, 300.0, np.float32)))
-                    next_pulse_s += 0.020
-                data = rng.normal(0.0, 200.0 if k < 500 else 3.0, (4, 2)).astype(np.float32)
-                controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
-                command = controller.compute(now_s)
-                commands.append((now_s - start_s, command.gate_reason.tolist(), float(command.intensity[0])))
-                if command.intensity[0] > 0 and next_pulse_s is None:
-                    next_pulse_s = now_s + 0.001  # the stimulator starts the train
-                elif command.intensity[0] == 0:
-                    next_pulse_s = None
-                now_s += 0.002
-        finally:
-            controller.rt.close()
+    with synced_controller(config) as controller:
+        now_s = controller.rt.clock.now()
+        start_s, next_pulse_s, commands = now_s, None, []
+        for k in range(2000):  # 4 s: contracting for 1 s, then at rest
+            if next_pulse_s is not None and next_pulse_s < now_s + 0.002:
+                controller.on_pulses(Pulses(np.zeros(1, np.uint16), np.array([next_pulse_s]),
+                                            np.full(1, 20.0, np.float32), np.full(1, 300.0, np.float32)))
+                next_pulse_s += 0.020
+            data = rng.normal(0.0, 200.0 if k < 500 else 3.0, (4, 2)).astype(np.float32)
+            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
+            command = controller.compute(now_s)
+            commands.append((now_s - start_s, command.gate_reason.tolist(), float(command.intensity[0])))
+            if command.intensity[0] > 0 and next_pulse_s is None:
+                next_pulse_s = now_s + 0.001  # the stimulator starts the train
+            elif command.intensity[0] == 0:
+                next_pulse_s = None
+            now_s += 0.002
     assert any(intensity > 0 for t, _, intensity in commands if t < 1.0)  # the train ran
     assert any(reasons == [GateReason.BLANKED] * 2 for _, reasons, _ in commands)
     assert max(intensity for t, _, intensity in commands if t > 2.0) == 0.0  # at rest: none, gate open or not
@@ -233,33 +224,28 @@ def test_a_railed_lead_does_not_reopen_the_gate_on_its_filters_ringing(write_con
         "demo.toml", {"post_ms = 20.0": "post_ms = 20.0\n\n[controller.contamination]\nrail_uv = 5000.0\nholdoff_ms = 500.0"}
     ))
     rng = np.random.default_rng(3)
-    with clock_peer(config.endpoints.acquisition_control), clock_peer(config.endpoints.stimulator_control):
-        controller = Controller(config)
-        try:
-            wait_until(lambda: controller.clocks.synchronized, 10, what="the peer clocks")
-            now_s, index = controller.rt.clock.now(), 0
+    with synced_controller(config) as controller:
+        now_s, index = controller.rt.clock.now(), 0
 
-            def feed(n_chunks: int, railed: bool = False) -> list[tuple[float, list[int], float]]:
-                nonlocal now_s, index
-                seen = []
-                for _ in range(n_chunks):
-                    data = rng.normal(0.0, 3.0, (4, 2))
-                    if railed:
-                        k = index + np.arange(4)
-                        data[:, 0] = np.clip(20000.0 * np.sin(2 * np.pi * 50.0 * k / 2000.0), -5000.0, 5000.0)
-                    controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
-                    command = controller.compute(now_s)
-                    seen.append((now_s, command.gate_reason.tolist(), float(controller.estimator.activation[0])))
-                    index, now_s = index + 4, now_s + 0.002
-                return seen
+        def feed(n_chunks: int, railed: bool = False) -> list[tuple[float, list[int], float]]:
+            nonlocal now_s, index
+            seen = []
+            for _ in range(n_chunks):
+                data = rng.normal(0.0, 3.0, (4, 2))
+                if railed:
+                    k = index + np.arange(4)
+                    data[:, 0] = np.clip(20000.0 * np.sin(2 * np.pi * 50.0 * k / 2000.0), -5000.0, 5000.0)
+                controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+                command = controller.compute(now_s)
+                seen.append((now_s, command.gate_reason.tolist(), float(controller.estimator.activation[0])))
+                index, now_s = index + 4, now_s + 0.002
+            return seen
 
-            feed(1000)  # 2 s at rest
-            railed = feed(100, railed=True)
-            index, now_s = index + int(lost_s * 2000), now_s + lost_s
-            resumed_s = now_s
-            after = feed(1000)  # 2 s at rest
-        finally:
-            controller.rt.close()
+        feed(1000)  # 2 s at rest
+        railed = feed(100, railed=True)
+        index, now_s = index + int(lost_s * 2000), now_s + lost_s
+        resumed_s = now_s
+        after = feed(1000)  # 2 s at rest
     assert railed[-1][1][0] == GateReason.CONTAMINATED
     reopened = [(t, activation) for t, reasons, activation in after if reasons[0] == GateReason.OPEN]
     assert reopened and reopened[0][0] - resumed_s >= 0.5 - 0.002  # the whole hold-off, gap or not
