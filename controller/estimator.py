@@ -123,7 +123,7 @@ class EmgEstimator:
         # Samples since the last one not blanked: beyond stale_ms the envelope is only held, not measured.
         self.blanked_run = 0
         self._blanked_limit = int(round(cc.stale_ms * 1e-3 * fs_hz))
-        self._since_unblanked = self._blanked_limit  # samples since the last such stretch ended
+        self._valid_since_unblanked = self._blanked_limit  # unblanked samples since the last such stretch ended
         self._unfinished_raw: tuple[int, float, np.ndarray] | None = None  # (first index, its time, muscles' raw EMG)
         self._unfinished_envelope_first = 0
 
@@ -171,11 +171,12 @@ class EmgEstimator:
         """Per stimulation channel: CONTAMINATED where its muscle's EMG is; BLANKED where its law reads
         the activation and no sample of the last stale_ms was left unblanked (artifact windows cover
         the stimulation period: the held activation would keep stimulating whatever the muscle
-        does), and for stale_ms after that while the envelope, started afresh, settles; else OPEN."""
+        does), and until stale_ms of unblanked samples have passed since, while the envelope, started
+        afresh, settles; else OPEN."""
         np.take(self.contaminated, self.stim_muscle, out=self._stim_contaminated)
         out[:] = GateReason.OPEN
         np.copyto(out, GateReason.CONTAMINATED, where=self._stim_contaminated, casting="unsafe")
-        if self.blanked_run > self._blanked_limit or self._since_unblanked < self._blanked_limit:
+        if self.blanked_run > self._blanked_limit or self._valid_since_unblanked < self._blanked_limit:
             np.copyto(out, GateReason.BLANKED, where=self._reads_activation, casting="unsafe")
 
     def process(self, chunk: protocol.EmgChunk) -> bool:
@@ -221,7 +222,11 @@ class EmgEstimator:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
         runs = self.envelope.valid_runs(valid)
         unblanked_rows = self._after_long_blanking(runs, n)
-        self._since_unblanked = n - unblanked_rows[-1] if unblanked_rows else self._since_unblanked + n
+        # The envelope settles on unblanked samples only: count those since it started afresh.
+        if unblanked_rows:
+            self._valid_since_unblanked = int(np.count_nonzero(valid[unblanked_rows[-1] :]))
+        else:
+            self._valid_since_unblanked += int(np.count_nonzero(valid))
         if n:  # (an empty block says nothing about blanking)
             self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
         held_uv = self.envelope.hold(raw_uv, runs)

@@ -245,7 +245,8 @@ class RehaStim2Driver:
 
     def next_event_s(self) -> float:
         times = [self._first_list_s + self._next_list * self.plan.period_s]
-        if self._want_ma.any() and self.mode is not sm2.StimulationMode.STARTED:
+        waiting = self._in_flight is None and self.mode in (sm2.StimulationMode.START, sm2.StimulationMode.INITIALIZED)
+        if waiting and self._want_ma.any() and math.isfinite(self._resume_s):  # a new list waits out the period
             times.append(self._resume_s)
         if self._in_flight is not None:
             times.append(self._in_flight.sent_s + ACK_TIMEOUT_S)

@@ -197,6 +197,27 @@ def test_blanked_gates_stay_closed_while_the_envelope_settles(write_config) -> N
 
 
 @pytest.mark.timeout(30)
+def test_a_few_unblanked_samples_do_not_reopen_a_blanked_gate(write_config) -> None:
+    """A short unblanked stretch between long blanked ones (two trains beating) restarted the envelope
+    and the gate reopened stale_ms later on an envelope of a few samples (activation 0 while the muscle
+    contracted): settling is counted in unblanked samples."""
+    from controller.estimator import EmgEstimator
+
+    config = load_config(write_config("demo.toml"))
+    estimator = EmgEstimator(config, 2000.0, 2)
+    pulses_s = np.concatenate([np.arange(0.0, 0.2, 0.010), np.arange(0.225, 0.6, 0.010)])  # 4 ms unblanked at 0.22 s
+    estimator.add_pulses(pulses_s, np.zeros(len(pulses_s), np.uint16), np.full(len(pulses_s), 20.0, np.float32),
+                         np.full(len(pulses_s), 300.0, np.float32))
+    rng = np.random.default_rng(2)
+    gate, reasons = np.zeros(2, dtype=np.uint8), []
+    for k in range(300):  # 0.6 s in 2 ms chunks of a contracting muscle
+        estimator.process(EmgChunk(4 * k, 0.002 * k, 0.002 * k, 2000.0, rng.normal(0.0, 200.0, (4, 2)).astype(np.float32)))
+        estimator.gate_reasons(gate)
+        reasons.append((0.002 * k + 0.0015, gate.tolist()))
+    assert all(r == [GateReason.BLANKED] * 2 for t, r in reasons if 0.103 < t < 0.6)
+
+
+@pytest.mark.timeout(30)
 def test_blanked_gates_leave_laws_that_do_not_read_the_activation_open(write_config) -> None:
     """Cycling without EMG weight follows the crank alone: windows covering every sample do not stop it."""
     from controller.estimator import EmgEstimator
