@@ -69,6 +69,11 @@ class LslSource:
         rate_hz = info.nominal_srate()
         if rate_hz <= 0:
             raise SourceError(f"LSL stream {info.name()!r} has an irregular rate: EMG needs a nominal rate")
+        if not protocol.MIN_SAMPLING_RATE_HZ <= rate_hz <= protocol.MAX_SAMPLING_RATE_HZ:  # NaN too
+            raise SourceError(
+                f"LSL stream {info.name()!r} has a nominal rate of {rate_hz:g} Hz: EMG needs "
+                f"{protocol.MIN_SAMPLING_RATE_HZ:g}..{protocol.MAX_SAMPLING_RATE_HZ:g} Hz"
+            )
         if self.sampling_rate_hz and rate_hz != self.sampling_rate_hz:
             raise SourceError(
                 f"LSL stream {info.name()!r} came back at {rate_hz:g} Hz, was {self.sampling_rate_hz:g} Hz"

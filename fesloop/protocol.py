@@ -147,6 +147,8 @@ _COUNT_HEAD = struct.Struct("<I")  # entries in a body of columns (pulses, crank
 _PULSES_COLUMNS = ("<u2", "<f8", "<f4", "<f4")  # channel, time, amplitude, pulse width
 _CRANK_COLUMNS = ("<f8", "<f4", "<f4", "<f4")  # time, angle, cadence, torque
 MAX_CHANNELS = 1024
+MIN_SAMPLING_RATE_HZ = 10.0  # EMG rates outside this range are no amplifier's (and break filter design)
+MAX_SAMPLING_RATE_HZ = 100_000.0
 MAX_SAMPLES = 1 << 16
 MAX_PULSES = 1 << 12
 
@@ -274,8 +276,10 @@ def _decode_emg(body: memoryview) -> EmgChunk:
     for name, value in (("first sample time", t_first), ("arrival time", t_arrival)):
         if not math.isfinite(value):
             raise MalformedMessage(f"EMG {name} is not finite")
-    if not (math.isfinite(fs) and fs > 0):
-        raise MalformedMessage(f"EMG sampling rate {fs} is not a positive number")
+    if not MIN_SAMPLING_RATE_HZ <= fs <= MAX_SAMPLING_RATE_HZ:  # NaN too
+        raise MalformedMessage(
+            f"EMG sampling rate {fs} Hz is not within {MIN_SAMPLING_RATE_HZ:g}..{MAX_SAMPLING_RATE_HZ:g} Hz"
+        )
     data = np.frombuffer(body, dtype="<f4", offset=_EMG_HEAD.size).reshape(n_samples, n_channels)
     _finite("EMG data", data)
     return EmgChunk(first, t_first, t_arrival, fs, data)

@@ -40,6 +40,16 @@ class Confirmation:
         return [f"confirmed by {self.operator} at {stamp}: {CONFIRMATION_ITEMS[item]}" for item in self.items]
 
 
+MAX_RECORD_CHARS = 200
+
+
+def printable(text: object) -> str:
+    """``text`` as one line of printable characters for the record (markers, log, status): anything
+    else (newlines, control characters, lone surrogates liblsl cannot encode) becomes '?'; at most
+    MAX_RECORD_CHARS."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text)[:MAX_RECORD_CHARS]).strip()
+
+
 def check_confirmation(record: Any) -> Confirmation:
     """Validate a confirmation record (from an arm request); raise ConfirmationMissing naming the gap."""
     if not isinstance(record, dict):
@@ -47,7 +57,7 @@ def check_confirmation(record: Any) -> Confirmation:
     operator = record.get("operator")
     items = record.get("items")
     stamp = record.get("time_unix_s")
-    if not isinstance(operator, str) or not operator.strip():
+    if not isinstance(operator, str) or not printable(operator):
         raise ConfirmationMissing("the operator's name or initials are missing (--operator NAME)")
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise ConfirmationMissing(_missing_message(list(CONFIRMATION_ITEMS)))
@@ -57,9 +67,9 @@ def check_confirmation(record: Any) -> Confirmation:
     unknown = [item for item in items if item not in CONFIRMATION_ITEMS]
     if unknown:
         raise ConfirmationMissing(f"unknown confirmation items {unknown}; known: {list(CONFIRMATION_ITEMS)}")
-    if not isinstance(stamp, (int, float)):
-        raise ConfirmationMissing("the confirmation has no time")
-    return Confirmation(operator.strip(), tuple(CONFIRMATION_ITEMS), float(stamp))
+    if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not 1e9 <= stamp <= 1e11:  # NaN fails too
+        raise ConfirmationMissing(f"the confirmation's time is not a Unix time in seconds: {printable(repr(stamp))}")
+    return Confirmation(printable(operator), tuple(CONFIRMATION_ITEMS), float(stamp))
 
 
 def _missing_message(missing: Sequence[str]) -> str:

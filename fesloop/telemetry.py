@@ -66,6 +66,7 @@ def config_json(config: Config) -> str:
 class Counts:
     pushed: int = 0  # samples handed to liblsl while the outlet had a consumer
     dropped: int = 0  # samples dropped because the queue was full
+    failed: int = 0  # items liblsl refused (e.g. text it cannot encode): dropped, publishing goes on
 
 
 class Telemetry:
@@ -185,7 +186,12 @@ class Telemetry:
             for key, outlet in list(self._outlets.items()):  # a copy: the loop may add outlets meanwhile
                 self._consumed[key] = outlet.have_consumers()
             while self._queue:
-                self._push(*self._queue.popleft())
+                key, data, time_s = self._queue.popleft()
+                try:
+                    self._push(key, data, time_s)
+                except Exception:  # one bad item must not end this process's LSL publishing
+                    if key in self.counts:
+                        self.counts[key].failed += 1
             if closing:
                 return
 
@@ -199,18 +205,18 @@ class Telemetry:
             return
         counts = self.counts[key]
         if isinstance(data, np.ndarray):
-            counts.pushed += len(data)
             if np.ndim(time_s):
                 for sample, t in zip(data, time_s):
                     outlet.push_sample(sample, float(t))
             else:
                 outlet.push_chunk(data, time_s)
+            counts.pushed += len(data)
         elif key == self._status:
-            counts.pushed += 1
             outlet.push_sample([json.dumps({**data, "lsl": self.summary()}, default=str)], time_s)
-        else:
             counts.pushed += 1
+        else:
             outlet.push_sample([data], time_s)
+            counts.pushed += 1
 
     def _push_counters(self, counters: dict[str, float], time_s: float) -> None:
         """One sample of the numeric counters; the first one fixes the channels (names sorted)."""

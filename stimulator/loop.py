@@ -19,7 +19,7 @@ import zmq
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.runtime import HOLD_AUTO_ARM_ENV, LatencyWindow, ProcessRuntime, setup_logging
-from fesloop.session import ConfirmationMissing, check_confirmation
+from fesloop.session import ConfirmationMissing, check_confirmation, printable
 from fesloop.sockets import ControlRefused, Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 from stimulator.drivers.base import Driver, DriverFault
@@ -78,7 +78,7 @@ class Stimulator:
         handlers["arm"] = lambda r: self._control(lambda: self._arm(r))
         handlers["override_dose"] = lambda r: self._control(lambda: self._override_dose(r))
         handlers["disarm"] = lambda _r: self._control(self.kernel.disarm)
-        handlers["stop"] = lambda r: self._control(lambda: self.kernel.stop(str(r.get("reason", "stop requested"))))
+        handlers["stop"] = lambda r: self._control(lambda: self.kernel.stop(_stop_reason(r)))
         handlers["reset"] = lambda _r: self._control(self.kernel.reset)
         self.rt.status_fields = self._status
 
@@ -100,12 +100,12 @@ class Stimulator:
         channel, operator, reason = request.get("channel"), request.get("operator"), request.get("reason")
         if channel not in self.dose.names:
             raise SafetyRefused(f"override_dose: channel must be one of {self.dose.names}, got {channel!r}")
-        if not isinstance(operator, str) or not operator.strip() or not isinstance(reason, str) or not reason.strip():
+        if not isinstance(operator, str) or not printable(operator) or not isinstance(reason, str) or not printable(reason):
             raise SafetyRefused("override_dose needs the operator's name and a reason, both on record")
         if not self.dose.exhausted[self.dose.names.index(channel)]:  # else each call would restart its allowance
             raise SafetyRefused(f"override_dose: {channel} has reached no dose limit, there is nothing to lift")
         self.dose.override(channel, self.rt.clock.now())
-        self._session_events.append(f"dose limit overridden for {channel} by {operator.strip()}: {reason.strip()}")
+        self._session_events.append(f"dose limit overridden for {channel} by {printable(operator)}: {printable(reason)}")
 
     def _control(self, action: Any) -> dict[str, Any]:
         """An operator's request; it also ends a pending ``arm_at_start`` (after stop and reset, only an arm arms)."""
@@ -273,3 +273,8 @@ def main(config: Config) -> int:
         setup_logging("stimulator").error("cannot open the %s driver: %s", config.stimulator.driver, exc)
         return 1
     return stimulator.run()
+
+
+def _stop_reason(request: dict[str, Any]) -> str:
+    """A stop's reason as the record can carry it; a stop is never refused for its text."""
+    return printable(request.get("reason", "")) or "stop requested"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -227,3 +228,20 @@ def test_non_finite_samples_ending_a_pull_are_reported_lost_in_the_next_block() 
     assert source.non_finite_samples == 21
     assert [(b.first_sample_index, b.lost_samples) for b in blocks if b.lost_samples] == [(40, 21)]
     assert sum(len(b.emg_uv) for b in blocks) == 39
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rate_hz", [1e6, 5.0])
+def test_a_stream_at_a_rate_no_emg_amplifier_has_is_refused(rate_hz: float) -> None:
+    """The acquisition passed any positive nominal rate on: a stream declaring 1e300 Hz killed the
+    controller (its filters cannot be designed there); the wire now refuses such chunks too."""
+    source_id = f"test-amp-{uuid.uuid4().hex[:8]}"
+    configure_machine_scope()
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo("test-amp", "EMG", N_CHANNELS, rate_hz, pylsl.cf_float32, source_id))
+    source = source_for(source_id)
+    try:
+        with pytest.raises(SourceError, match=re.escape(f"nominal rate of {rate_hz:g} Hz: EMG needs 10..100000 Hz")):
+            source.start(pylsl.local_clock())
+    finally:
+        source.stop()
+        del outlet

@@ -22,8 +22,10 @@ from fesloop.protocol import (
     MAGIC,
     MAX_CHANNELS,
     MAX_PULSES,
+    MAX_SAMPLING_RATE_HZ,
     MAX_SAMPLES,
     MAX_STATUS_BYTES,
+    MIN_SAMPLING_RATE_HZ,
     TOPICS,
     VERSION,
     Command,
@@ -55,6 +57,7 @@ finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 unit32 = st.floats(0.0, 1.0, width=32)
 nonneg32 = st.floats(0.0, allow_nan=False, allow_infinity=False, width=32)
 positive64 = st.floats(0.0, exclude_min=True, allow_nan=False, allow_infinity=False)
+emg_rates = st.floats(MIN_SAMPLING_RATE_HZ, MAX_SAMPLING_RATE_HZ)
 
 
 @st.composite
@@ -65,7 +68,7 @@ def emg_chunks(draw, max_samples: int = 64, max_channels: int = 16) -> EmgChunk:
         first_sample_index=draw(st.integers(0, 2**64 - 1)),
         first_sample_time_s=draw(finite64),
         arrival_time_s=draw(finite64),
-        sampling_rate_hz=draw(positive64),
+        sampling_rate_hz=draw(emg_rates),
         data=data,
     )
 
@@ -213,7 +216,7 @@ def assert_safe(message: Message) -> None:
         assert body.data.ndim == 2 and body.data.size > 0
         assert np.isfinite(body.data).all()
         assert math.isfinite(body.first_sample_time_s) and math.isfinite(body.arrival_time_s)
-        assert math.isfinite(body.sampling_rate_hz) and body.sampling_rate_hz > 0
+        assert MIN_SAMPLING_RATE_HZ <= body.sampling_rate_hz <= MAX_SAMPLING_RATE_HZ
     elif isinstance(body, Command):
         assert message.header.kind is Kind.COMMAND
         assert math.isfinite(body.newest_emg_time_s)
@@ -452,9 +455,11 @@ def test_non_finite_emg_times_are_rejected(field, bad):
     rejected([b"emg", emg_payload(np.zeros((4, 2)), **{field: bad})])
 
 
-@pytest.mark.parametrize("fs", [0.0, -2000.0, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("fs", [0.0, -2000.0, math.nan, math.inf, -math.inf, 9.99, 100_000.1, 1e300])
 def test_bad_sampling_rate_is_rejected(fs):
-    rejected([b"emg", emg_payload(np.zeros((4, 2)), fs=fs)])
+    """1e300 Hz passed and killed the controller (its filters cannot be designed at that rate)."""
+    error = rejected([b"emg", emg_payload(np.zeros((4, 2)), fs=fs)])
+    assert "EMG sampling rate" in error.reason and "not within 10..100000 Hz" in error.reason
 
 
 @pytest.mark.parametrize(

@@ -74,8 +74,26 @@ def test_pushes_reach_a_consumer_and_counts_match(tmp_path) -> None:
     assert np.allclose(stamps[:, -1], now + np.arange(50) * 0.01)
     assert markers.samples == [["onset a"]]
     final = json.loads(status.samples[-1][0])
-    assert final["lsl"]["envelope"] == {"pushed": 500, "dropped": 0}
+    assert final["lsl"]["envelope"] == {"pushed": 500, "dropped": 0, "failed": 0}
     assert final["lsl"]["controller-markers"]["pushed"] == 1
+
+
+def test_an_item_liblsl_refuses_is_counted_and_publishing_goes_on() -> None:
+    """A stop reason with a lone surrogate ('x\\ud800', sent by any client allowed to stop) made
+    push_sample raise UnicodeEncodeError on the publishing thread: it died, and every later marker,
+    status and pulse was missing from the recording."""
+    config = load_config(CONFIGS / "demo.toml")
+    name = f"telemetry{time.monotonic_ns()}"
+    telemetry = Telemetry(dataclasses.replace(config, name=name), "stimulator")
+    markers = Puller(stream_name(name, "stimulator-markers"))
+    wait_until(lambda: telemetry._outlets["stimulator-markers"].have_consumers(), 5, what="consumer")
+    now = pylsl.local_clock()
+    telemetry.marker("ARMED -> STOPPED: x\ud800", now)
+    telemetry.marker("STOPPED -> DISARMED: reset", now + 0.01)
+    telemetry.close({"time_s": now + 1})
+    markers.join()
+    assert markers.samples == [["STOPPED -> DISARMED: reset"]]
+    assert telemetry.counts["stimulator-markers"].failed == 1 and telemetry.counts["stimulator-markers"].pushed == 1
 
 
 def test_unknown_stream_is_refused() -> None:
