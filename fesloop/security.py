@@ -71,10 +71,32 @@ def generate_keys(directory: Path, names: tuple[str, ...] = PROCESS_ROLES + DEFA
 
 def _refuse_writable_by_others(path: Path, what: str) -> None:
     """The key files are the allow-list: whoever may write one, or the directory holding
-    them, may list a key of their own (and get the operator's rights)."""
-    mode = stat.S_IMODE(path.stat().st_mode)
+    them, may list a key of their own (and get the operator's rights). So may its owner,
+    if that is another account (the mode bits do not stop an owner)."""
+    status = path.stat()
+    mode = stat.S_IMODE(status.st_mode)
     if mode & 0o022:
         raise SecurityError(f"{what} {path} is writable by group or others (mode {mode:04o}): chmod go-w {path}")
+    _refuse_owned_by_others(path, status, what)
+
+
+def _refuse_owned_by_others(path: Path, status: os.stat_result, what: str) -> None:
+    """``path`` must belong to this process's user or to root (POSIX; Windows has no owner ids here)."""
+    if hasattr(os, "geteuid") and status.st_uid not in (os.geteuid(), 0):
+        raise SecurityError(
+            f"{what} {path} belongs to uid {status.st_uid}, not to this user (uid {os.geteuid()}) or root: "
+            "its owner could list a key of their own"
+        )
+
+
+def _refuse_replaceable_directory(directory: Path) -> None:
+    """No folder above the key directory may let another account swap it (as OpenSSH's StrictModes):
+    each belongs to this user or root, and is not writable by others unless sticky (/tmp)."""
+    for parent in directory.resolve().parents:
+        status = parent.stat()
+        _refuse_owned_by_others(parent, status, "folder")
+        if stat.S_IMODE(status.st_mode) & 0o022 and not status.st_mode & stat.S_ISVTX:
+            raise SecurityError(f"folder {parent} above the keys is writable by group or others: chmod go-w {parent}")
 
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
@@ -165,6 +187,7 @@ class Security:
         assert secret is not None
         self.secret = secret
         _refuse_writable_by_others(keys_dir, "key directory")
+        _refuse_replaceable_directory(keys_dir)
         names = [*PROCESS_ROLES, *(c.key for c in config.clients)]
         self.public_keys = {name: _load(keys_dir / f"{name}.key", secret=False)[0] for name in names}
         self._names_by_key = {key.decode(): name for name, key in self.public_keys.items()}

@@ -8,6 +8,7 @@ each denial is counted in status and logged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -88,6 +89,40 @@ def test_an_allow_list_others_may_write_is_refused(secured_config, keys_dir: Pat
     expected = f"{what} {path} is writable by group or others (mode {mode:04o}): chmod go-w {path}"
     with pytest.raises(SecurityError, match=re.escape(expected)):
         Security(config.security, "stimulator")
+
+
+def _owned_by_another_account(path: Path, monkeypatch) -> int:
+    """Make ``path`` another account's: chown it as root, else make this process look like another user."""
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        return 65534
+    monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)
+    return path.stat().st_uid
+
+
+@pytest.mark.parametrize("name", ["operator.key", ""], ids=["public-key", "directory"])
+def test_an_allow_list_another_account_owns_is_refused(secured_config, keys_dir: Path, monkeypatch, name: str) -> None:
+    """Mode bits do not stop an owner: a key file or directory of another account (modes 0644/0700 as
+    asked) let that account write its own key into operator.key and arm, reset and shut down."""
+    config = load_config(secured_config())
+    path = keys_dir / name if name else keys_dir
+    uid = _owned_by_another_account(path, monkeypatch)
+    with pytest.raises(SecurityError, match=re.escape(f"{path} belongs to uid {uid}, not to this user")):
+        Security(config.security, "stimulator")
+
+
+def test_keys_in_a_folder_others_may_rename_are_refused(secured_config, keys_dir: Path, tmp_path: Path) -> None:
+    """Whoever may write a folder above the keys may swap the whole key directory for their own."""
+    config = load_config(secured_config())
+    open_folder = tmp_path / "shared"
+    open_folder.mkdir()
+    moved = keys_dir.rename(open_folder / "keys")
+    open_folder.chmod(0o777)
+    security = dataclasses.replace(config.security, keys_dir=str(moved))
+    with pytest.raises(SecurityError, match=re.escape(f"folder {open_folder} above the keys is writable by group or others")):
+        Security(security, "stimulator")
+    open_folder.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is not theirs
+    assert Security(security, "stimulator").role == "stimulator"
 
 
 @pytest.mark.timeout(30)
