@@ -219,7 +219,7 @@ class ClockSync:
         sent_s = self._clock.now()
         try:
             reply = client.request("clock", timeout_s=PROBE_TIMEOUT_S)
-        except ControlTimeout:
+        except (ControlTimeout, ValueError):  # no reply, or one that is not JSON: no probe
             return
         received_s = self._clock.now()
         try:

@@ -6,6 +6,7 @@ tests/faults/test_cross_host.py.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -147,3 +148,27 @@ def test_a_probing_thread_that_fails_forgets_every_offset_and_says_why() -> None
         ctx.destroy(linger=0)
     assert sync.status()["failure"] == "clock probing stopped: RuntimeError: clock read failed"
     assert not sync.peers["acquisition"].known
+
+
+@pytest.mark.timeout(20)
+def test_a_reply_that_is_not_json_is_no_probe_and_probing_goes_on() -> None:
+    """A garbled reply raised out of the probe and ended the probing thread for good."""
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.bind(endpoint)
+    sync = ClockSync(ctx, LslClock(), {"stimulator": endpoint}).start()
+    try:
+        for reply in (b"\xff\xfe", b"not json"):
+            assert rep.poll(5000)
+            rep.recv()
+            rep.send(reply)
+        assert rep.poll(5000)  # asked again: the thread lives
+        rep.recv()
+        rep.send(json.dumps({"now_s": LslClock().now() + 7.0, "clock_id": "other-pc/boot"}).encode())
+        wait_until(lambda: sync.synchronized, 5, what="the offset")
+    finally:
+        sync.stop()
+        rep.close(linger=0)
+        ctx.destroy(linger=0)
+    assert sync.peers["stimulator"].offset_s == pytest.approx(7.0, abs=0.01) and "failure" not in sync.status()
