@@ -97,6 +97,7 @@ class Supervisor:
         self.failures: list[str] = []
         self.stop_requested = False
         self._faults_seen: set[str] = set()
+        self._faults_noted = 0  # of the stimulator's fault_count
         self.recorder = Recorder(record, config) if record is not None else None
 
     def _endpoint(self, role: str) -> str:
@@ -151,10 +152,19 @@ class Supervisor:
         return format_status_line(elapsed_s, by_role["controller"], by_role["stimulator"], by_role["acquisition"])
 
     def _note_faults(self) -> None:
-        stim = next(c for c in self.children if c.role == "stimulator").last_status
-        if stim.get("state") == "FAULT" and stim.get("fault_reason") not in self._faults_seen:
-            self._faults_seen.add(stim["fault_reason"])
-            self.failures.append(f"stimulator FAULT: {stim['fault_reason']}")
+        """Every FAULT the stimulator latched since the last look (its count, not its state at 5 Hz:
+        one latched and reset between two polls, or in the last poll period, counts too)."""
+        stim = self._stimulator().last_status
+        new = stim.get("fault_count", 0) - self._faults_noted
+        if new <= 0:
+            return
+        self._faults_noted += new
+        reasons = stim.get("recent_faults", [])[-new:]
+        for reason in reasons:
+            self._faults_seen.add(reason)
+            self.failures.append(f"stimulator FAULT: {reason}")
+        if new > len(reasons):
+            self.failures.append(f"stimulator: {new - len(reasons)} more FAULTs (reasons no longer in its status)")
 
     def monitor(self, duration_s: float | None) -> None:
         start = time.monotonic()
@@ -224,7 +234,7 @@ class Supervisor:
         for r in rows:
             lines.append(
                 f"| {r['channel']} | {r['stimulated_s']:.1f} | {r['charge_mc']:.3f} | {r['pulses']} | "
-                f"{r['peak_ma']:.0f} | {r['mean_ma']:.1f} | {r['limit_reached'] or '-'} | {r['overrides']} |"
+                f"{r['peak_ma']:.1f} | {r['mean_ma']:.1f} | {r['limit_reached'] or '-'} | {r['overrides']} |"
             )
         faults = sorted(self._faults_seen)
         lines += ["", "Faults: " + ("; ".join(faults) if faults else "none")]
@@ -247,6 +257,7 @@ class Supervisor:
             except ControlTimeout:
                 self.failures.append("the stimulator did not answer disarm at shutdown: terminated")
             self._poll_status(stimulator, timeout_s=1.0)  # the final dose totals for the summary
+            self._note_faults()  # one latched since the last poll (a frozen controller just before the stop)
         for child in self.children:
             if child.process.poll() is None:
                 try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from fesloop.protocol import Command, GateReason
 from fesloop.schema import check_ranges
 from stimulator.limits import DeviceLimits, check_channel
 from stimulator.mapping import clamp_ma, intensity_to_ma
+
+RECENT_FAULTS = 16  # fault reasons kept for the status (fault_count counts them all)
 
 
 class StimState(enum.Enum):
@@ -80,6 +83,8 @@ class SafetyKernel:
 
         self.state = StimState.DISARMED
         self.fault_reason = ""
+        self.fault_count = 0  # FAULTs latched since start: a reset in between does not hide one
+        self.recent_faults: deque[str] = deque(maxlen=RECENT_FAULTS)
         self.output_ma = np.zeros(self.n_channels)
         self.last_seq = -1  # no command accepted yet
         self.accepted = 0
@@ -224,6 +229,8 @@ class SafetyKernel:
         """Latched fault, output zero at once. The first cause is kept; STOPPED stays STOPPED."""
         if self.state not in (StimState.FAULT, StimState.STOPPED):
             self.fault_reason = reason
+            self.fault_count += 1
+            self.recent_faults.append(reason)
             self._enter(StimState.FAULT, reason)
 
     def reset(self) -> None:
@@ -256,6 +263,8 @@ class SafetyKernel:
         return {
             "state": self.state.value,
             "fault_reason": self.fault_reason,
+            "fault_count": self.fault_count,
+            "recent_faults": list(self.recent_faults),
             "output_ma": self.output_ma.tolist(),
             "accepted": self.accepted,
             "rejected": self.rejected,

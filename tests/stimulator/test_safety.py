@@ -433,11 +433,27 @@ def test_snapshot_is_json() -> None:
     assert snap == {
         "state": "ARMED",
         "fault_reason": "",
+        "fault_count": 0,
+        "recent_faults": [],
         "output_ma": [40.0, 30.0],
         "accepted": 61,
         "rejected": 1,
         "last_seq": 61,
     }
+
+
+def test_every_fault_is_counted_and_kept_even_after_a_reset() -> None:
+    """A FAULT latched and reset between two looks at the state must still be seen (the supervisor
+    polls at 5 Hz and reports what the count says)."""
+    loop = Loop()
+    loop.armed_at_full()
+    loop.tick(0.2)  # no command within the deadline
+    loop.kernel.reset()
+    loop.kernel.fault("device error")
+    loop.kernel.fault("a second cause while latched: not a new fault")
+    snap = loop.kernel.snapshot()
+    assert snap["fault_count"] == 2
+    assert snap["recent_faults"] == ["no fresh command within 100 ms", "device error"]
 
 
 # -- property: arbitrary command streams and control requests ---------------------------
