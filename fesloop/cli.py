@@ -45,8 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("request", choices=CONTROL_COMMANDS)
     override = control.add_argument_group("override_dose (stimulator): all three are required and logged")
     override.add_argument("--channel", help="stimulation channel whose reached dose limit to lift")
-    override.add_argument("--operator", help="who decides (name or initials)")
+    override.add_argument("--operator", help="who decides (name or initials); also who confirms an arm")
     override.add_argument("--reason", help="why, in words that will be on record")
+    control.add_argument(
+        "--confirm", action="append", default=[], metavar="ITEM",
+        help="arm (a real stimulator): confirm one pre-session item, once per item: " + ", ".join(CONFIRMATION_ITEMS),
+    )  # fmt: skip
     from fesloop import calibrate_cli, replay_cli
 
     replay = sub.add_parser("replay", help="run a recording through the controller's estimator offline")
@@ -131,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         client = ControlClient(zmq.Context.instance(), endpoint, security, server=args.process)
         try:
             extra = {k: v for k in ("channel", "operator", "reason") if (v := getattr(args, k)) is not None}
+            if args.request == "arm" and args.process == "stimulator" and config.stimulator.driver != "simulated":
+                try:  # as `fesloop run` does: from the flags, or asked at a terminal
+                    extra = {"confirmation": confirm(args.operator, args.confirm, sys.stdin.isatty()).as_dict()}
+                except ConfirmationMissing as exc:
+                    sys.exit(f"fesloop control: {exc}")
             reply = client.request(args.request, timeout_s=2.0, **extra)
         except ControlTimeout as exc:
             sys.exit(f"fesloop: {exc}")

@@ -151,6 +151,32 @@ def test_run_arms_a_real_stimulator_only_with_every_confirmation_and_records_the
     assert "| quadriceps_l |" in result.stdout  # the session summary
 
 
+def test_control_arms_a_real_stimulator_with_the_operator_confirmation(write_config, processes) -> None:
+    """`fesloop control CONFIG stimulator arm` could never arm a real stimulator (run alone, or again
+    after a FAULT and reset): the stimulator asked for --confirm items that `control` did not accept."""
+    from stimulator.rehastim2_emulator import PtyEmulator
+
+    with PtyEmulator() as emulator:
+        path = write_config(
+            "demo.toml",
+            {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = false",
+             'driver = "simulated"': f'driver = "rehastim2"\nserial_port = "{emulator.path}"'},
+        )  # fmt: skip
+        processes.start_loop(path)
+        control = [sys.executable, "-m", "fesloop", "control", str(path), "stimulator", "arm"]
+        confirms = [a for item in ("no-implant", "electrodes-checked", "stop-button") for a in ("--confirm", item)]
+
+        def arm(*flags: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*control, *flags], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=30)
+
+        refused = arm("--operator", "TS", "--confirm", "no-implant")
+        wait_until(lambda: arm("--operator", "TS", *confirms).returncode == 0, 30, what="an arm with confirmation")
+        wait_until(lambda: emulator.device.stimulating, 20, what="the device to stimulate")
+    assert refused.returncode != 0 and "--confirm electrodes-checked" in refused.stderr
+    assert "--confirm stop-button" in refused.stderr and "fesloop control:" in refused.stderr
+
+
 def test_override_dose_from_the_command_line_gives_the_channel_a_fresh_allowance(write_config, processes) -> None:
     dose = f"\n[stimulator.dose]\nmax_stimulation_s = 0.0\nmax_charge_mc = {CHARGE_LIMIT_MC}\n"
     path = write_config("demo.toml", {**LONG_CONTRACTION, "arm_at_start = true": "arm_at_start = true" + dose})
