@@ -128,12 +128,38 @@ class Supervisor:
         return True
 
     def _poll_status(self, child: Child, timeout_s: float = 0.2) -> dict[str, Any]:
+        """The child's status; a reply from another process on its port (another session on the same
+        config) is never taken for it: nothing is sent there on the strength of it."""
         try:
             reply = child.client.request("status", timeout_s=timeout_s)
         except ControlTimeout:
             return child.last_status
+        if reply.get("pid") != child.process.pid:
+            note = (
+                f"another process (pid {reply.get('pid')}) answers on the {child.role}'s control port: "
+                "is another session running on these ports?"
+            )
+            if note not in self.failures:
+                self.failures.append(note)
+            return child.last_status
         child.last_status = reply
         return reply
+
+    @staticmethod
+    def _answers_for_itself(child: Child) -> bool:
+        """Whether the child itself was heard on its control port (not another session's process)."""
+        return child.last_status.get("pid") == child.process.pid
+
+    def _asked_to_shut_down(self, child: Child) -> bool:
+        """Ask the child to shut down over its port, only if it answers there itself (else a signal
+        reaches it alone)."""
+        if not self._answers_for_itself(child):
+            return False
+        try:
+            child.client.request("shutdown", timeout_s=1.0)
+        except ControlTimeout:
+            return False
+        return True
 
     def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -251,7 +277,7 @@ class Supervisor:
     def shutdown(self) -> None:
         """Stimulator first (output to zero), then the others; kill what will not stop."""
         stimulator = self._stimulator() if self.children else None
-        if stimulator is not None and stimulator.process.poll() is None:
+        if stimulator is not None and stimulator.process.poll() is None and self._answers_for_itself(stimulator):
             try:  # output to zero before anything else; then no pulse is missing from the final totals
                 stimulator.client.request("disarm", timeout_s=1.0)
             except ControlTimeout:
@@ -260,9 +286,7 @@ class Supervisor:
             self._note_faults()  # one latched since the last poll (a frozen controller just before the stop)
         for child in self.children:
             if child.process.poll() is None:
-                try:
-                    child.client.request("shutdown", timeout_s=1.0)
-                except ControlTimeout:
+                if not self._asked_to_shut_down(child):
                     child.process.terminate()
                 try:
                     child.process.wait(STOP_TIMEOUT_S)

@@ -53,3 +53,28 @@ def test_a_fault_latched_just_before_ctrl_c_fails_the_run(write_config) -> None:
     assert run.returncode == 1, output
     assert "fesloop: stimulator FAULT: no fresh command within 100 ms" in output
     assert "Faults: no fresh command within 100 ms" in output and "stopped with failures" in output
+
+
+@pytest.mark.timeout(90)
+def test_a_second_run_on_the_same_ports_leaves_the_first_session_alone(write_config, processes) -> None:
+    """A second `fesloop run` on the same config: its children could not bind, but its supervisor took
+    the first session's status replies for its own children's and, stopping, sent them disarm and
+    shutdown: the first session's stimulator latched FAULT mid-stimulation."""
+    path = write_config("demo.toml", long_contraction(start_s=0.0))
+    config = load_config(path)
+    first = processes.start_loop(path)
+    ctx = zmq.Context()
+    stimulator = ControlClient(ctx, config.endpoints.stimulator_control)
+    try:
+        wait_until(lambda: stimulator.request("status", timeout_s=2.0).get("pulses_delivered", 0) > 10, 30,
+                   what="the first session stimulating")
+        second = subprocess.run([sys.executable, "-m", "fesloop", "run", str(path), "--duration", "3"],
+                                capture_output=True, text=True, timeout=60)
+        after = stimulator.request("status", timeout_s=2.0)
+    finally:
+        stimulator.close()
+        ctx.destroy(linger=0)
+    assert second.returncode != 0
+    assert "another process" in second.stdout and "is another session running on these ports?" in second.stdout
+    assert after["state"] == "ARMED" and after["fault_count"] == 0 and after["pid"] == first["stimulator"]
+    assert all(process.poll() is None for process in processes.started)  # the first session runs on
