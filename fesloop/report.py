@@ -156,8 +156,10 @@ def summary_markdown(session: Session, figures: list[Path]) -> str:
     events = [(t, p, text) for t, p, text in session.markers() if any(n in text for n in notable)]
     lines += [f"| {t:.3f} | {p} | {text} |" for t, p, text in events] or ["| - | - | none |"]
     dropped = sum(c.get("dropped", 0) for c in counts.values())
+    failed = sum(c.get("failed", 0) for c in counts.values())
     lines += ["", f"- EMG samples lost at the source: {acquisition.get('lost_samples', '?')} in {acquisition.get('gaps', '?')} gaps",
-              f"- samples dropped on the way to LSL (full queue): {dropped}", "", "## Figures", ""]
+              f"- samples dropped on the way to LSL (full queue): {dropped}",
+              f"- items liblsl refused (not in the recording): {failed}", "", "## Figures", ""]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     return "\n".join(lines) + "\n"
 

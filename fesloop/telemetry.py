@@ -191,7 +191,9 @@ class Telemetry:
                     self._push(key, data, time_s)
                 except Exception:  # one bad item must not end this process's LSL publishing
                     if key in self.counts:
-                        self.counts[key].failed += 1
+                        size = len(data) if isinstance(data, np.ndarray) else 1
+                        self.counts[key].pushed -= size  # counted on its way in
+                        self.counts[key].failed += size
             if closing:
                 return
 
@@ -205,18 +207,18 @@ class Telemetry:
             return
         counts = self.counts[key]
         if isinstance(data, np.ndarray):
+            counts.pushed += len(data)
             if np.ndim(time_s):
                 for sample, t in zip(data, time_s):
                     outlet.push_sample(sample, float(t))
             else:
                 outlet.push_chunk(data, time_s)
-            counts.pushed += len(data)
         elif key == self._status:
+            counts.pushed += 1  # before the summary is taken: the final status counts itself
             outlet.push_sample([json.dumps({**data, "lsl": self.summary()}, default=str)], time_s)
-            counts.pushed += 1
         else:
-            outlet.push_sample([data], time_s)
             counts.pushed += 1
+            outlet.push_sample([data], time_s)
 
     def _push_counters(self, counters: dict[str, float], time_s: float) -> None:
         """One sample of the numeric counters; the first one fixes the channels (names sorted)."""

@@ -81,7 +81,7 @@ def test_sample_counts_match_what_each_process_published(recording) -> None:
         final = json.loads(streams[stream_name(config.name, f"{process}-status")]["time_series"][-1][0])
         for key in keys:
             recorded = len(streams[stream_name(config.name, key)]["time_stamps"])
-            assert final["lsl"][key] == {"pushed": recorded, "dropped": 0}, (process, key)
+            assert final["lsl"][key] == {"pushed": recorded, "dropped": 0, "failed": 0}, (process, key)
     fs_hz = config.acquisition.simulated.sampling_rate_hz
     assert len(streams[stream_name(config.name, "emg")]["time_stamps"]) > 6 * fs_hz
     assert len(streams[stream_name(config.name, "pulses")]["time_stamps"]) > 30
@@ -148,6 +148,7 @@ def test_report_writes_figures_and_summary(recording, tmp_path) -> None:
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "p50" in summary and "| emg | EMG |" in summary
     assert "samples dropped on the way to LSL (full queue): 0" in summary
+    assert "items liblsl refused (not in the recording): 0" in summary
 
 
 @pytest.mark.timeout(120)
