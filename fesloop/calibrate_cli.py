@@ -33,6 +33,7 @@ from fesloop import protocol
 from fesloop.arguments import require_number
 from fesloop.config import Config
 from fesloop.lsl import make_outlet
+from fesloop.security import Security, SecurityError
 from fesloop.sockets import StreamCounters, drain, subscriber
 from fesloop.telemetry import LINGER_S, config_json, stream_name
 
@@ -128,8 +129,13 @@ def record(
     # and the estimator brings scipy.signal (~0.7 s) that only a calibration needs.
     from controller.estimator import EmgEstimator
 
+    # With [security] keys the acquisition admits the process and client keys only: this is the operator.
+    security = Security.for_role(config.security, config.security.operator_key)
     ctx = zmq.Context()
-    sock = subscriber(ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], hwm=10000)
+    sock = subscriber(
+        ctx, config.endpoints.emg, [protocol.TOPICS[protocol.Kind.EMG]], hwm=10000, security=security,
+        server="acquisition",
+    )  # fmt: skip
     counters = StreamCounters()
     collected = [PhaseSamples() for _ in phases]
     estimator: EmgEstimator | None = None
@@ -275,6 +281,9 @@ def main(config: Config, args: argparse.Namespace) -> int:
     try:
         collected, fs_hz = record(config, phases, args.timeout_s, markers)
         calibration = compute(config, str(args.config), phases, collected, fs_hz)
+    except SecurityError as exc:
+        markers.close()
+        sys.exit(f"fesloop calibrate: {exc}")
     except CalibrationError as exc:
         markers.mark(f"calibration refused: {exc}", pylsl.local_clock())
         markers.close()

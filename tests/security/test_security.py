@@ -351,3 +351,19 @@ def test_fesloop_run_with_keys_supervises_and_stimulates_using_the_operator_key(
     assert pulses > 20, row  # the first muscle contracts from 0.5 s: stimulated under CurveZMQ
     assert "DENIED" not in result.stdout + result.stderr  # every party used its own listed key
     assert "Faults: none" in result.stdout
+
+
+@pytest.mark.timeout(90)
+def test_calibrate_listens_to_a_secured_acquisition_with_the_operator_key(write_config, keys_dir, processes,
+                                                                           tmp_path: Path) -> None:
+    """`fesloop calibrate` subscribed without keys: with [security] set it never received EMG (no
+    calibration possible on a secured rig, across hosts or not)."""
+    from tests.controller.test_calibrate import _calibrate, _write
+    from tests.security.conftest import SECURITY_SECTION
+
+    path = _write(write_config, contracting=True)
+    path.write_text(path.read_text() + SECURITY_SECTION.format(keys=keys_dir))
+    out = tmp_path / "calibration.json"
+    result = _calibrate(path, out, processes)
+    assert result.returncode == 0, result.stdout + result.stderr + processes.log("acquisition")
+    assert json.loads(out.read_text())["muscles"][0]["mvc_uv"] > 100.0
