@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import zmq
 
 from fesloop.config import Config
+from fesloop.console import DetachedOutput
 from fesloop.record import Recorder, RecordingError
 from fesloop.runtime import HOLD_AUTO_ARM_ENV, PARENT_PID_ENV
 from fesloop.session import Confirmation
@@ -78,6 +79,12 @@ def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, An
     )
 
 
+CONSOLE_DRAIN_S = 5.0  # at exit, how long the last lines may take to reach a slow or blocked stdout
+# SIGHUP (the terminal closed, an ssh session dropped) stops the session in order too (POSIX only).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+_OWN_PROCESS_GROUP: dict[str, Any] = {"process_group": 0} if os.name == "posix" else {}
+
+
 class Supervisor:
     def __init__(
         self,
@@ -91,7 +98,7 @@ class Supervisor:
         self.confirmation = confirmation  # required to arm a real stimulator
         self._skin_check_shown = False
         self.config_path = config_path
-        self.out = out
+        self.out = DetachedOutput(out)  # the stop path never waits for a terminal or pipe
         self.ctx = zmq.Context()
         self.children: list[Child] = []
         self.failures: list[str] = []
@@ -109,7 +116,11 @@ class Supervisor:
             env[HOLD_AUTO_ARM_ENV] = "1"  # armed by _start_recording, once the recording runs
         security = Security.for_role(self.config.security, self.config.security.operator_key)
         for role in ROLES:
-            process = subprocess.Popen([sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env)
+            # A process group of its own: signals to the terminal's group (Ctrl+C, a closed terminal's
+            # SIGHUP, `timeout`) reach the supervisor only, which stops the stimulator first.
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env, **_OWN_PROCESS_GROUP
+            )
             self.children.append(Child(role, process, ControlClient(self.ctx, self._endpoint(role), security, role)))
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -332,7 +343,7 @@ class Supervisor:
             self.out.write(f"fesloop: recorded {self.recorder.path}\n")
 
     def run(self, duration_s: float | None) -> int:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self.start()
             if self.wait_ready() and self._start_recording() and self._arm_real_device():
@@ -348,4 +359,5 @@ class Supervisor:
         for failure in self.failures:
             self.out.write(f"fesloop: {failure}\n")
         self.out.write("fesloop: stopped" + (" with failures\n" if self.failures else " cleanly\n"))
+        self.out.close(CONSOLE_DRAIN_S)
         return 1 if self.failures else 0

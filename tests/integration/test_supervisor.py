@@ -77,6 +77,20 @@ def test_sigint_stops_everything_cleanly(supervisor) -> None:
     assert not any(_alive(pid) for pid in pids.values())
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_to_the_terminals_process_group_stops_the_session_in_order(supervisor, signum) -> None:
+    """A closed terminal (SIGHUP) or `timeout`/systemd (SIGTERM) signals the whole group: the children
+    shared it, so SIGHUP killed the stimulator without zeroing its device (its watchdog stopped it 1.2 s
+    later) and SIGTERM could stop the controller before the stimulator. Now only the supervisor gets it."""
+    process, config = supervisor
+    pids = _child_pids(config)
+    os.killpg(process.pid, signum)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode()
+    assert b"stopped cleanly" in output and b"did not answer disarm" not in output
+    assert not any(_alive(pid) for pid in pids.values())
+
+
 def test_a_dying_child_stops_the_rest_and_fails_the_run(supervisor) -> None:
     process, config = supervisor
     pids = _child_pids(config)
@@ -120,3 +134,34 @@ def test_the_summary_counts_every_pulse_delivered_when_the_run_ends_while_stimul
     published = {stim.name: int(((channels == stim.device_channel) & (amplitudes > 0)).sum()) for stim in config.stimulation}
     assert published[config.stimulation[0].name] > 20  # it was stimulating when the run ended
     assert rows == published
+
+
+def test_a_stdout_nobody_reads_does_not_hold_up_the_stop(write_config) -> None:
+    """A launcher that captures stdout and never reads it: once the pipe was full the supervisor blocked
+    writing its status line, and SIGTERM, --duration or a dying child no longer stopped anything."""
+    import fcntl
+
+    path = write_config("demo.toml")
+    config = load_config(path)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 4096)  # full before the supervisor writes a byte
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    process = subprocess.Popen([sys.executable, "-m", "fesloop", "run", str(path)], stdout=write_end,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        pids = _child_pids(config)
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+        wait_until(lambda: not any(_alive(pid) for pid in pids.values()), 10, what="the children to stop")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        os.close(read_end)
+        os.close(write_end)
