@@ -10,6 +10,7 @@ themselves if the supervisor disappears, so none is ever orphaned.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -44,6 +45,7 @@ class Child:
     process: subprocess.Popen
     client: ControlClient
     last_status: dict[str, Any] = field(default_factory=dict)
+    heard_s: float = math.inf  # monotonic time of its last status reply (inf: not yet)
 
 
 def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, Any], acq: dict[str, Any]) -> str:
@@ -79,6 +81,7 @@ def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, An
     )
 
 
+SILENT_AFTER_S = 1.0  # a child whose last status reply is older is flagged on the status line
 CONSOLE_DRAIN_S = 5.0  # at exit, how long the last lines may take to reach a slow or blocked stdout
 # SIGHUP (the terminal closed, an ssh session dropped) stops the session in order too (POSIX only).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -153,7 +156,7 @@ class Supervisor:
             if note not in self.failures:
                 self.failures.append(note)
             return child.last_status
-        child.last_status = reply
+        child.last_status, child.heard_s = reply, time.monotonic()
         return reply
 
     @staticmethod
@@ -185,8 +188,12 @@ class Supervisor:
         return True
 
     def status_line(self, elapsed_s: float) -> str:
+        """The status line; a process that stopped answering is named with how long (its figures are old)."""
         by_role = {c.role: c.last_status for c in self.children}
-        return format_status_line(elapsed_s, by_role["controller"], by_role["stimulator"], by_role["acquisition"])
+        line = format_status_line(elapsed_s, by_role["controller"], by_role["stimulator"], by_role["acquisition"])
+        now_s = time.monotonic()
+        silent = [f"{c.role} {now_s - c.heard_s:.1f} s" for c in self.children if now_s - c.heard_s > SILENT_AFTER_S]
+        return line + (f" | NOT ANSWERING (figures are old): {', '.join(silent)}" if silent else "")
 
     def _note_faults(self) -> None:
         """Every FAULT the stimulator latched since the last look (its count, not its state at 5 Hz:

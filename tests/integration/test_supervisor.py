@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import zmq
@@ -89,6 +90,22 @@ def test_a_signal_to_the_terminals_process_group_stops_the_session_in_order(supe
     assert process.returncode == 0, output.decode()
     assert b"stopped cleanly" in output and b"did not answer disarm" not in output
     assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_a_child_that_stops_answering_is_flagged_on_the_status_line(supervisor) -> None:
+    """A frozen stimulator kept showing "stim ARMED" and its last mA, as if live."""
+    process, config = supervisor
+    pids = _child_pids(config)
+    time.sleep(1.5)  # status lines with every child answering
+    os.kill(pids["stimulator"], signal.SIGSTOP)
+    time.sleep(2.5)
+    os.kill(pids["stimulator"], signal.SIGCONT)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    lines = output.decode().splitlines()
+    flagged = [line for line in lines if "NOT ANSWERING (figures are old): stimulator" in line]
+    assert flagged and all("acquisition" not in line.split("NOT ANSWERING")[1] for line in flagged)
+    assert not any("NOT ANSWERING" in line for line in lines[: lines.index(flagged[0]) - 2])
 
 
 def test_a_dying_child_stops_the_rest_and_fails_the_run(supervisor) -> None:
