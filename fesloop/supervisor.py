@@ -108,6 +108,7 @@ class Supervisor:
         self.stop_requested = False
         self._faults_seen: set[str] = set()
         self._faults_noted = 0  # of the stimulator's fault_count
+        self._dose_final = False  # the stimulator answered after its output went to zero at shutdown
         self.recorder = Recorder(record, config) if record is not None else None
 
     def _endpoint(self, role: str) -> str:
@@ -280,6 +281,9 @@ class Supervisor:
                 f"| {r['channel']} | {r['stimulated_s']:.1f} | {r['charge_mc']:.3f} | {r['pulses']} | "
                 f"{r['peak_ma']:.1f} | {r['mean_ma']:.1f} | {r['limit_reached'] or '-'} | {r['overrides']} |"
             )
+        if not self._dose_final:
+            lines += ["", "INCOMPLETE: the stimulator did not answer at the end; these are its last figures, and the "
+                      "device may have stimulated after them until its own watchdog stopped it (RehaStim2: 1.2 s)."]
         faults = sorted(self._faults_seen)
         lines += ["", "Faults: " + ("; ".join(faults) if faults else "none")]
         return "\n".join(lines) + "\n"
@@ -300,7 +304,9 @@ class Supervisor:
                 stimulator.client.request("disarm", timeout_s=1.0)
             except ControlTimeout:
                 self.failures.append("the stimulator did not answer disarm at shutdown: terminated")
+            heard_s = stimulator.heard_s
             self._poll_status(stimulator, timeout_s=1.0)  # the final dose totals for the summary
+            self._dose_final = stimulator.heard_s != heard_s
             self._note_faults()  # one latched since the last poll (a frozen controller just before the stop)
         for child in self.children:
             if child.process.poll() is None:

@@ -74,7 +74,7 @@ def test_sigint_stops_everything_cleanly(supervisor) -> None:
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output.decode()
-    assert b"stopped cleanly" in output
+    assert b"stopped cleanly" in output and b"INCOMPLETE" not in output
     assert not any(_alive(pid) for pid in pids.values())
 
 
@@ -106,6 +106,17 @@ def test_a_child_that_stops_answering_is_flagged_on_the_status_line(supervisor) 
     flagged = [line for line in lines if "NOT ANSWERING (figures are old): stimulator" in line]
     assert flagged and all("acquisition" not in line.split("NOT ANSWERING")[1] for line in flagged)
     assert not any("NOT ANSWERING" in line for line in lines[: lines.index(flagged[0]) - 2])
+
+
+def test_the_summary_says_it_is_incomplete_when_the_stimulator_died(supervisor) -> None:
+    """The summary printed the stimulator's last polled totals as final after it was killed (the review's
+    emulated device had delivered 113 pulses against 73 in the summary, until its watchdog fired)."""
+    process, config = supervisor
+    pids = _child_pids(config)
+    os.kill(pids["stimulator"], signal.SIGKILL)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert b"INCOMPLETE: the stimulator did not answer at the end" in output and b"| quadriceps_l |" in output
 
 
 def test_a_dying_child_stops_the_rest_and_fails_the_run(supervisor) -> None:
