@@ -83,9 +83,11 @@ def format_status_line(elapsed_s: float, ctl: dict[str, Any], stim: dict[str, An
 
 SILENT_AFTER_S = 1.0  # a child whose last status reply is older is flagged on the status line
 CONSOLE_DRAIN_S = 5.0  # at exit, how long the last lines may take to reach a slow or blocked stdout
-# SIGHUP (the terminal closed, an ssh session dropped) stops the session in order too (POSIX only).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-_OWN_PROCESS_GROUP: dict[str, Any] = {"process_group": 0} if os.name == "posix" else {}
+# SIGHUP (the terminal closed, an ssh session dropped) and SIGTSTP (Ctrl+Z: a suspended supervisor would
+# leave the stimulation running unwatched) stop the session in order too (POSIX only).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGTSTP") if hasattr(signal, name)
+)
 
 
 class Supervisor:
@@ -120,10 +122,11 @@ class Supervisor:
             env[HOLD_AUTO_ARM_ENV] = "1"  # armed by _start_recording, once the recording runs
         security = Security.for_role(self.config.security, self.config.security.operator_key)
         for role in ROLES:
-            # A process group of its own: signals to the terminal's group (Ctrl+C, a closed terminal's
-            # SIGHUP, `timeout`) reach the supervisor only, which stops the stimulator first.
+            # A session of its own, without the terminal as its controlling terminal: the terminal's
+            # signals (Ctrl+C, Ctrl+Z, SIGHUP when it closes, SIGTTOU under `stty tostop`) reach the
+            # supervisor only, which stops the stimulator first.
             process = subprocess.Popen(
-                [sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env, **_OWN_PROCESS_GROUP
+                [sys.executable, "-m", "fesloop", role, str(self.config_path)], env=env, start_new_session=True
             )
             self.children.append(Child(role, process, ControlClient(self.ctx, self._endpoint(role), security, role)))
 
@@ -225,11 +228,9 @@ class Supervisor:
             self._remind_skin_check()
             line = self.status_line(now - start)
             if tty:
-                self.out.write("\r\033[K" + line)
-                self.out.flush()
+                self.out.status("\r\033[K" + line)
             elif now - last_print >= 1.0:
-                self.out.write(line + "\n")
-                self.out.flush()
+                self.out.status(line + "\n")
                 last_print = now
             time.sleep(max(0.0, STATUS_PERIOD_S - (time.monotonic() - now)))
         if tty:
@@ -372,5 +373,6 @@ class Supervisor:
         for failure in self.failures:
             self.out.write(f"fesloop: {failure}\n")
         self.out.write("fesloop: stopped" + (" with failures\n" if self.failures else " cleanly\n"))
-        self.out.close(CONSOLE_DRAIN_S)
+        if not self.out.close(CONSOLE_DRAIN_S):
+            print(f"fesloop: stdout did not take all output ({self.out.lost} writes refused)", file=sys.stderr)
         return 1 if self.failures else 0

@@ -78,11 +78,12 @@ def test_sigint_stops_everything_cleanly(supervisor) -> None:
     assert not any(_alive(pid) for pid in pids.values())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGTSTP], ids=["SIGHUP", "SIGTERM", "SIGTSTP"])
 def test_a_signal_to_the_terminals_process_group_stops_the_session_in_order(supervisor, signum) -> None:
-    """A closed terminal (SIGHUP) or `timeout`/systemd (SIGTERM) signals the whole group: the children
-    shared it, so SIGHUP killed the stimulator without zeroing its device (its watchdog stopped it 1.2 s
-    later) and SIGTERM could stop the controller before the stimulator. Now only the supervisor gets it."""
+    """A closed terminal (SIGHUP), `timeout`/systemd (SIGTERM) or Ctrl+Z (SIGTSTP) signals the whole
+    group: the children shared it, so SIGHUP killed the stimulator without zeroing its device (its
+    watchdog stopped it 1.2 s later), SIGTERM could stop the controller before the stimulator, and
+    Ctrl+Z froze everything. Now only the supervisor gets it, and stops the session in order."""
     process, config = supervisor
     pids = _child_pids(config)
     os.killpg(process.pid, signum)
