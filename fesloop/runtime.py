@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fesloop.telemetry import Telemetry
 
 PARENT_PID_ENV = "FESLOOP_PARENT_PID"
+SESSION_ENV = "FESLOOP_SESSION"  # set by the supervisor for its children; their status carries it
 # Set by `fesloop run --record`: the stimulator leaves arm_at_start to the supervisor, which arms once recording.
 HOLD_AUTO_ARM_ENV = "FESLOOP_HOLD_AUTO_ARM"
 STATUS_PERIOD_S = 0.2
@@ -135,6 +136,7 @@ class ProcessRuntime:
         return {
             "process": self.name,
             "pid": os.getpid(),
+            "session": os.environ.get(SESSION_ENV, ""),
             "time_s": self.clock.now(),
             "control_rejected": self.control.rejected,  # bad control requests, answered and dropped
             **security,

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,7 +26,7 @@ import zmq
 from fesloop.config import Config
 from fesloop.console import DetachedOutput
 from fesloop.record import Recorder, RecordingError
-from fesloop.runtime import HOLD_AUTO_ARM_ENV, PARENT_PID_ENV
+from fesloop.runtime import HOLD_AUTO_ARM_ENV, PARENT_PID_ENV, SESSION_ENV
 from fesloop.session import Confirmation
 from fesloop.security import Security
 from fesloop.sockets import ControlClient, ControlTimeout
@@ -111,13 +112,14 @@ class Supervisor:
         self._faults_seen: set[str] = set()
         self._faults_noted = 0  # of the stimulator's fault_count
         self._dose_final = False  # the stimulator answered after its output went to zero at shutdown
+        self.session = uuid.uuid4().hex  # its children's status carries it: no other process is taken for one
         self.recorder = Recorder(record, config) if record is not None else None
 
     def _endpoint(self, role: str) -> str:
         return getattr(self.config.endpoints, f"{role}_control")
 
     def start(self) -> None:
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), SESSION_ENV: self.session}
         if self.recorder is not None and self.config.stimulator.arm_at_start:
             env[HOLD_AUTO_ARM_ENV] = "1"  # armed by _start_recording, once the recording runs
         security = Security.for_role(self.config.security, self.config.security.operator_key)
@@ -147,12 +149,13 @@ class Supervisor:
 
     def _poll_status(self, child: Child, timeout_s: float = 0.2) -> dict[str, Any]:
         """The child's status; a reply from another process on its port (another session on the same
-        config) is never taken for it: nothing is sent there on the strength of it."""
+        config: its status carries another session id) is never taken for it: nothing is sent there
+        on the strength of it. (An id, not the pid: a Windows venv's python is a launcher process.)"""
         try:
             reply = child.client.request("status", timeout_s=timeout_s)
         except ControlTimeout:
             return child.last_status
-        if reply.get("pid") != child.process.pid:
+        if reply.get("session") != self.session:
             note = (
                 f"another process (pid {reply.get('pid')}) answers on the {child.role}'s control port: "
                 "is another session running on these ports?"
@@ -163,10 +166,9 @@ class Supervisor:
         child.last_status, child.heard_s = reply, time.monotonic()
         return reply
 
-    @staticmethod
-    def _answers_for_itself(child: Child) -> bool:
+    def _answers_for_itself(self, child: Child) -> bool:
         """Whether the child itself was heard on its control port (not another session's process)."""
-        return child.last_status.get("pid") == child.process.pid
+        return bool(child.last_status) and child.last_status.get("session") == self.session
 
     def _asked_to_shut_down(self, child: Child) -> bool:
         """Ask the child to shut down over its port, only if it answers there itself (else a signal
