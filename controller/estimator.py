@@ -221,14 +221,7 @@ class EmgEstimator:
         if self.blanker is not None:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
         runs = self.envelope.valid_runs(valid)
-        unblanked_rows = self._after_long_blanking(runs, n)
-        # The envelope settles on unblanked samples only: count those since it started afresh.
-        if unblanked_rows:
-            self._valid_since_unblanked = int(np.count_nonzero(valid[unblanked_rows[-1] :]))
-        else:
-            self._valid_since_unblanked += int(np.count_nonzero(valid))
-        if n:  # (an empty block says nothing about blanking)
-            self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
+        unblanked_rows = self._note_blanking(runs, valid, n)
         held_uv = self.envelope.hold(raw_uv, runs)
         restarts = None
         if self.contamination.enabled:
@@ -239,11 +232,7 @@ class EmgEstimator:
         else:
             self.contamination_flags = self._never_flagged(n)
         if unblanked_rows:  # measured again from scratch, not from the activation held across the blanking
-            if restarts is None:
-                restarts = self._bad_changed(n)
-                restarts[:] = False
-            for row in unblanked_rows:
-                restarts[row] = True
+            restarts = self._restart_every_muscle(unblanked_rows, restarts, n)
         self._received += n
         if restarts is None:
             filtered_uv = self.envelope.band(held_uv)
@@ -308,6 +297,27 @@ class EmgEstimator:
                 kind = "contamination_start" if flags[local, muscle] else "contamination_end"
                 self.events.append(Event(self._time_of(first + int(local)), self.names[muscle], kind))
         self._was_contaminated[:] = flags[-1]
+
+    def _note_blanking(self, runs: list[int] | None, valid: np.ndarray, n: int) -> list[int]:
+        """Count the blanked run (BLANKED) and the unblanked samples since the envelope last started
+        afresh (it settles on those only); the rows where it starts afresh in this block."""
+        unblanked_rows = self._after_long_blanking(runs, n)
+        if unblanked_rows:
+            self._valid_since_unblanked = int(np.count_nonzero(valid[unblanked_rows[-1] :]))
+        else:
+            self._valid_since_unblanked += int(np.count_nonzero(valid))
+        if n:  # (an empty block says nothing about blanking)
+            self.blanked_run = 0 if runs is None else n - runs[-1] if runs else self.blanked_run + n
+        return unblanked_rows
+
+    def _restart_every_muscle(self, rows: list[int], restarts: np.ndarray | None, n: int) -> np.ndarray:
+        """``restarts`` (per row and muscle, or None: nowhere) with every muscle restarting at ``rows``."""
+        if restarts is None:
+            restarts = self._bad_changed(n)
+            restarts[:] = False
+        for row in rows:
+            restarts[row] = True
+        return restarts
 
     def _after_long_blanking(self, runs: list[int] | None, n: int) -> list[int]:
         """Rows where samples are valid again after more than stale_ms blanked (``runs`` as
