@@ -95,7 +95,7 @@ class EmgEstimator:
         self._was_contaminated = np.zeros(n_muscles, dtype=bool)
         self._received = 0  # samples processed: the contamination hold-off counts these, not indices
         self._was_bad = np.zeros(n_muscles, dtype=bool)
-        self._bad_changed = Columns(n_muscles, dtype=bool)
+        self._restart_rows = Columns(n_muscles, dtype=bool)  # where each muscle's filters start afresh
         self._restart_filtered = Columns(n_muscles)  # a block split where contamination ended
         self._restart_envelope = Columns(n_muscles)
         self._normalization = Normalization(self.rest_uv, self.mvc_uv)
@@ -313,7 +313,7 @@ class EmgEstimator:
     def _restart_every_muscle(self, rows: list[int], restarts: np.ndarray | None, n: int) -> np.ndarray:
         """``restarts`` (per row and muscle, or None: nowhere) with every muscle restarting at ``rows``."""
         if restarts is None:
-            restarts = self._bad_changed(n)
+            restarts = self._restart_rows(n)
             restarts[:] = False
         for row in rows:
             restarts[row] = True
@@ -333,7 +333,7 @@ class EmgEstimator:
         The filters start afresh there, so they settle during the hold-off on clean samples only."""
         if not len(bad):
             return None
-        ended = self._bad_changed(len(bad))
+        ended = self._restart_rows(len(bad))
         column_steps(bad, self._was_bad, ended, np.less)  # clean now, bad before
         self._was_bad[:] = bad[-1]
         return ended if ended.any() else None

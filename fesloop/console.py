@@ -51,9 +51,6 @@ class DetachedOutput:
         """A status line: replaced by the next one if it has not gone out yet."""
         self._put(text, status=True)
 
-    def flush(self) -> None:
-        """Nothing to do: the thread writes as soon as it can."""
-
     def close(self, timeout_s: float) -> bool:
         """Let the thread write what is queued, for at most ``timeout_s``; whether all of it went out."""
         with self._wake:

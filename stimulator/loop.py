@@ -97,15 +97,18 @@ class Stimulator:
 
     def _override_dose(self, request: dict[str, Any]) -> None:
         """Lift a reached dose limit for one channel: only with an operator and a reason, on record."""
-        channel, operator, reason = request.get("channel"), request.get("operator"), request.get("reason")
+        channel = request.get("channel")
+        operator, reason = (
+            printable(value) if isinstance(value, str) else "" for value in (request.get("operator"), request.get("reason"))
+        )
         if channel not in self.dose.names:
             raise SafetyRefused(f"override_dose: channel must be one of {self.dose.names}, got {channel!r}")
-        if not isinstance(operator, str) or not printable(operator) or not isinstance(reason, str) or not printable(reason):
+        if not operator or not reason:
             raise SafetyRefused("override_dose needs the operator's name and a reason, both on record")
         if not self.dose.exhausted[self.dose.names.index(channel)]:  # else each call would restart its allowance
             raise SafetyRefused(f"override_dose: {channel} has reached no dose limit, there is nothing to lift")
         self.dose.override(channel, self.rt.clock.now())
-        self._session_events.append(f"dose limit overridden for {channel} by {printable(operator)}: {printable(reason)}")
+        self._session_events.append(f"dose limit overridden for {channel} by {operator}: {reason}")
 
     def _control(self, action: Any) -> dict[str, Any]:
         """An operator's request; it also ends a pending ``arm_at_start`` (after stop and reset, only an arm arms)."""
