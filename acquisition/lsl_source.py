@@ -12,8 +12,8 @@ NaN, an infinity or a value beyond float32 after scaling is dropped as lost and 
 (the next block handed over says it in its ``lost_samples``, also when it ended a pull).
 A re-anchor of the sample clock is reported as an event; a stream off its nominal rate
 by more than the clock can follow raises SourceError. A lost stream raises SourceError on
-read; the acquisition loop then reports it and calls ``restart``, which resolves the stream again (same query), and the gap across the outage is
-counted from the timestamps.
+read; the acquisition loop then reports it and calls ``restart``, which resolves the stream
+again (same query), and the gap across the outage is counted from the timestamps.
 """
 
 from __future__ import annotations
