@@ -3,9 +3,13 @@
 It stands where a device would: it is handed the amplitude per channel and emits a
 pulse on each channel with a non-zero amplitude every 1/frequency, on the shared
 clock: on its own grid, as a device's timer does, each pulse stamped with its grid
-time (a call late by a period or more starts the grid again from then, so pulses are
-never closer than 1/frequency). A channel going from zero to non-zero pulses at once,
-unless its last pulse was less than a period ago; zero stops it at once.
+time. A call later than ``MAX_STAMP_LAG_S`` fires the pulse then and starts the grid
+again from there: the simulated patient puts a pulse's artifact and M-wave into the
+EMG only if the pulse message arrives before the samples at its time are handed over
+(``acquisition.simulated.transport_delay_ms``, 5 ms by default), so a stamp further in
+the past would be a pulse the body never felt. Pulses are never closer than
+1/frequency. A channel going from zero to non-zero pulses at once, unless its last
+pulse was less than a period ago; zero stops it at once.
 It implements :class:`stimulator.drivers.base.Driver`.
 """
 
@@ -19,6 +23,8 @@ import numpy as np
 
 from fesloop import protocol
 from fesloop.config import StimulationChannel
+
+MAX_STAMP_LAG_S = 0.002  # leaves 3 ms of the default 5 ms transport delay for the pulse message
 
 
 class SimulatedDriver:
@@ -62,19 +68,17 @@ class SimulatedDriver:
         return float(self.next_pulse_s.min()) if len(self.next_pulse_s) else math.inf
 
     def deliver_due(self, now_s: float) -> protocol.Pulses | None:
-        """Fire every pulse that is due, stamped with its time on the grid."""
+        """Fire every pulse that is due, stamped with its time on the grid (or now, if that is too long ago)."""
         due = self.next_pulse_s <= now_s
         if not due.any():
             return None
-        times_s = self.next_pulse_s[due]
-        self.last_pulse_s[due] = times_s
-        late = due & (now_s - self.next_pulse_s >= self.period_s)
-        self.next_pulse_s[due] += self.period_s[due]
-        self.next_pulse_s[late] = now_s + self.period_s[late]
+        fired_s = np.where(now_s - self.next_pulse_s > MAX_STAMP_LAG_S, now_s, self.next_pulse_s)[due]
+        self.last_pulse_s[due] = fired_s
+        self.next_pulse_s[due] = fired_s + self.period_s[due]
         self.pulses_delivered += int(due.sum())
         return protocol.Pulses(
             self.device_channel[due],
-            times_s,
+            fired_s,
             self.amplitude_ma[due].astype(np.float32),
             self.pulse_width_us[due],
         )
