@@ -1,9 +1,10 @@
 """Hasomed RehaStim2 over USB serial, ScienceMode2 continuous channel list mode.
 
 Runs inside the stimulator loop's single thread and never blocks: reads take what
-is waiting, writes are bounded (``WRITE_TIMEOUT_S``), and one command is in
-flight at a time (a cut to zero pre-empts it); its ack must come within 100 ms
-(MaxResponseTime) or the driver raises :class:`DriverFault`. A refused command
+is waiting, writes are bounded (a port that takes no byte for ``WRITE_TIMEOUT_S``
+has failed), and one command is in flight at a time (a cut to zero pre-empts it); its
+ack must come within 100 ms (MaxResponseTime) of its write or the driver raises
+:class:`DriverFault`. A refused command
 leaves the device as it was: a refused Stop goes out again, and after three refusals
 the driver falls silent so the device's watchdog stops it. It sends nothing on
 its own but one Stop when it starts (a device still stimulating from before a restart
@@ -33,13 +34,15 @@ loop to relay as ``crank`` messages (:meth:`take_crank`). A malformed reading is
 counted and dropped.
 
 Published pulses follow the channel-list timing the device was given: list k starts
-at (first Start ack read) + k * t1, each channel in its 1.5 ms slot; parameters
-apply from when their ack was read.
+at (first Start ack read, not before that Start was written) + k * t1, each channel in
+its 1.5 ms slot; parameters apply from when their ack was read.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import select
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -59,7 +62,7 @@ T = TypeVar("T")
 BAUD_RATE = 460800
 ACK_TIMEOUT_S = 0.100  # MaxResponseTime
 KEEP_ALIVE_AFTER_S = 0.25  # a Watchdog goes out if nothing was sent for this long (device: 1.2 s)
-WRITE_TIMEOUT_S = 0.010  # a packet is < 130 bytes: under 3 ms at 460800 baud
+WRITE_TIMEOUT_S = 0.010  # the port took no byte this long (a packet is < 130 bytes: < 3 ms at 460800 baud)
 READ_CHUNK_BYTES = 4096
 MAX_LISTS_PER_CALL = 256  # pulses published per call at most, if the loop was late
 MAX_CRANK_READINGS = 256  # kept until taken (5 s of ActualValues): older ones are dropped
@@ -109,6 +112,42 @@ class SerialLink:
             raise DriverFault(f"serial read failed: {exc}") from exc
 
     def write(self, data: bytes) -> None:
+        """All of ``data``, or DriverFault if the port takes no byte for WRITE_TIMEOUT_S.
+
+        POSIX: on the port's non-blocking descriptor, the deadline checked only after a
+        write that made no progress. pyserial's own timeout counts wall time over the whole
+        call, so a process descheduled for 10 ms during a complete write raised "Write
+        timeout" (a FAULT on a loaded host). Windows: pyserial's, timed by the driver's I/O.
+        """
+        if os.name != "posix":
+            self._write_pyserial(data)
+            return
+        try:
+            fd = self.port.fileno()
+        except self._serial_exception as exc:  # closed
+            raise DriverFault(f"serial write failed: {exc}") from exc
+        rest = memoryview(data)
+        deadline_s = time.monotonic() + WRITE_TIMEOUT_S
+        while rest:
+            expired = time.monotonic() >= deadline_s  # read first: a last try always follows the deadline
+            try:
+                written = os.write(fd, rest)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                raise DriverFault(f"serial write failed: {exc}") from exc
+            if written:
+                rest = rest[written:]
+                deadline_s = time.monotonic() + WRITE_TIMEOUT_S
+            elif expired:
+                raise DriverFault(
+                    f"serial write timed out: the port took no byte for {WRITE_TIMEOUT_S * 1e3:.0f} ms "
+                    f"({len(data) - len(rest)} of {len(data)} bytes written)"
+                )
+            else:
+                select.select([], [fd], [], max(0.0, deadline_s - time.monotonic()))
+
+    def _write_pyserial(self, data: bytes) -> None:
         try:
             written = self.port.write(data)
         except (OSError, self._serial_exception) as exc:
@@ -175,7 +214,7 @@ class RehaStim2Driver:
         self.bad_actual_values = 0
         # A stimulator restarted while the device still runs the last session's channel list: stop it
         # now, not when its watchdog fires (1.2 s). Not awaited: a device not connected yet ignores it.
-        self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", clock())
+        self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"")
 
     # -- Driver interface -------------------------------------------------------------
 
@@ -199,7 +238,7 @@ class RehaStim2Driver:
 
     def keep_alive(self, now_s: float) -> None:
         if self.ready() and self._in_flight is None and now_s - self.last_sent_s >= KEEP_ALIVE_AFTER_S:
-            self._send(sm2.Cmd.WATCHDOG, b"", now_s)
+            self._send(sm2.Cmd.WATCHDOG, b"")
             self.watchdogs_sent += 1
 
     def deliver_due(self, now_s: float) -> protocol.Pulses | None:
@@ -270,9 +309,9 @@ class RehaStim2Driver:
         try:
             if not self.silent_reason:
                 self._preempt(now_s)
-                self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+                self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE)
             elif self.refused_stops < MAX_REFUSED_STOPS:
-                self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"", now_s)
+                self._send(sm2.Cmd.STOP_CHANNEL_LIST_MODE, b"")
                 self._stopped()
         except DriverFault:
             return  # the write failed: _link_io marked the link lost, which status reports; zero() must not raise
@@ -315,12 +354,15 @@ class RehaStim2Driver:
         """Names (and 1-based device channels) of the channels with output above zero."""
         return [f"{self.names[i]} (device channel {self.device_channel[i] + 1})" for i in np.flatnonzero(amplitude)]
 
-    def _send(self, command: sm2.Cmd, data: bytes, now_s: float) -> int:
+    def _send(self, command: sm2.Cmd, data: bytes) -> int:
+        """Write one packet; ``last_sent_s`` is when it left, read after the write: the loop
+        step's ``now_s`` may be long past by then (a process descheduled for 98 ms sent its
+        Start stamped 98 ms early, and the ack that came 1 ms later had "timed out")."""
         number = self._number
         self._number = (self._number + 1) % 256
         packet = sm2.encode(number, command, data)
         self._link_io(lambda: self.link.write(packet))
-        self.last_sent_s = now_s
+        self.last_sent_s = self.clock()
         return number
 
     def _link_io(self, io: Callable[[], T]) -> T:
@@ -339,13 +381,13 @@ class RehaStim2Driver:
                 pass
             raise DriverFault(f"{exc.cause}; the serial link is closed", stimulating) from exc
 
-    def _command(self, command: sm2.Cmd, now_s: float, settings: tuple[sm2.ChannelSetting, ...] = ()) -> None:
+    def _command(self, command: sm2.Cmd, settings: tuple[sm2.ChannelSetting, ...] = ()) -> None:
         """Send ``command`` and wait for its ack. One that overtakes another waits from when the
         first went unanswered: a device that answers nothing times out however often gates change."""
         data = self.plan.init.to_bytes() if command is sm2.Cmd.INIT_CHANNEL_LIST_MODE else sm2.start_data(list(settings))
         overtaken = self._in_flight
-        number = self._send(command, data, now_s)
-        self._in_flight = _InFlight(number, command, overtaken.sent_s if overtaken else now_s, settings)
+        number = self._send(command, data)
+        self._in_flight = _InFlight(number, command, overtaken.sent_s if overtaken else self.last_sent_s, settings)
 
     def _settings(self) -> tuple[sm2.ChannelSetting, ...]:
         """One setting per active channel, in increasing device channel order."""
@@ -383,27 +425,27 @@ class RehaStim2Driver:
             if asking or (flight.command is sm2.Cmd.START_CHANNEL_LIST_MODE and self._cuts_off(flight.settings)):
                 self._preempt(now_s)
                 if self._want_ma.any():
-                    self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
+                    self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, self._settings())
                 else:
-                    self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+                    self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE)
             return
         mode = self.mode
         if self._mode_in_doubt:
             self._mode_in_doubt = False
             if self._may_stimulate():
-                self._command(sm2.Cmd.GET_STIMULATION_MODE, now_s)
+                self._command(sm2.Cmd.GET_STIMULATION_MODE)
                 return
         if self._want_ma.any():
             if mode is None:
-                self._command(sm2.Cmd.GET_STIMULATION_MODE, now_s)
+                self._command(sm2.Cmd.GET_STIMULATION_MODE)
             elif mode is not sm2.StimulationMode.STARTED and now_s < self._resume_s:
                 return  # a Start now would pulse sooner than 1/f after the last list (a flickering output)
             elif mode is sm2.StimulationMode.START:
-                self._command(sm2.Cmd.INIT_CHANNEL_LIST_MODE, now_s)
+                self._command(sm2.Cmd.INIT_CHANNEL_LIST_MODE)
             elif mode is sm2.StimulationMode.INITIALIZED or self._settings() != self._device_settings:
-                self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, now_s, self._settings())
+                self._command(sm2.Cmd.START_CHANNEL_LIST_MODE, self._settings())
         elif mode is sm2.StimulationMode.STARTED:
-            self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE, now_s)
+            self._command(sm2.Cmd.STOP_CHANNEL_LIST_MODE)
 
     def _preempt(self, now_s: float) -> None:
         """Before a command overtakes the one in flight: a Start may reach the device all the
@@ -414,14 +456,15 @@ class RehaStim2Driver:
             self._started(flight.settings, now_s)
 
     def _started(self, settings: tuple[sm2.ChannelSetting, ...], now_s: float) -> None:
-        """The device runs ``settings`` (plan order) from ``now_s``."""
+        """The device runs ``settings`` (plan order) from ``now_s``, or from when the Start left if
+        that is later (a step's ``now_s`` read before the write: its pulses were stamped too early)."""
         self.mode = sm2.StimulationMode.STARTED
         self._device_settings = settings
         by_order = {int(i): s for i, s in zip(self.plan.order, settings)}
         self._device_ma[:] = [by_order[i].current_ma for i in range(len(self.names))]
         self._device_pw_us[:] = [by_order[i].pulse_width_us for i in range(len(self.names))]
         if math.isinf(self._first_list_s):
-            self._first_list_s, self._next_list = now_s, 0
+            self._first_list_s, self._next_list = max(now_s, self.last_sent_s), 0
 
     def _stopped(self) -> None:
         """The device stops (or was told to): no pulses from here, set-up unknown; a new channel list
@@ -478,7 +521,7 @@ class RehaStim2Driver:
         was_wanted = self._on(self._want_ma)
         self.protocol_version = packet.data[0] if packet.data else None
         self._link_io(lambda: self.link.write(sm2.encode(packet.number, sm2.Cmd.INIT_ACK, bytes((0,)))))
-        self.last_sent_s = now_s
+        self.last_sent_s = self.clock()
         self.connected = True
         self.silent_reason = ""
         self.refused_stops = 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
+import tty
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -12,7 +15,7 @@ import pytest
 from fesloop.config import StimulationChannel
 from stimulator import sciencemode2 as sm2
 from stimulator.drivers.base import DriverFault
-from stimulator.drivers.rehastim2 import ACK_TIMEOUT_S, MAX_REFUSED_STOPS, RehaStim2Driver, SerialLink
+from stimulator.drivers.rehastim2 import ACK_TIMEOUT_S, MAX_REFUSED_STOPS, WRITE_TIMEOUT_S, RehaStim2Driver, SerialLink
 from stimulator.rehastim2_emulator import (
     WATCHDOG_TIMEOUT_S,
     EmulatedMotomed,
@@ -514,6 +517,83 @@ def test_cuts_overtaking_each_other_do_not_put_off_the_ack_timeout(
     assert time.monotonic() - started < 0.5
     with emulator.lock:
         emulator.device.drop_acks = False
+
+
+def test_the_ack_timeout_counts_from_the_write_not_from_a_stale_loop_time(
+    emulator: PtyEmulator, driver: RehaStim2Driver
+) -> None:
+    """A loop step whose time was read 150 ms before it wrote an update (the process descheduled):
+    the update's ack, read at once, had "timed out" (CI: a FAULT 1 ms after a write stamped 98 ms early)."""
+    loop = connected(Loop(driver))
+    stimulating(loop, emulator, [20.0, 0.0])
+    with emulator.lock:  # the device answers nothing until the update has been checked for its ack
+        driver.set_output(np.array([25.0, 0.0]), WIDTHS_US, time.monotonic() - 0.15)
+        driver.deliver_due(time.monotonic())  # raised "no answer ... within 100 ms": 0 ms after the write
+    loop.run(0.2, [25.0, 0.0])
+    with emulator.lock:
+        assert emulator.device.settings[0].current_ma == 25
+
+
+def test_pulses_are_never_stamped_before_their_start_was_written(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
+    """The first Start's ack read in a step whose time was taken 200 ms before the Start went out: the
+    channel list was anchored there and published pulses 200 ms before the device's first one."""
+    loop = connected(Loop(driver))
+    stale_s = time.monotonic() - 0.2
+    with first_start_held(driver, emulator):
+        pass
+    wait_for(lambda: emulator.device.stimulating, emulator, "the device to run the Start")
+    deadline_s = time.monotonic() + 1.0
+    while driver.mode is not sm2.StimulationMode.STARTED:  # its ack, read in the stale step
+        assert time.monotonic() < deadline_s, "no ack to the Start"
+        loop.service(stale_s)
+    loop.run(0.2, [20.0, 0.0])
+    first_device_s = emulated(emulator)[0].time_s
+    first_published_s = loop.pulses[0][1]
+    assert first_device_s - 0.005 <= first_published_s <= first_device_s + 0.01
+
+
+def test_a_write_the_os_completes_slowly_is_no_timeout(emulator: PtyEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process descheduled for 20 ms inside a complete write: pyserial's wall-clock write timeout
+    raised "Write timeout" though every byte had gone (a FAULT on a loaded host, seen in CI)."""
+    link = SerialLink(emulator.path)
+    real_write = os.write
+
+    def descheduled(fd: int, data: bytes) -> int:
+        if fd == link.port.fileno():
+            time.sleep(2 * WRITE_TIMEOUT_S)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", descheduled)
+    try:
+        link.write(sm2.encode(1, sm2.Cmd.WATCHDOG))
+    finally:
+        monkeypatch.undo()
+        link.close()
+    wait_for(lambda: [p.command for p in emulator.device.commands] == [sm2.Cmd.WATCHDOG], emulator, "the packet")
+
+
+def test_a_port_that_takes_no_byte_fails_the_write_after_the_timeout() -> None:
+    """Nobody reads the device side: once the port's buffers are full, the write that cannot go on fails
+    after WRITE_TIMEOUT_S, saying how much of the packet went out."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    link = SerialLink(os.ttyname(slave))
+    packet = bytes(range(100))
+    try:
+        for _ in range(100_000):  # a pty holds some kB
+            started = time.monotonic()
+            try:
+                link.write(packet)
+            except DriverFault as exc:
+                assert time.monotonic() - started >= WRITE_TIMEOUT_S
+                assert re.fullmatch(r"serial write timed out: the port took no byte for 10 ms \(\d+ of 100 bytes written\)", exc.cause)
+                break
+        else:
+            pytest.fail("the port never filled up")
+    finally:
+        link.close()
+        os.close(master)
+        os.close(slave)
 
 
 def test_an_init_ack_that_cannot_be_written_closes_the_link_once(emulator: PtyEmulator, driver: RehaStim2Driver) -> None:
