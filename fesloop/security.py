@@ -221,13 +221,18 @@ class Security:
     # -- sockets -------------------------------------------------------------------
 
     def secure_server(self, sock: zmq.Socket, domain: str) -> None:
-        """CURVE server admitting only the listed keys (ZAP domain ``domain``, used in logs)."""
+        """CURVE server admitting only the listed keys (ZAP domain ``domain``, used in logs).
+
+        ZAP enforced: with no ZAP handler answering (stopped, or never started), libzmq
+        otherwise completes the handshake with any key that knows the server's public one.
+        """
         if self._auth is None:
             raise SecurityError("Security.start(ctx) must run before a server socket is made")
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_server = True
         sock.zap_domain = domain.encode()
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         self._auth.configure_curve_callback(domain, self)
         self._watch_socket(domain, sock)
 

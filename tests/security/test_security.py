@@ -142,6 +142,60 @@ def test_beyond_loopback_needs_keys(endpoint: str) -> None:
         check_bind_endpoint(endpoint, authenticated=True)
 
 
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5602;10.1.2.3:5602", "tcp://10.1.2.3:5602;127.0.0.1:5602",
+                                      "tcp://127.0.0.1;10.1.2.3:5602", "tcp://lo;10.1.2.3:5602"])
+def test_libzmq_source_address_syntax_does_not_pass_as_loopback(endpoint: str) -> None:
+    """libzmq reads 'tcp://SOURCE;DEST': a loopback source must not let a remote destination through."""
+    with pytest.raises(EndpointError, match="expected tcp://HOST:PORT|beyond loopback only with CurveZMQ keys"):
+        check_bind_endpoint(endpoint)
+
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq looks for a context's ZAP handler (RFC 27)
+
+
+def _unbound(ctx: zmq.Context, endpoint: str) -> bool:
+    """Whether nothing is bound to inproc ``endpoint`` (a probe binds, and unbinds at once)."""
+    probe = ctx.socket(zmq.REP)
+    probe.linger = 0
+    try:
+        probe.bind(endpoint)
+    except zmq.ZMQError:
+        return False
+    else:
+        probe.unbind(endpoint)
+        return True
+    finally:
+        probe.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_curve_server_without_its_zap_handler_admits_no_one(secured_config) -> None:
+    """With the ZAP handler gone (stopped, or dead), libzmq completed the CURVE handshake with any key that
+    knew the server's public key: strangers' requests reached the stimulator's control socket."""
+    config = load_config(secured_config("demo.toml"))
+    ctx = zmq.Context()
+    security = Security.for_role(config.security, "stimulator")
+    assert security is not None
+    try:
+        security.start(ctx)
+        server = ctx.socket(zmq.REP)
+        server.linger = 0
+        security.secure_server(server, "stimulator test")
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        security.stop()
+        wait_until(lambda: _unbound(ctx, ZAP_ENDPOINT), 5, what="the ZAP handler's socket closed")
+        listed = zmq.auth.load_certificate(Path(config.security.keys_dir) / "operator.key_secret")
+        for public, secret in [zmq.curve_keypair() for _ in range(3)] + [listed]:
+            client = ctx.socket(zmq.REQ)
+            client.linger = 0
+            client.curve_publickey, client.curve_secretkey, client.curve_serverkey = public, secret, security.public
+            client.connect(f"tcp://127.0.0.1:{port}")
+            client.send(b'{"cmd": "status"}')
+        assert not server.poll(1000)  # fails closed: nobody is admitted (strangers came in within 1 ms)
+    finally:
+        ctx.destroy(linger=0)
+
+
 @pytest.mark.timeout(30)
 def test_process_refuses_to_bind_beyond_loopback_without_keys(write_config, processes) -> None:
     path = write_config("demo.toml")
