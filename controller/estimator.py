@@ -179,6 +179,13 @@ class EmgEstimator:
         if self.blanked_run > self._blanked_limit or self._valid_since_unblanked < self._blanked_limit:
             np.copyto(out, GateReason.BLANKED, where=self._reads_activation, casting="unsafe")
 
+    def close_without_pulse_reports(self, out: np.ndarray) -> None:
+        """NO_PULSE_REPORTS where the law reads the activation and artifacts are blanked or cancelled
+        from the stimulator's pulse reports: with them not coming, artifacts would read as activation
+        (more stimulation, more artifacts)."""
+        if self.blanker is not None or self.canceller is not None:
+            np.copyto(out, GateReason.NO_PULSE_REPORTS, where=self._reads_activation, casting="unsafe")
+
     def process(self, chunk: protocol.EmgChunk) -> bool:
         """Everything for one chunk (:meth:`update`, then :meth:`finish`); False when it follows a gap."""
         contiguous = self.update(chunk)

@@ -27,12 +27,15 @@ from controller.laws.channels import ChannelLaws
 from fesloop import protocol
 from fesloop.config import Config
 from fesloop.protocol import GateReason
-from fesloop.runtime import LatencyWindow, Pacer, ProcessRuntime
+from fesloop.runtime import STATUS_PERIOD_S, LatencyWindow, Pacer, ProcessRuntime
 from fesloop.sockets import Link, Sequencer, publisher
 from fesloop.telemetry import Telemetry
 
 MAX_COMMAND_RATE_HZ = 1000.0  # event-driven commands are spaced at least 1 ms apart
 MIN_COMMAND_INTERVAL_S = 1.0 / MAX_COMMAND_RATE_HZ
+# The stimulator publishes status every STATUS_PERIOD_S besides its pulse reports: silent longer, its
+# pulses may go unreported, so artifacts cannot be blanked (gates of laws reading the activation close).
+STIMULATOR_SILENCE_S = 2.5 * STATUS_PERIOD_S
 
 
 def load_calibration(config: Config) -> Calibration | None:
@@ -79,6 +82,7 @@ class Controller:
         self.command_seq = Sequencer()
         self.estimator: EmgEstimator | None = None
         self.last_emg_rx_s: float | None = None
+        self.stimulator_heard_s: float | None = None  # last message from the stimulator
         self.newest_emg_time_s = 0.0
         self.unfinished_chunk: protocol.EmgChunk | None = None  # updated, its command not sent yet: see finish_chunk
         self.telemetry_unsynced = 0  # chunks whose LSL telemetry was dropped: the acquisition's clock was not known yet
@@ -287,12 +291,22 @@ class Controller:
         self.laws.advance_crank(now_s)
         if reason == GateReason.OPEN:
             self.estimator.gate_reasons(self.gate_reason)
+            if self._stimulator_silent(now_s):
+                self.estimator.close_without_pulse_reports(self.gate_reason)
             self.laws.crank_gates(self.gate_reason)
         activation = self.estimator.activation if self.estimator is not None else None
         mwave = self.estimator.mwave.normalized if self.estimator is not None else None
         gate_open = self.gate_reason == GateReason.OPEN
         self.laws.step(now_s, activation, gate_open, self.intensity, mwave)
         return protocol.Command(self.newest_emg_time_s, self.intensity, gate_open, self.gate_reason)
+
+    def on_stimulator_heard(self, received_s: float) -> None:
+        """A message from the stimulator (pulse report, crank reading or status heartbeat) came at ``received_s``."""
+        self.stimulator_heard_s = received_s
+
+    def _stimulator_silent(self, now_s: float) -> bool:
+        """Nothing from the stimulator for STIMULATOR_SILENCE_S, or ever."""
+        return self.stimulator_heard_s is None or now_s - self.stimulator_heard_s > STIMULATOR_SILENCE_S
 
     def publish_command(self, now_s: float) -> None:
         command = self.compute(now_s)
@@ -331,6 +345,8 @@ class Controller:
                     self.on_crank(message.body, received_s)
                 else:
                     self.on_pulses(message.body)
+            if self.pulses_link.last_heard_s is not None:
+                self.on_stimulator_heard(self.pulses_link.last_heard_s)
         if self.lsl_crank is not None:
             received_s = rt.clock.now()
             for time_s, angle_deg, cadence_rpm in self.lsl_crank.take():

@@ -231,6 +231,7 @@ class Link:
         self.relinks = 0
         self._log = log
         self._heard_s: float | None = None  # last message (None before the first check)
+        self.last_heard_s: float | None = None  # last message (None before the first)
         self._relinked_s = -math.inf  # last reconnect
         self._ever_heard = False
         self._silent_relinks = 0  # reconnects since the server was last heard
@@ -241,6 +242,7 @@ class Link:
         messages = drain(self.sock, self.counters, heartbeat=protocol.Kind.STATUS)
         if self.counters.received + self.counters.heartbeats != before:
             self._heard_s, self._ever_heard, self._silent_relinks = now_s, True, 0
+            self.last_heard_s = now_s
         return messages
 
     def keep(self, now_s: float) -> None:

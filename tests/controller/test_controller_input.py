@@ -27,6 +27,12 @@ def synced_controller(config: Config) -> Iterator[Controller]:
             controller.rt.close()
 
 
+def receive(controller: Controller, chunk: EmgChunk, now_s: float) -> None:
+    """An EMG chunk received at ``now_s``, the stimulator heard then too (its 5 Hz status, its pulses)."""
+    controller.on_stimulator_heard(now_s)
+    controller.on_emg(chunk, now_s)
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("edit", "needed"), [({}, 2), ({"post_ms = 20.0": "post_ms = 20.0\nsync_channel = 4"}, 5)])
 def test_a_chunk_narrower_than_the_muscles_and_sync_channel_need_is_counted_and_dropped(
@@ -57,7 +63,7 @@ def test_emg_resuming_after_a_stall_holds_the_gates_closed_for_a_hold_off(write_
         t0_s, index = controller.rt.clock.now(), 0
         for k in range(100):  # 0.2 s of EMG in 2 ms chunks
             now_s = t0_s + k * 0.002
-            controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            receive(controller, EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
             index += 4
         streaming = controller.compute(now_s).gate_reason.tolist()
         now_s += 1.0
@@ -65,7 +71,7 @@ def test_emg_resuming_after_a_stall_holds_the_gates_closed_for_a_hold_off(write_
         resumed_s, reasons = now_s, []
         for k in range(60):  # the stream resumes, contiguous (the source only stalled): 120 ms
             now_s = resumed_s + k * 0.002
-            controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            receive(controller, EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
             index += 4
             reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
     assert streaming == [GateReason.OPEN] * 2 and stale == [GateReason.STALE_EMG] * 2
@@ -83,12 +89,60 @@ def test_the_gates_close_stale_exactly_stale_ms_after_the_last_emg(write_config)
     with synced_controller(config) as controller:
         now_s = controller.rt.clock.now()
         for k in range(100):
-            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            receive(controller, EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
             last_s, now_s = now_s, now_s + 0.002
         before = controller.compute(last_s + stale_s - 1e-3).gate_reason.tolist()
         after = controller.compute(last_s + stale_s + 1e-3).gate_reason.tolist()
     assert stale_s == 0.1
     assert before == [GateReason.OPEN] * 2 and after == [GateReason.STALE_EMG] * 2
+
+
+def gates_with_emg_flowing(controller: Controller, times_s: np.ndarray, index: int = 0) -> list[list[int]]:
+    """Gate reasons at each of ``times_s``, EMG received every 2 ms up to it; the stimulator is not heard."""
+    reasons, now_s = [], times_s[0] - 0.2
+    for t_s in times_s:
+        while now_s < t_s:
+            controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            index, now_s = index + 4, now_s + 0.002
+        reasons.append(controller.compute(t_s).gate_reason.tolist())
+    return reasons
+
+
+@pytest.mark.timeout(30)
+def test_a_silent_stimulator_closes_the_gates_of_laws_reading_the_activation(write_config) -> None:
+    """Its link down while commands still reach it (a half-open connection, a dead publisher): the artifacts
+    of the pulses it delivers went unreported, so unblanked, and were read as activation (more stimulation,
+    more artifacts). Closed while it was never heard, and STIMULATOR_SILENCE_S after it was last heard."""
+    from controller.loop import STIMULATOR_SILENCE_S
+
+    config = load_config(write_config("demo.toml"))
+    with synced_controller(config) as controller:
+        start_s = controller.rt.clock.now()
+        never = gates_with_emg_flowing(controller, np.array([start_s + 0.3]))
+        heard_s = start_s + 0.4
+        controller.on_stimulator_heard(heard_s)
+        around = gates_with_emg_flowing(
+            controller, heard_s + STIMULATOR_SILENCE_S + np.array([-1e-3, 1e-3]), index=4 * 1000
+        )
+        controller.on_stimulator_heard(heard_s + STIMULATOR_SILENCE_S + 2e-3)
+        again = controller.compute(heard_s + STIMULATOR_SILENCE_S + 2e-3).gate_reason.tolist()
+    closed = [GateReason.NO_PULSE_REPORTS] * 2
+    assert STIMULATOR_SILENCE_S == 0.5
+    assert never == [closed] and around == [[GateReason.OPEN] * 2, closed] and again == [GateReason.OPEN] * 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("base", "edit"),
+    [("tracking_mwave.toml", {}), ("demo.toml", {"post_ms = 20.0": "post_ms = 20.0\nfrom_pulses = false"})],
+)
+def test_a_silent_stimulator_leaves_gates_open_that_do_not_depend_on_its_reports(write_config, base, edit) -> None:
+    """M-wave tracking does not read the activation; without blanking from pulses (or cancelling) the
+    reports are not used: neither closes."""
+    config = load_config(write_config(base, edit))
+    with synced_controller(config) as controller:
+        reasons = gates_with_emg_flowing(controller, np.array([controller.rt.clock.now() + 1.0]))
+    assert reasons == [[GateReason.OPEN] * len(config.stimulation)]
 
 
 @pytest.mark.timeout(30)
@@ -101,12 +155,12 @@ def test_emg_at_another_rate_holds_the_gates_closed_for_a_hold_off(write_config)
         t0_s = controller.rt.clock.now()
         for k in range(100):  # 0.2 s at 2 kHz
             now_s = t0_s + k * 0.002
-            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+            receive(controller, EmgChunk(4 * k, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
         streaming = controller.compute(now_s).gate_reason.tolist()
         resumed_s, reasons = now_s + 0.002, []
         for k in range(60):  # at once at 1 kHz, from index 0: 120 ms
             now_s = resumed_s + k * 0.002
-            controller.on_emg(EmgChunk(2 * k, now_s, now_s, 1000.0, np.zeros((2, 2), np.float32)), now_s)
+            receive(controller, EmgChunk(2 * k, now_s, now_s, 1000.0, np.zeros((2, 2), np.float32)), now_s)
             reasons.append((now_s - resumed_s, controller.compute(now_s).gate_reason.tolist()))
     assert streaming == [GateReason.OPEN] * 2
     hold_off_s = config.controller.stale_ms * 1e-3
@@ -127,13 +181,13 @@ def test_emg_indices_starting_again_give_a_fresh_estimator(write_config) -> None
         for k in range(1500):  # 3 s at 2 kHz in 2 ms chunks, contracting in the last 0.5 s, artifacts every 32 ms
             data = rng.normal(0.0, 300.0 if k >= 1250 else 3.0, (4, 2))
             data[0] += 5000.0 if k % 16 == 0 else 0.0
-            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+            receive(controller, EmgChunk(4 * k, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
             now_s += 0.002
         contracting = controller.compute(now_s).intensity.copy()
         now_s += 0.5  # the process died and came back
         for k in range(750):  # 1.5 s at rest, indices from 0
             data = rng.normal(0.0, 3.0, (4, 2)).astype(np.float32)
-            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
+            receive(controller, EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
             now_s += 0.002
         command = controller.compute(now_s)
     assert contracting[0] > 0.5
@@ -159,7 +213,7 @@ def test_blanking_that_leaves_no_sample_closes_the_gates_of_laws_reading_the_act
                                             np.full(1, 20.0, np.float32), np.full(1, 300.0, np.float32)))
                 next_pulse_s += 0.020
             data = rng.normal(0.0, 200.0 if k < 500 else 3.0, (4, 2)).astype(np.float32)
-            controller.on_emg(EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
+            receive(controller, EmgChunk(4 * k, now_s, now_s, 2000.0, data), now_s)
             command = controller.compute(now_s)
             commands.append((now_s - start_s, command.gate_reason.tolist(), float(command.intensity[0])))
             if command.intensity[0] > 0 and next_pulse_s is None:
@@ -256,7 +310,7 @@ def test_a_railed_lead_does_not_reopen_the_gate_on_its_filters_ringing(write_con
                 if railed:
                     k = index + np.arange(4)
                     data[:, 0] = np.clip(20000.0 * np.sin(2 * np.pi * 50.0 * k / 2000.0), -5000.0, 5000.0)
-                controller.on_emg(EmgChunk(index, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+                receive(controller, EmgChunk(index, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
                 command = controller.compute(now_s)
                 seen.append((now_s, command.gate_reason.tolist(), float(controller.estimator.activation[0])))
                 index, now_s = index + 4, now_s + 0.002
