@@ -70,11 +70,19 @@ def build(cls: type[T], raw: Any, path: str = "") -> T:
 
 
 def check_ranges(obj: Any, path: str = "") -> None:
-    """The bounded fields of a dataclass built in code, not by :func:`build`: each finite and in its range."""
+    """The bounded fields of a dataclass built in code, not by :func:`build`: each finite and in its range,
+    in nested tables too (``stimulator.dose`` built with a NaN limit was never reached)."""
     for field in dataclasses.fields(obj):
+        value, key = getattr(obj, field.name), _join(path, field.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key)
+            continue
+        if isinstance(value, tuple) and value and all(dataclasses.is_dataclass(item) for item in value):
+            for index, item in enumerate(value):
+                check_ranges(item, f"{key}[{index}]")
+            continue
         if "range" not in field.metadata:
             continue
-        value, key = getattr(obj, field.name), _join(path, field.name)
         items = value if isinstance(value, tuple) else (value,)
         if any(not math.isfinite(item) for item in items):
             raise ConfigError(key, value, "must be a finite number")

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 
 from fesloop.config import DoseLimits, StimulationChannel
+from fesloop.schema import check_ranges
 
 
 class DoseTracker:
     def __init__(self, channels: Sequence[StimulationChannel], limits: DoseLimits) -> None:
+        check_ranges(limits, "stimulator.dose")  # built in code: a NaN limit would never be reached
         self.names = [c.name for c in channels]
         self.limits = limits
         n = len(channels)

@@ -12,11 +12,12 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from fesloop.config import StimulationChannel, StimulatorConfig
+from fesloop.config import DoseLimits, StimulationChannel, StimulatorConfig
 from fesloop import protocol
 from fesloop.protocol import Command, GateReason
 from fesloop.schema import ConfigError, build
 from stimulator.limits import REHASTIM2, LimitError, electrode_limit_ma
+from stimulator.dose import DoseTracker
 from stimulator.mapping import intensity_to_ma
 from stimulator.safety import SafetyKernel, SafetyRefused, StimState
 
@@ -403,6 +404,18 @@ def test_a_stimulator_config_built_in_code_is_checked_too(key: str, value: float
     cfg = StimulatorConfig(**{"deadline_ms": 100.0, "ramp_s": 0.5, "max_emg_age_ms": 250.0, key: value})
     with pytest.raises(ConfigError, match=f"stimulator.{key} = "):
         SafetyKernel([QUAD, TIB], REHASTIM2, cfg)
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_charge_mc", math.nan), ("max_session_s", -1.0), ("max_stimulation_s", math.inf)])
+def test_dose_limits_built_in_code_are_checked_too(key: str, value: float) -> None:
+    """A nested table was not checked: a NaN charge limit built in code was never reached (every
+    comparison with NaN is false), and the kernel and the dose tracker took it."""
+    dose = DoseLimits(**{key: value})
+    cfg = StimulatorConfig(deadline_ms=100.0, ramp_s=0.5, max_emg_age_ms=250.0, dose=dose)
+    with pytest.raises(ConfigError, match=rf"stimulator\.dose\.{key} = "):
+        SafetyKernel([QUAD, TIB], REHASTIM2, cfg)
+    with pytest.raises(ConfigError, match=rf"stimulator\.dose\.{key} = "):
+        DoseTracker([QUAD, TIB], dose)
 
 
 def test_every_state_change_is_reported_once() -> None:
