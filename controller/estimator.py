@@ -10,7 +10,7 @@ evoked M-wave amplitude of each stimulated muscle (:class:`controller.mwave.MWav
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -89,7 +89,10 @@ class EmgEstimator:
         )
         self.stim_muscle = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
         self._reads_activation = np.array([s.law.reads_activation for s in config.stimulation], dtype=bool)
-        self.contamination = ContaminationDetector(fs_hz, n_muscles, cc.contamination)
+        # The filters start afresh where contamination ends: the hold-off lasts stale_ms at least, the
+        # envelope's settling (as after blanking), or the gate reopens on an envelope rising from 0.
+        holdoff_ms = max(cc.contamination.holdoff_ms, cc.stale_ms)
+        self.contamination = ContaminationDetector(fs_hz, n_muscles, replace(cc.contamination, holdoff_ms=holdoff_ms))
         self.onset = OnsetDetector(*self._onset_thresholds(cc, rest_sd_uv), *self._onset_timing(cc, fs_hz))
         self._pending_pulses: list[tuple[np.ndarray, np.ndarray]] = []
         self._was_contaminated = np.zeros(n_muscles, dtype=bool)

@@ -257,6 +257,7 @@ class ContaminationConfig:
     flat_uv: float = bounded(0.0, 0.0, 1e6, "uV sample-to-sample change counted as flat (0 = off)")
     flat_ms: float = bounded(50.0, 1.0, 10000.0, "ms")
     motion_uv: float = bounded(0.0, 0.0, 1e9, "uV in the 1-20 Hz band (0 = off)")
+    # Received samples after the last contaminated one; controller.stale_ms at least (the restarted filters settle).
     holdoff_ms: float = bounded(500.0, 0.0, 60000.0, "ms")
 
 

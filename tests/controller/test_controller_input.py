@@ -325,3 +325,29 @@ def test_a_railed_lead_does_not_reopen_the_gate_on_its_filters_ringing(write_con
     reopened = [(t, activation) for t, reasons, activation in after if reasons[0] == GateReason.OPEN]
     assert reopened and reopened[0][0] - resumed_s >= 0.5 - 0.002  # the whole hold-off, gap or not
     assert max(activation for _, activation in reopened) < 0.05
+
+
+@pytest.mark.timeout(30)
+def test_a_short_hold_off_does_not_reopen_the_gate_before_the_restarted_envelope_settles(write_config) -> None:
+    """A contracting muscle's lead rails for 200 ms with holdoff_ms = 20: its filters start afresh where it
+    turns clean, and the gate reopened 20 ms later on an envelope rising from 0 (activation 0.07 of a 0.32
+    level: a tracking law would have raised the intensity). It stays closed stale_ms at least (0.29 then)."""
+    config = load_config(write_config(
+        "demo.toml", {"post_ms = 20.0": "post_ms = 20.0\n\n[controller.contamination]\nrail_uv = 5000.0\nholdoff_ms = 20.0"}
+    ))
+    rng = np.random.default_rng(4)
+    with synced_controller(config) as controller:
+        now_s, index, seen = controller.rt.clock.now(), 0, []
+        for k in range(1500):  # 1 s, 200 ms railed, 1.8 s of the contraction after it
+            data = rng.normal(0.0, 150.0, (4, 2))
+            if 500 <= k < 600:
+                data[:, 0] = 6000.0
+            receive(controller, EmgChunk(index, now_s, now_s, 2000.0, data.astype(np.float32)), now_s)
+            reason = controller.compute(now_s).gate_reason[0]
+            seen.append((k, reason, float(controller.estimator.activation[0])))
+            index, now_s = index + 4, now_s + 0.002
+    level = np.mean([a for k, _, a in seen if k > 1000])
+    reopened = [(k, a) for k, reason, a in seen if k >= 600 and reason == GateReason.OPEN]
+    assert level > 0.2 and reopened
+    assert (reopened[0][0] - 600) * 0.002 >= config.controller.stale_ms * 1e-3 - 0.002
+    assert np.mean([a for _, a in reopened[:10]]) > 0.8 * level, (reopened[:10], level)  # its first 20 ms

@@ -191,9 +191,10 @@ def test_contamination_shorter_than_a_chunk_still_closes_the_gate() -> None:
     """Rail and hold-off both end inside one chunk: that chunk's command must not go out OPEN
     (the rail transient is in its envelope). Large chunks come from LSL sources and slow boards."""
     config = _config(contamination={"rail_uv": 5000.0, "rail_fraction": 0.9, "holdoff_ms": 5.0})
+    config = replace(config, controller=replace(config.controller, stale_ms=10.0))  # the hold-off's least
     estimator = EmgEstimator(config, FS_HZ, 2)
     emg = (np.random.default_rng(5).normal(size=(400, 2)) * 20.0).astype(np.float32)
-    emg[205:225, 0] = 4800.0  # 10 ms at the rail, then 5 ms of hold-off: all within samples 200-239
+    emg[205:215, 0] = 4800.0  # 5 ms at the rail, then 10 ms of hold-off: all within samples 200-239
     gate = np.zeros(2, dtype=np.uint8)
     reasons = []
     for start in range(0, 400, 40):  # 20 ms chunks
