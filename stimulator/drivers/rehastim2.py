@@ -1,8 +1,8 @@
 """Hasomed RehaStim2 over USB serial, ScienceMode2 continuous channel list mode.
 
 Runs inside the stimulator loop's single thread and never blocks: reads take what
-is waiting, writes are bounded (a port that takes no byte for ``WRITE_TIMEOUT_S``
-has failed), and one command is in flight at a time (a cut to zero pre-empts it); its
+is waiting, writes are bounded (a packet not gone within ``WRITE_TIMEOUT_S`` plus twice
+its time on the line has failed), and one command is in flight at a time (a cut to zero pre-empts it); its
 ack must come within 100 ms (MaxResponseTime) of its write or the driver raises
 :class:`DriverFault`. A refused command
 leaves the device as it was: a refused Stop goes out again, and after three refusals
@@ -60,9 +60,10 @@ from stimulator.drivers.base import DriverFault
 T = TypeVar("T")
 
 BAUD_RATE = 460800
+BITS_PER_BYTE = 11  # 8E1: start, 8 data, parity, stop
 ACK_TIMEOUT_S = 0.100  # MaxResponseTime
 KEEP_ALIVE_AFTER_S = 0.25  # a Watchdog goes out if nothing was sent for this long (device: 1.2 s)
-WRITE_TIMEOUT_S = 0.010  # the port took no byte this long (a packet is < 130 bytes: < 3 ms at 460800 baud)
+WRITE_TIMEOUT_S = 0.010  # besides twice a packet's time on the line (< 130 bytes: < 3.1 ms at 460800 baud)
 READ_CHUNK_BYTES = 4096
 MAX_LISTS_PER_CALL = 256  # pulses published per call at most, if the loop was late
 MAX_CRANK_READINGS = 256  # kept until taken (5 s of ActualValues): older ones are dropped
@@ -112,12 +113,13 @@ class SerialLink:
             raise DriverFault(f"serial read failed: {exc}") from exc
 
     def write(self, data: bytes) -> None:
-        """All of ``data``, or DriverFault if the port takes no byte for WRITE_TIMEOUT_S.
+        """All of ``data``, or DriverFault if it has not gone within its deadline: WRITE_TIMEOUT_S plus
+        twice its time on the line (a port that takes nothing, or trickles, fails; the loop is bounded).
 
-        POSIX: on the port's non-blocking descriptor, the deadline checked only after a
-        write that made no progress. pyserial's own timeout counts wall time over the whole
-        call, so a process descheduled for 10 ms during a complete write raised "Write
-        timeout" (a FAULT on a loaded host). Windows: pyserial's, timed by the driver's I/O.
+        POSIX: on the port's non-blocking descriptor, failing only when a write attempt made after
+        the deadline still leaves bytes. pyserial's own timeout fails a write that completed if the
+        process was descheduled 10 ms inside the call ("Write timeout": a FAULT on a loaded host).
+        Windows: pyserial's, timed by the driver's I/O.
         """
         if os.name != "posix":
             self._write_pyserial(data)
@@ -127,25 +129,24 @@ class SerialLink:
         except self._serial_exception as exc:  # closed
             raise DriverFault(f"serial write failed: {exc}") from exc
         rest = memoryview(data)
-        deadline_s = time.monotonic() + WRITE_TIMEOUT_S
+        allowed_s = WRITE_TIMEOUT_S + 2 * len(data) * BITS_PER_BYTE / BAUD_RATE
+        deadline_s = time.monotonic() + allowed_s
         while rest:
             expired = time.monotonic() >= deadline_s  # read first: a last try always follows the deadline
             try:
-                written = os.write(fd, rest)
+                rest = rest[os.write(fd, rest):]
             except BlockingIOError:
-                written = 0
+                pass
             except OSError as exc:
                 raise DriverFault(f"serial write failed: {exc}") from exc
-            if written:
-                rest = rest[written:]
-                deadline_s = time.monotonic() + WRITE_TIMEOUT_S
-            elif expired:
+            if not rest:
+                return
+            if expired:
                 raise DriverFault(
-                    f"serial write timed out: the port took no byte for {WRITE_TIMEOUT_S * 1e3:.0f} ms "
-                    f"({len(data) - len(rest)} of {len(data)} bytes written)"
+                    f"serial write timed out: {len(data) - len(rest)} of {len(data)} bytes written in "
+                    f"{allowed_s * 1e3:.0f} ms"
                 )
-            else:
-                select.select([], [fd], [], max(0.0, deadline_s - time.monotonic()))
+            select.select([], [fd], [], max(0.0, deadline_s - time.monotonic()))
 
     def _write_pyserial(self, data: bytes) -> None:
         try:
@@ -174,8 +175,9 @@ class RehaStim2Driver:
         self,
         channels: Sequence[StimulationChannel],
         link: Link,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float],
     ) -> None:
+        """``clock``: the loop's (its ``now_s`` values): write times and ack timeouts compare with them."""
         self.link = link
         self.clock = clock
         self.plan = plan_channel_list(channels)

@@ -46,7 +46,7 @@ def emulator() -> Iterator[PtyEmulator]:
 
 @pytest.fixture
 def driver(emulator: PtyEmulator) -> Iterator[RehaStim2Driver]:
-    drv = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
+    drv = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path), time.monotonic)
     try:
         yield drv
     finally:
@@ -375,11 +375,11 @@ def test_a_restarted_stimulator_stops_the_device_at_once(emulator: PtyEmulator) 
     """The stimulator process died while the device stimulated and was started again: its new driver
     waited for an Init the connected device never sends, so the old channel list ran on until the
     device's watchdog fired (1.2 s). Now the new driver's first packet is a Stop."""
-    first = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
+    first = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path), time.monotonic)
     loop = connected(Loop(first))
     stimulating(loop, emulator, [20.0, 0.0])
     restarted_s = time.monotonic()  # the first driver is gone (never serviced again); a new one on the port
-    second = RehaStim2Driver([QUAD, TIB], first.link)  # (a pty closed once cannot be opened again)
+    second = RehaStim2Driver([QUAD, TIB], first.link, time.monotonic)  # (a pty closed once cannot be opened again)
     try:
         wait_for(lambda: not emulator.device.stimulating, emulator, "the device to stop", timeout_s=0.5)
         stopped_s = time.monotonic()
@@ -572,6 +572,29 @@ def test_a_write_the_os_completes_slowly_is_no_timeout(emulator: PtyEmulator, mo
     wait_for(lambda: [p.command for p in emulator.device.commands] == [sm2.Cmd.WATCHDOG], emulator, "the packet")
 
 
+def test_a_port_that_trickles_fails_the_write_at_its_deadline(emulator: PtyEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port taking a byte every 9 ms: each byte restarted the timeout, and a 130-byte write held the
+    loop 1.2 s (no deadline, no fault: the device's watchdog time). Now the whole packet has one."""
+    link = SerialLink(emulator.path)
+    real_write = os.write
+
+    def trickle(fd: int, data: bytes) -> int:
+        if fd == link.port.fileno():
+            time.sleep(0.009)
+            return real_write(fd, bytes(data[:1]))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", trickle)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DriverFault, match=r"serial write timed out: \d+ of 130 bytes written in 16 ms"):
+            link.write(bytes(130))
+    finally:
+        monkeypatch.undo()
+        link.close()
+    assert time.monotonic() - started < 0.2
+
+
 def test_a_port_that_takes_no_byte_fails_the_write_after_the_timeout() -> None:
     """Nobody reads the device side: once the port's buffers are full, the write that cannot go on fails
     after WRITE_TIMEOUT_S, saying how much of the packet went out."""
@@ -586,7 +609,7 @@ def test_a_port_that_takes_no_byte_fails_the_write_after_the_timeout() -> None:
                 link.write(packet)
             except DriverFault as exc:
                 assert time.monotonic() - started >= WRITE_TIMEOUT_S
-                assert re.fullmatch(r"serial write timed out: the port took no byte for 10 ms \(\d+ of 100 bytes written\)", exc.cause)
+                assert re.fullmatch(r"serial write timed out: \d+ of 100 bytes written in 15 ms", exc.cause)
                 break
         else:
             pytest.fail("the port never filled up")
@@ -738,7 +761,7 @@ def test_a_vanished_port_faults_once_naming_the_channels_then_stays_closed(
 
 def test_motomed_actual_values_reach_take_crank_every_20_ms() -> None:
     with PtyEmulator(RehaStim2Emulator(EmulatedMotomed(cadence_rpm=45.0, torque_nm=-12.5))) as emulator:
-        driver = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path))
+        driver = RehaStim2Driver([QUAD, TIB], SerialLink(emulator.path), time.monotonic)
         try:
             loop = connected(Loop(driver))
             readings = []
