@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"FESL"
-VERSION = 1
+VERSION = 2  # 2: gate reason NO_PULSE_REPORTS (a build speaking 1 rejects it)
 
 _HEADER = struct.Struct("<4sBBHQd")
 HEADER_SIZE = _HEADER.size

@@ -237,13 +237,20 @@ class Link:
         self._silent_relinks = 0  # reconnects since the server was last heard
 
     def drain(self, now_s: float) -> list[protocol.Message]:
-        """The data messages waiting (the server's status heartbeats are counted, not returned)."""
-        before = self.counters.received + self.counters.heartbeats
+        """The data messages waiting (the server's status heartbeats are counted, not returned).
+
+        Only a message that decodes is the server heard: malformed ones (counted, dropped) could
+        come from anything on the port and keep a dead link looking alive.
+        """
+        before = self._valid()
         messages = drain(self.sock, self.counters, heartbeat=protocol.Kind.STATUS)
-        if self.counters.received + self.counters.heartbeats != before:
+        if self._valid() != before:
             self._heard_s, self._ever_heard, self._silent_relinks = now_s, True, 0
             self.last_heard_s = now_s
         return messages
+
+    def _valid(self) -> int:
+        return self.counters.received - self.counters.rejected + self.counters.heartbeats
 
     def keep(self, now_s: float) -> None:
         """Reconnect if nothing came for ``timeout_s``.

@@ -232,3 +232,30 @@ def test_a_link_counts_messages_missing_from_each_senders_sequence_as_dropped() 
         assert link.counters.dropped == 5 and link.status()["dropped"] == 5
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(20)
+def test_malformed_messages_do_not_make_a_link_heard() -> None:
+    """Frames that do not decode (counted, dropped) came from anything on the port: they kept a silent
+    stimulator "heard", so the controller's NO_PULSE_REPORTS gate stayed open on them."""
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    pub = publisher(ctx, endpoint)
+    link = Link(ctx, endpoint, [b"pulses"], 5.0, logging.getLogger("test-link"))
+    status = protocol.encode(1, 0.0, protocol.Status({"pid": 1}))
+    try:
+        deadline = time.monotonic() + 5
+        while link.counters.rejected < 20:
+            assert time.monotonic() < deadline, "no malformed frame came through"
+            pub.send_multipart([status[0], b"\x00" + status[1][1:]])  # the status topic, its magic broken
+            link.sock.poll(20)
+            link.drain(time.monotonic())
+        assert link.last_heard_s is None and link.counters.heartbeats == 0
+        while link.counters.heartbeats == 0:
+            assert time.monotonic() < deadline, "no status came through"
+            pub.send_multipart(status)
+            link.sock.poll(20)
+            link.drain(time.monotonic())
+        assert link.last_heard_s is not None
+    finally:
+        ctx.destroy(linger=0)
