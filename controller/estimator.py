@@ -89,6 +89,11 @@ class EmgEstimator:
         )
         self.stim_muscle = np.array([config.muscle_index(s.muscle) for s in config.stimulation], dtype=int)
         self._reads_activation = np.array([s.law.reads_activation for s in config.stimulation], dtype=bool)
+        # Laws that go wrong without the stimulator's pulse reports: reading the activation when artifacts
+        # are blanked or cancelled from them, or the M-waves measured after them (held, the PI winds up).
+        blanks_from_reports = self.blanker is not None or self.canceller is not None
+        reads_mwave = np.array([s.law.reads_mwave for s in config.stimulation], dtype=bool)
+        self._needs_reports = (self._reads_activation & blanks_from_reports) | reads_mwave
         # The filters start afresh where contamination ends: the hold-off lasts stale_ms at least, the
         # envelope's settling (as after blanking), or the gate reopens on an envelope rising from 0.
         holdoff_ms = max(cc.contamination.holdoff_ms, cc.stale_ms)
@@ -183,11 +188,10 @@ class EmgEstimator:
             np.copyto(out, GateReason.BLANKED, where=self._reads_activation, casting="unsafe")
 
     def close_without_pulse_reports(self, out: np.ndarray) -> None:
-        """NO_PULSE_REPORTS where the law reads the activation and artifacts are blanked or cancelled
-        from the stimulator's pulse reports: with them not coming, artifacts would read as activation
-        (more stimulation, more artifacts)."""
-        if self.blanker is not None or self.canceller is not None:
-            np.copyto(out, GateReason.NO_PULSE_REPORTS, where=self._reads_activation, casting="unsafe")
+        """NO_PULSE_REPORTS where the law needs the stimulator's pulse reports: with them not coming,
+        artifacts would read as activation (more stimulation, more artifacts), and the M-wave would be
+        held while the tracking PI integrates its error up to the maximum."""
+        np.copyto(out, GateReason.NO_PULSE_REPORTS, where=self._needs_reports, casting="unsafe")
 
     def process(self, chunk: protocol.EmgChunk) -> bool:
         """Everything for one chunk (:meth:`update`, then :meth:`finish`); False when it follows a gap."""

@@ -380,6 +380,11 @@ class ProportionalLaw:
         """Whether the intensity follows the muscle's EMG activation."""
         return True
 
+    @property
+    def reads_mwave(self) -> bool:
+        """Whether the intensity follows the M-waves measured after the stimulator's reported pulses."""
+        return False
+
     def check(self) -> None:
         check_not_above("min_intensity", self.min_intensity, "max_intensity", self.max_intensity)
 
@@ -409,6 +414,10 @@ class TriggeredLaw:
     @property
     def reads_activation(self) -> bool:
         return True
+
+    @property
+    def reads_mwave(self) -> bool:
+        return False
 
     def check(self) -> None:
         check_not_above("off_threshold", self.off_threshold, "on_threshold", self.on_threshold)
@@ -445,6 +454,10 @@ class TrackingLaw:
     @property
     def reads_activation(self) -> bool:
         return self.measure == "activation"
+
+    @property
+    def reads_mwave(self) -> bool:
+        return self.measure == "mwave"
 
     def check(self) -> None:
         if not self.target:
@@ -492,6 +505,10 @@ class CyclingLaw:
     @property
     def reads_activation(self) -> bool:
         return self.emg_weight > 0
+
+    @property
+    def reads_mwave(self) -> bool:
+        return False
 
     def check(self) -> None:
         start, end = self.window_deg
