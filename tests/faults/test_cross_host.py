@@ -21,7 +21,7 @@ import zmq
 from fesloop import protocol
 from fesloop.config import load_config
 from fesloop.sockets import ControlClient
-from tests.conftest import clock_peer, free_ports, wait_until
+from tests.conftest import clock_peer, wait_until
 from tests.streams import Recorder, pulses_array
 
 pytestmark = pytest.mark.timeout(90)
@@ -122,8 +122,9 @@ def test_three_hosts_with_unrelated_clocks_stimulate_during_contractions_only(wr
 def test_gates_stay_closed_while_a_peer_clock_is_unknown(write_config, processes, tmp_path):
     path = write_config("demo.toml")
     config = load_config(path)
-    # The controller's host cannot reach the acquisition's control port: no clock offset.
-    dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    # The controller's host cannot reach the acquisition's control port: no clock offset. An ipc:// path
+    # nobody binds (CI once had a clock reply on a tcp port that was free when the test chose it).
+    dead = f"ipc://{tmp_path}/nobody-listens"
     controller_path = tmp_path / "controller.toml"
     controller_path.write_text(path.read_text().replace(config.endpoints.acquisition_control, dead))
     recorder = Recorder({config.endpoints.command: [b"command"], config.endpoints.pulses: [b"pulses"]})
