@@ -34,7 +34,7 @@ from fesloop.telemetry import Telemetry
 MAX_COMMAND_RATE_HZ = 1000.0  # event-driven commands are spaced at least 1 ms apart
 MIN_COMMAND_INTERVAL_S = 1.0 / MAX_COMMAND_RATE_HZ
 # The stimulator publishes status every STATUS_PERIOD_S besides its pulse reports: silent longer, its
-# pulses may go unreported, so artifacts cannot be blanked (gates of laws reading the activation close).
+# pulses may go unreported: artifacts cannot be blanked nor M-waves measured (gates of laws needing them close).
 STIMULATOR_SILENCE_S = 2.5 * STATUS_PERIOD_S
 
 

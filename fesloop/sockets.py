@@ -230,7 +230,7 @@ class Link:
         self.counters = StreamCounters()
         self.relinks = 0
         self._log = log
-        self._heard_s: float | None = None  # last message (None before the first check)
+        self._heard_s: float | None = None  # last message, else the first check: a silence counts from there
         self.last_heard_s: float | None = None  # last message (None before the first)
         self._relinked_s = -math.inf  # last reconnect
         self._ever_heard = False
