@@ -10,7 +10,6 @@ evoked M-wave amplitude of each stimulated muscle (:class:`controller.mwave.MWav
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -127,11 +126,6 @@ class EmgEstimator:
         self.delay = self.finder.delay if self.finder is not None else 0
         self.events: list[Event] = []
         self.artifacts_detected = 0
-        # Pulse reports that came after EMG inside their artifact window was processed (unblanked):
-        # gates reading the activation stay closed until stale_ms past the window (the envelope settles).
-        self.late_pulse_reports = 0
-        self._processed_until_s = -math.inf  # the newest sample the estimate has taken, on the EMG clock
-        self._late_until_s = -math.inf
         self.next_index: int | None = None
         self.gap_samples = 0
         # Samples since the last one not blanked: beyond stale_ms the envelope is only held, not measured.
@@ -176,37 +170,22 @@ class EmgEstimator:
         if charge_nc is not None and pulse_width_us is not None:
             charge_nc = charge_nc * np.asarray(pulse_width_us, dtype=np.float64) * 1e-3
         self.mwave.add_pulses(time_s, device_channel, charge_nc)
-        if self.blanker is not None or self.canceller is not None:
-            self._note_late_pulses(np.asarray(time_s, dtype=np.float64))
         if self.blanker is not None:
             self.blanker.add_pulses(time_s)
         if self.canceller is not None:
             self._pending_pulses.append((np.asarray(time_s, dtype=np.float64), np.asarray(device_channel)))
-
-    def _note_late_pulses(self, time_s: np.ndarray) -> None:
-        """Count pulses whose artifact window begins at or before the newest sample taken: those samples
-        went into the estimate unblanked (a report slower than the EMG), and their artifact with them."""
-        pre_s, post_s = (self.blanker.pre_s, self.blanker.post_s) if self.blanker is not None else (0.0, 0.0)
-        late = time_s[time_s - pre_s <= self._processed_until_s + 0.5 / self.fs_hz]
-        if late.size:
-            self.late_pulse_reports += int(late.size)
-            settled_s = float(late.max()) + post_s + self._blanked_limit / self.fs_hz
-            self._late_until_s = max(self._late_until_s, settled_s)
 
     def gate_reasons(self, out: np.ndarray) -> None:
         """Per stimulation channel: CONTAMINATED where its muscle's EMG is; BLANKED where its law reads
         the activation and no sample of the last stale_ms was left unblanked (artifact windows cover
         the stimulation period: the held activation would keep stimulating whatever the muscle
         does), and until stale_ms of unblanked samples have passed since, while the envelope, started
-        afresh, settles; NO_PULSE_REPORTS there too until stale_ms past the window of a pulse reported
-        after its EMG was taken; else OPEN."""
+        afresh, settles; else OPEN."""
         np.take(self.contaminated, self.stim_muscle, out=self._stim_contaminated)
         out[:] = GateReason.OPEN
         np.copyto(out, GateReason.CONTAMINATED, where=self._stim_contaminated, casting="unsafe")
         if self.blanked_run > self._blanked_limit or self._valid_since_unblanked < self._blanked_limit:
             np.copyto(out, GateReason.BLANKED, where=self._reads_activation, casting="unsafe")
-        if self._processed_until_s < self._late_until_s:
-            np.copyto(out, GateReason.NO_PULSE_REPORTS, where=self._reads_activation, casting="unsafe")
 
     def close_without_pulse_reports(self, out: np.ndarray) -> None:
         """NO_PULSE_REPORTS where the law needs the stimulator's pulse reports: with them not coming,
@@ -255,8 +234,6 @@ class EmgEstimator:
             valid[:] = True
         if self.blanker is not None:
             np.logical_and(valid, self.blanker.valid_mask(self._time_of(first), self.fs_hz, n), out=valid)
-        if n:
-            self._processed_until_s = self._time_of(first + n - 1)
         runs = self.envelope.valid_runs(valid)
         unblanked_rows = self._note_blanking(runs, valid, n)
         held_uv = self.envelope.hold(raw_uv, runs)

@@ -140,7 +140,6 @@ class Controller:
             "gap_samples": self.estimator.gap_samples if self.estimator else 0,
             "blanked_samples": self.estimator.blanker.blanked_samples if self.estimator and self.estimator.blanker else 0,
             "artifacts_detected": self.estimator.artifacts_detected if self.estimator else 0,
-            "late_pulse_reports": self.estimator.late_pulse_reports if self.estimator else 0,
             "contaminated": [self.config.muscles[i].name for i in np.flatnonzero(self.estimator.contaminated)]
             if self.estimator
             else [],

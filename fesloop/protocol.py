@@ -60,7 +60,7 @@ class GateReason(enum.IntEnum):
     CLOCK_UNSYNCED = 7  # a peer's clock offset is not known yet: pulse and EMG times cannot be compared
     NO_CRANK = 8  # cycling: no fresh crank reading (LSL stream or MOTOmed), the phase is unknown
     BLANKED = 9  # every EMG sample of the last stale_ms was blanked: the activation is not measured
-    NO_PULSE_REPORTS = 10  # the stimulator silent, or its pulse reports later than their EMG: artifacts unblanked
+    NO_PULSE_REPORTS = 10  # the stimulator's link is silent: its pulses' artifacts could not be blanked
 
 
 _LAST_GATE_REASON = max(GateReason)
