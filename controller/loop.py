@@ -154,18 +154,20 @@ class Controller:
         }
 
     def on_pulses(self, pulses: protocol.Pulses) -> None:
-        """Delivered pulses, put on the clocks of their users; dropped (and counted) until clocks are known."""
-        if not self.clocks.synchronized:
+        """Delivered pulses, put on the clocks of their users; dropped (and counted) until clocks are known.
+
+        Judged on the translated times (NaN where an offset is unknown), not on an earlier look at
+        the clocks: the probing thread may forget an offset in between, and a NaN pulse time raised
+        in the blanker on the next chunk.
+        """
+        local_s = self.clocks.to_local("stimulator", pulses.time_s)
+        acquisition_s = self.clocks.translate("stimulator", "acquisition", pulses.time_s)
+        if not (np.isfinite(local_s).all() and np.isfinite(acquisition_s).all()):
             self.pulses_unsynced += len(pulses.time_s)
             return
-        self.laws.add_pulses(self.clocks.to_local("stimulator", pulses.time_s), pulses.channel, pulses.amplitude_ma)
+        self.laws.add_pulses(local_s, pulses.channel, pulses.amplitude_ma)
         if self.estimator is not None:
-            self.estimator.add_pulses(
-                self.clocks.translate("stimulator", "acquisition", pulses.time_s),
-                pulses.channel,
-                pulses.amplitude_ma,
-                pulses.pulse_width_us,
-            )
+            self.estimator.add_pulses(acquisition_s, pulses.channel, pulses.amplitude_ma, pulses.pulse_width_us)
 
     def on_crank(self, crank: protocol.Crank, received_s: float) -> None:
         """MOTOmed readings relayed by the stimulator, put on this clock; counted and dropped until it is known."""

@@ -144,6 +144,30 @@ def test_a_silent_stimulator_leaves_gates_open_that_do_not_depend_on_its_reports
 
 
 @pytest.mark.timeout(30)
+def test_an_offset_forgotten_while_pulses_are_put_on_the_clocks_drops_them(write_config, monkeypatch) -> None:
+    """The probing thread forgets an offset (a peer on another host unanswered 10 s, or its failure) between
+    the controller's look at the clocks and the translation: a NaN pulse time reached the blanker, and the
+    next chunk raised ValueError in the controller's loop. Now the pulse is dropped and counted."""
+    config = load_config(write_config("demo.toml"))
+    with synced_controller(config) as controller:
+        now_s = controller.rt.clock.now()
+        receive(controller, EmgChunk(0, now_s, now_s, 2000.0, np.zeros((4, 2), np.float32)), now_s)
+        translate = controller.clocks.translate
+
+        def forgotten_meanwhile(*args):
+            controller.clocks.peers["acquisition"].forget()  # the probing thread, in between
+            return translate(*args)
+
+        monkeypatch.setattr(controller.clocks, "translate", forgotten_meanwhile)
+        controller.on_pulses(Pulses(np.zeros(1, np.uint16), np.array([now_s + 0.003]),
+                                    np.full(1, 20.0, np.float32), np.full(1, 300.0, np.float32)))
+        monkeypatch.undo()
+        receive(controller, EmgChunk(4, now_s + 0.002, now_s + 0.002, 2000.0, np.zeros((4, 2), np.float32)), now_s + 0.002)
+        unsynced = controller.pulses_unsynced
+    assert unsynced == 1
+
+
+@pytest.mark.timeout(30)
 def test_emg_at_another_rate_holds_the_gates_closed_for_a_hold_off(write_config) -> None:
     """A stream coming back at another rate (the amplifier reconfigured) gets a fresh estimator, whose
     contamination detector cannot flag a lead-off for its first flat_ms: its first chunk opened every
