@@ -10,6 +10,7 @@ output is zero at once, and it does not stimulate again by itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pylsl
@@ -50,7 +51,7 @@ def _confirmation() -> dict:
     return {"operator": "TS", "items": list(CONFIRMATION_ITEMS), "time_unix_s": time.time()}
 
 
-def _arm_and_stimulate(stim: ControlClient, emulator: PtyEmulator) -> None:
+def _arm_and_stimulate(stim: ControlClient, stimulating: Callable[[], bool]) -> None:
     def armed() -> bool:
         try:
             return stim.request("arm", timeout_s=1.0, confirmation=_confirmation())["ok"]
@@ -58,7 +59,7 @@ def _arm_and_stimulate(stim: ControlClient, emulator: PtyEmulator) -> None:
             return False
 
     wait_until(armed, 30, what="arm")
-    wait_until(lambda: emulator.device.stimulating, 20, what="the device to stimulate")
+    wait_until(stimulating, 20, what="the device to stimulate")
 
 
 @pytest.mark.timeout(60)
@@ -72,7 +73,7 @@ def test_device_error_latches_fault_naming_the_cause_and_stays_off(write_config,
         recorder = Recorder({config.endpoints.pulses: [b"status"]})
         try:
             processes.start_loop(path)
-            _arm_and_stimulate(stim, emulator)
+            _arm_and_stimulate(stim, lambda: emulator.device.stimulating)
             with emulator.lock:
                 t_error = pylsl.local_clock()
                 emulator.device.inject_stimulation_error(code, time.monotonic())
@@ -108,7 +109,7 @@ def test_pulled_usb_cable_latches_fault_naming_the_port_and_the_stimulator_lives
     recorder = Recorder({config.endpoints.pulses: [b"status"]})
     try:
         pids = processes.start_loop(path)
-        _arm_and_stimulate(stim, emulator)
+        _arm_and_stimulate(stim, lambda: emulator.device.stimulating)
         t_pulled = pylsl.local_clock()
         emulator.close()  # the cable is pulled
         status = _wait_fault(stim)

@@ -19,8 +19,8 @@ from controller.laws.cycling import DEG_PER_S_PER_RPM, window_profile
 from fesloop.config import Config, load_config
 from fesloop.lsl import configure_machine_scope
 from fesloop.sockets import ControlClient
-from stimulator.rehastim2_emulator import EmulatedMotomed, PtyEmulator, RehaStim2Emulator
 from tests.conftest import wait_until
+from tests.emulator_process import EmulatorProcess
 from tests.faults.test_device_errors import _arm_and_stimulate
 from tests.integration.test_laws_closed_loop import TOLERANT_DEADLINE
 from tests.streams import Recorder, pulses_array
@@ -104,8 +104,7 @@ def test_cycling_follows_an_lsl_crank_stream_and_stops_when_it_stops(write_confi
 
 
 def test_cycling_follows_the_motomed_behind_the_rehastim2(write_config, processes) -> None:
-    motomed = EmulatedMotomed(cadence_rpm=CADENCE_RPM)
-    with PtyEmulator(RehaStim2Emulator(motomed)) as emulator:
+    with EmulatorProcess(CADENCE_RPM) as emulator:
         path = write_config("cycling_motomed.toml", {**TOLERANT_DEADLINE, '"/dev/ttyUSB0"': f'"{emulator.path}"'})
         config = load_config(path)
         ctx = zmq.Context()
@@ -113,10 +112,10 @@ def test_cycling_follows_the_motomed_behind_the_rehastim2(write_config, processe
         recorder = Recorder({config.endpoints.pulses: [b"crank", b"status"], config.endpoints.command: [b"status"]})
         try:
             processes.start_loop(path)
-            _arm_and_stimulate(stim, emulator)
+            _arm_and_stimulate(stim, lambda: emulator.ask("stimulating"))
 
             def stimulated() -> bool:
-                if len(emulator.device.pulses) > 300:
+                if emulator.ask("pulse_count") > 300:
                     return True
                 status = stim.request("status", timeout_s=2.0)
                 assert status["state"] == "ARMED", (status.get("fault_reason"), status, controller_gates(recorder, 0.0)[-3:])
@@ -126,16 +125,12 @@ def test_cycling_follows_the_motomed_behind_the_rehastim2(write_config, processe
                 wait_until(stimulated, 30, what="300 pulses on the device")
             except pytest.fail.Exception:
                 status = stim.request("status", timeout_s=2.0)
-                pytest.fail(f"{len(emulator.device.pulses)} pulses in 30 s; controller gates "
+                pytest.fail(f"{emulator.ask('pulse_count')} pulses in 30 s; controller gates "
                             f"{controller_gates(recorder, 0.0)[-3:]}; stimulator {status}")
             time.sleep(3.0)
-            with emulator.lock:
-                emulator.device.motomed = None  # the MOTOmed is unplugged: no more ActualValues
-                stopped_s = emulator.device.actual_values[-1][0]
+            stopped_s = emulator.ask("unplug_motomed")  # no more ActualValues
             time.sleep(1.5)
-            with emulator.lock:
-                delivered = list(emulator.device.pulses)
-                readings = list(emulator.device.actual_values)
+            delivered, readings = emulator.ask("record")
         finally:
             recorder.close()
             stim.close()
