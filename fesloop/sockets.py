@@ -274,7 +274,11 @@ class Link:
         self._relinked_s = now_s
 
     def status(self) -> dict[str, Any]:
-        return {"heartbeats": self.counters.heartbeats, "relinks": self.relinks, "dropped": self.counters.dropped}
+        """Counters, and why the last malformed message was rejected (a peer speaking another
+        protocol version shows only here: its messages do not make it heard)."""
+        counters = self.counters
+        return {"heartbeats": counters.heartbeats, "relinks": self.relinks, "dropped": counters.dropped,
+                "rejected": counters.rejected, "last_error": counters.last_error}
 
 
 OPEN_REQUESTS = frozenset({"clock"})  # read-only, harmless: any admitted key may send them

@@ -251,6 +251,7 @@ def test_malformed_messages_do_not_make_a_link_heard() -> None:
             link.sock.poll(20)
             link.drain(time.monotonic())
         assert link.last_heard_s is None and link.counters.heartbeats == 0
+        assert link.status()["rejected"] >= 20 and "magic" in link.status()["last_error"]
         while link.counters.heartbeats == 0:
             assert time.monotonic() < deadline, "no status came through"
             pub.send_multipart(status)
