@@ -2,11 +2,11 @@
 
 Runs inside the stimulator loop's single thread and never blocks: reads take what
 is waiting, writes are bounded (a packet not gone within ``WRITE_TIMEOUT_S`` plus twice
-its time on the line has failed), and one command is in flight at a time (a cut to zero pre-empts it); its
-ack must come within 100 ms (MaxResponseTime) of its write or the driver raises
-:class:`DriverFault`. A refused command
-leaves the device as it was: a refused Stop goes out again, and after three refusals
-the driver falls silent so the device's watchdog stops it. It sends nothing on
+its time on the line has failed), and one command is in flight at a time (a cut to
+zero pre-empts it); its ack must come within 100 ms (MaxResponseTime) of its write or
+the driver raises :class:`DriverFault`. A refused command leaves the device as it was:
+a refused Stop goes out again, and after three refusals the driver falls silent so the
+device's watchdog stops it. It sends nothing on
 its own but one Stop when it starts (a device still stimulating from before a restart
 of the stimulator stops at once): commands go out when the output changes,
 ``Watchdog`` only from :meth:`keep_alive` (called after a fresh command), and
@@ -362,10 +362,12 @@ class RehaStim2Driver:
         Start stamped 98 ms early, and the ack that came 1 ms later had "timed out")."""
         number = self._number
         self._number = (self._number + 1) % 256
-        packet = sm2.encode(number, command, data)
+        self._write(sm2.encode(number, command, data))
+        return number
+
+    def _write(self, packet: bytes) -> None:
         self._link_io(lambda: self.link.write(packet))
         self.last_sent_s = self.clock()
-        return number
 
     def _link_io(self, io: Callable[[], T]) -> T:
         """One read or write; a failing port is closed and marked lost, so it fails once, not every step."""
@@ -522,8 +524,7 @@ class RehaStim2Driver:
         was = self._on(self._device_ma) if self.mode is sm2.StimulationMode.STARTED else []
         was_wanted = self._on(self._want_ma)
         self.protocol_version = packet.data[0] if packet.data else None
-        self._link_io(lambda: self.link.write(sm2.encode(packet.number, sm2.Cmd.INIT_ACK, bytes((0,)))))
-        self.last_sent_s = self.clock()
+        self._write(sm2.encode(packet.number, sm2.Cmd.INIT_ACK, bytes((0,))))
         self.connected = True
         self.silent_reason = ""
         self.refused_stops = 0
